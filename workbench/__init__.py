@@ -1,0 +1,43 @@
+"""workbench: probing, logit-lens, sparse-autoencoder and layer-replacement tools on PyTorch forward hooks."""
+
+from workbench.arch import SUPPORTED_FAMILIES, ArchitectureError, ArchMap
+from workbench.lens import logit_lens
+from workbench.models import DEFAULT_MODEL, REGISTRY, Model, from_hf, load_model
+from workbench.sites import SiteError, site_names
+
+from workbench.trace import (
+    HookRecord,
+    StopForward,
+    Trace,
+    active_hooks,
+    add_direction,
+    patch_from,
+    replace_with,
+    trace,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "REGISTRY",
+    "SUPPORTED_FAMILIES",
+    "ActivationStore",
+    "ArchMap",
+    "ArchitectureError",
+    "HookRecord",
+    "Model",
+    "SiteError",
+    "StopForward",
+    "Trace",
+    "active_hooks",
+    "add_direction",
+    "from_hf",
+    "harvest",
+    "load_model",
+    "logit_lens",
+    "patch_from",
+    "replace_with",
+    "site_names",
+    "trace",
+]

@@ -1,0 +1,1 @@
+"""Activation store (placeholder replaced below)."""
