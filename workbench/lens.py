@@ -191,4 +191,7 @@ def logit_lens(
                                 })
     frame = pd.DataFrame(rows, columns=LENS_COLUMNS)
     frame["k"] = frame["k"].astype("Int64")
-    return frame
+    frame["kind"] = pd.Categorical(frame["kind"], categories=["top", "target"], ordered=True)
+    # One order whatever the batching/chunking: prompt, layer, position, top-k rows (by k) then targets.
+    frame = frame.sort_values(["prompt_idx", "layer", "position", "kind", "k"], kind="stable", na_position="last")
+    return frame.reset_index(drop=True)

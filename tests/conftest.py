@@ -1,0 +1,34 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import workbench  # noqa: E402
+from workbench.arch import SUPPORTED_FAMILIES  # noqa: E402
+from workbench.tiny import tiny_model  # noqa: E402
+
+FAMILIES = sorted(SUPPORTED_FAMILIES)
+PROMPTS = ["hello world, this is a test", "hi", "the cat sat on the mat"]
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_hooks():
+    """Every test must leave the workbench hook ledger empty."""
+    assert workbench.active_hooks() == []
+    yield
+    assert workbench.active_hooks() == [], f"leaked hooks: {workbench.active_hooks()}"
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny(request):
+    torch.manual_seed(0)
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model (converted once into the user cache; `make test` converts it first)."""
+    return workbench.load_model("smollm2-135m", device="cpu")
