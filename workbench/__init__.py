@@ -4,6 +4,7 @@ from workbench.arch import SUPPORTED_FAMILIES, ArchitectureError, ArchMap
 from workbench.lens import logit_lens
 from workbench.models import DEFAULT_MODEL, REGISTRY, Model, from_hf, load_model
 from workbench.sites import SiteError, site_names
+from workbench.store import ActivationStore, Corpus, StoreError, harvest
 
 from workbench.trace import (
     HookRecord,
@@ -25,10 +26,12 @@ __all__ = [
     "ActivationStore",
     "ArchMap",
     "ArchitectureError",
+    "Corpus",
     "HookRecord",
     "Model",
     "SiteError",
     "StopForward",
+    "StoreError",
     "Trace",
     "active_hooks",
     "add_direction",
