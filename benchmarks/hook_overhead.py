@@ -1,6 +1,6 @@
 """Hook overhead on the default model: workbench trace vs a plain forward, nnsight and TransformerLens's bridge.
 
-Same batch for every variant; variants are interleaved within each repetition (so machine noise hits all alike);
+Same batch for every variant; variants are interleaved (in a shuffled order) within each repetition (so machine noise hits all alike);
 medians are reported. The last line printed is one JSON object:
 
     capture_all_layers_ratio  workbench, hook_resid_post at every layer, last position / plain forward  (target <= 1.05)
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import random
 import statistics
 import time
 
@@ -94,9 +95,12 @@ def main() -> None:
     with torch.inference_mode():
         for fn in variants.values():  # warm-up
             fn()
+        order = list(variants)
+        rng = random.Random(0)
         for _ in range(args.reps):
-            for name, fn in variants.items():
-                times[name].append(_timed(fn))
+            rng.shuffle(order)  # no variant always runs right after another (allocator/cache order effects)
+            for name in order:
+                times[name].append(_timed(variants[name]))
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["plain"]
     result = {

@@ -98,3 +98,18 @@ def test_bad_input(kwargs, match):
     args = dict(prompts=["abc"]) | kwargs
     with pytest.raises(ValueError, match=match):
         wb.logit_lens(m, **args)
+
+
+@pytest.mark.integration
+def test_real_model_lens(smollm2):
+    m = smollm2
+    prompts = ["The capital of France is", "One, two, three, four,"]
+    df = wb.logit_lens(m, prompts, targets=[[" Paris"], [" five"]], top_k=3)
+    with torch.no_grad():
+        logits = m.hf(**m.encode(prompts)).logits[:, -1].float()
+    last = df[(df.layer == m.n_layers) & (df.kind == "top") & (df.k == 1)]
+    assert last.token_id.tolist() == logits.argmax(-1).tolist()
+    target_last = df[(df.layer == m.n_layers) & (df.kind == "target")]
+    assert target_last["rank"].tolist() == [1, 1]  # the model answers Paris and five
+    early = df[(df.layer == 1) & (df.kind == "target")]
+    assert (early["rank"] > 1).all()  # ...which layer 1 cannot read out yet
