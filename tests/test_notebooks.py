@@ -1,0 +1,185 @@
+"""The papermill runner: every notebook at smoke size, and bad input rejected before any kernel starts."""
+
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import workbench.notebooks as nbs
+from workbench.cli import main
+from workbench.figures import read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb") if nbs._NOTEBOOK_RE.match(p.name))
+
+
+def _errors(nb) -> list[str]:
+    return [
+        f"{o.get('ename')}: {o.get('evalue')}"
+        for c in nb.cells if c.cell_type == "code"
+        for o in c.get("outputs", []) if o.get("output_type") == "error"
+    ]
+
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    """Fail loudly if anything tries to execute a notebook."""
+    import papermill
+
+    def refuse(*a, **k):
+        raise AssertionError("a kernel was started although the input was invalid")
+
+    monkeypatch.setattr(papermill, "execute_notebook", refuse)
+
+
+# -- the committed notebooks ------------------------------------------------------------------------------------
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "no notebooks/NN_name.ipynb found"
+    assert list(nbs.available_notebooks()) == NOTEBOOKS
+
+
+@pytest.mark.parametrize("stem", NOTEBOOKS)
+def test_committed_notebook_is_clean_and_parameterised(stem):
+    nb = nbformat.read(ROOT / "notebooks" / f"{stem}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, "commit notebooks without outputs"
+    params = nbs.notebook_parameters(ROOT / "notebooks" / f"{stem}.ipynb")
+    assert {"smoke", "output_dir"} <= set(params)
+    assert params["smoke"] is False and params["output_dir"] == f"figures/{stem}"
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("stem", NOTEBOOKS)
+def test_notebook_runs_at_smoke_size(stem, tmp_path):
+    (result,) = nbs.run_notebooks([stem], smoke=True, figures_dir=tmp_path)
+    assert result.ok, result.error
+    out = tmp_path / stem / "_smoke"
+    assert result.output_dir == out and result.executed == out / f"{stem}.ipynb"
+    executed = nbformat.read(result.executed, as_version=4)
+    assert _errors(executed) == []
+    injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected and "smoke = True" in injected[0].source
+    records = read_manifest(out)["records"]
+    figures = {k: r for k, r in records.items() if r["kind"] == "figure"}
+    assert figures, "the notebook saved no figure"
+    assert set(result.records) == set(records)
+    for name, r in figures.items():
+        assert (out / f"{name}.html").exists()
+        assert r["notebook"] == stem and r["params"]["smoke"] is True
+        assert r["static_export"] == "ok" or r["static_export"].startswith("unavailable:")
+        for f in r["files"]:
+            assert (out / f).exists(), f
+    assert not (tmp_path / stem / f"{stem}.ipynb").exists()  # smoke runs leave the real folder alone
+    assert (tmp_path / "_smoke" / "index.html").exists()
+
+
+# -- bad input, rejected before any kernel ----------------------------------------------------------------------
+
+def test_unknown_notebook_lists_the_available_ones(no_kernel, tmp_path):
+    with pytest.raises(ValueError, match="unknown notebook 'no_such_notebook'") as err:
+        nbs.run_notebooks(["no_such_notebook"], smoke=True, figures_dir=tmp_path)
+    for stem in NOTEBOOKS:
+        assert stem in str(err.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_unknown_parameter_names_it_and_the_allowed_ones(no_kernel, tmp_path):
+    with pytest.raises(ValueError, match="unknown parameter") as err:
+        nbs.run_notebooks(None, smoke=True, figures_dir=tmp_path, parameters={"modle": "x"})
+    assert "modle" in str(err.value) and "model" in str(err.value)
+    with pytest.raises(ValueError, match="set by the runner"):
+        nbs.run_notebooks(None, figures_dir=tmp_path, parameters={"output_dir": "elsewhere"})
+    assert not any(tmp_path.iterdir())
+
+
+def test_names_resolve_by_stem_prefix_or_name(tmp_path):
+    for i, name in enumerate(["01_alpha", "02_beta", "10_alpha2"]):
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell("smoke = False\noutput_dir = 'x'", metadata={"tags": ["parameters"]})]
+        nbformat.write(nb, tmp_path / f"{name}.ipynb")
+    found = nbs.available_notebooks(tmp_path)
+    assert nbs.resolve_names(["02"], found) == ["02_beta"]
+    assert nbs.resolve_names(["beta", "01_alpha.ipynb", "01_alpha"], found) == ["02_beta", "01_alpha"]
+    assert nbs.resolve_names(None, found) == list(found)
+
+
+def test_cli_rejects_bad_input_with_status_2(no_kernel, capsys, tmp_path):
+    assert main(["run", "nope", "--figures-dir", str(tmp_path)]) == 2
+    assert "unknown notebook 'nope'" in capsys.readouterr().err
+    if NOTEBOOKS:
+        assert main(["run", NOTEBOOKS[0], "-p", "bogus=1", "--figures-dir", str(tmp_path)]) == 2
+        assert "bogus" in capsys.readouterr().err
+    assert main(["list"]) == 0
+    assert all(stem in capsys.readouterr().out for stem in NOTEBOOKS)
+
+
+def test_cli_parses_parameter_values():
+    from workbench.cli import _parse_param
+
+    assert _parse_param("layers=[0, 10, 20]") == ("layers", [0, 10, 20])
+    assert _parse_param("layers=None") == ("layers", None)
+    assert _parse_param("top_k=3") == ("top_k", 3)
+    assert _parse_param("model=smollm2-135m") == ("model", "smollm2-135m")
+    assert _parse_param('prompts=["a b", "c"]') == ("prompts", ["a b", "c"])
+
+
+# -- a failing notebook does not stop the others; the kernel is this interpreter ----------------------------
+
+FAILING = "x = 1 / 0"
+CHECKING = """\
+import json, os, sys
+import workbench  # importable without `pip install -e`: the runner puts the repository on PYTHONPATH
+from workbench.figures import save_figure
+import plotly.graph_objects as go
+os.makedirs(output_dir, exist_ok=True)
+json.dump({"executable": sys.executable, "cwd": os.getcwd(), "workbench": workbench.__file__},
+          open(os.path.join(output_dir, "kernel.json"), "w"))
+save_figure(go.Figure(go.Bar(y=[1, 2])), "bars", output_dir, params={"n": n})
+"""
+
+
+@pytest.mark.notebook
+def test_failure_is_collected_and_the_rest_run(tmp_path, monkeypatch, capsys):
+    nb_dir = tmp_path / "notebooks"
+    nb_dir.mkdir()
+    for stem, body in [("01_fails", FAILING), ("02_checks", CHECKING)]:
+        nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                               "display_name": "Python 3"}})
+        nb.cells = [
+            nbformat.v4.new_code_cell("smoke = False\noutput_dir = 'unset'\nn = 1", metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell(body),
+        ]
+        nbformat.write(nb, nb_dir / f"{stem}.ipynb")
+    monkeypatch.setattr(nbs, "notebooks_dir", lambda: nb_dir)
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-browser"))  # keep it fast; HTML only
+    figs = tmp_path / "figs"
+
+    status = main(["run", "--smoke", "--figures-dir", str(figs), "-p", "n=5"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "FAILED 01_fails: ZeroDivisionError" in err and "FAILED 02_checks" not in err
+
+    failed = nbformat.read(figs / "01_fails" / "_smoke" / "01_fails.ipynb", as_version=4)
+    assert any("ZeroDivisionError" in e for e in _errors(failed))  # executed copy kept, with the traceback
+
+    out = figs / "02_checks" / "_smoke"
+    info = json.loads((out / "kernel.json").read_text())
+    assert Path(info["executable"]).resolve() == Path(sys.executable).resolve()
+    assert Path(info["cwd"]).resolve() == ROOT.resolve()
+    assert Path(info["workbench"]).resolve().parent == (ROOT / "workbench").resolve()
+    rec = read_manifest(out)["records"]["bars"]
+    assert rec["notebook"] == "02_checks" and rec["params"] == {"n": 5}
+    assert rec["static_export"].startswith("unavailable:")
+    assert (out / "bars.html").exists()
+    assert "02_checks" in (figs / "_smoke" / "index.html").read_text()
+
+
+def test_unknown_kernel_is_rejected(no_kernel, tmp_path):
+    with pytest.raises(ValueError, match="no kernelspec named 'no-such-kernel'"):
+        nbs.run_notebooks(None, smoke=True, figures_dir=tmp_path, kernel="no-such-kernel")
