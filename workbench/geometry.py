@@ -286,7 +286,7 @@ def geometry_table(
     probes_by_layer: {layer: fitted RidgeProbe (its ``direction_raw``) or a raw direction [d]}. Columns: layer,
     cos_mean, cos_min, cos_max, cos_argmax (index into digit_ids of the best-aligned row), random_baseline
     (sqrt(2/(π d))), random_mean (empirical, Gaussian directions), random_lo / random_hi (95 % band of a random
-    direction's mean |cos| over the digit rows), d.
+    direction's mean |cos| over the digit rows), d. A zero direction (constant features) gives NaN cosines.
     """
     if not isinstance(probes_by_layer, Mapping) or not probes_by_layer:
         raise ValueError("probes_by_layer must be a non-empty dict {layer: probe or direction}")
@@ -296,8 +296,13 @@ def geometry_table(
     rand = random_direction_cosines(W_U, ids, n=n_random, seed=seed)
     rows = []
     for layer in sorted(probes_by_layer):
-        cos = digit_row_cosines(_direction_of(probes_by_layer[layer], layer), W_U, ids)
-        s = cosine_summary(cos)
+        direction = torch.as_tensor(_direction_of(probes_by_layer[layer], layer))
+        if not bool(direction.abs().sum() > 0):
+            # A layer whose features do not vary (e.g. the embedding of an always-identical last token) gets a zero
+            # probe: it has no direction, so its cosines are undefined (NaN), not an error.
+            s = {"mean": math.nan, "min": math.nan, "max": math.nan, "argmax": -1}
+        else:
+            s = cosine_summary(digit_row_cosines(direction, W_U, ids))
         rows.append({
             "layer": layer,
             "cos_mean": s["mean"],

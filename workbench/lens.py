@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float
 
 from workbench.models import Model
+from workbench.sites import layer_site
 from workbench.trace import trace
 
 LENS_COLUMNS = [
@@ -35,10 +36,6 @@ def _check_layers(layers, n_layers: int) -> list[int]:
             f"layers {bad} out of range: the lens has layers 0..{n_layers} (0 = embeddings, {n_layers} = last block)"
         )
     return sorted({l % (n_layers + 1) for l in layers})
-
-
-def _site_for_layer(layer: int) -> str:
-    return "blocks.0.hook_resid_pre" if layer == 0 else f"blocks.{layer - 1}.hook_resid_post"
 
 
 def _target_ids(model: Model, targets, n_prompts: int) -> list[list[int]] | None:
@@ -139,7 +136,7 @@ def logit_lens(
     if top_k == 0 and target_ids is None:
         raise ValueError("nothing to report: top_k is 0 and no targets were given")
 
-    sites = [_site_for_layer(l) for l in layer_list]
+    sites = [layer_site(l) for l in layer_list]
     tok = model.tokenizer
     rows: list[dict] = []
     for start in range(0, len(prompts), batch_size):
@@ -152,7 +149,7 @@ def logit_lens(
         ids_cpu = enc["input_ids"].cpu()
         for c in range(0, len(layer_list), layer_chunk):
             group = layer_list[c : c + layer_chunk]
-            h = torch.stack([tr[_site_for_layer(l)] for l in group])  # [C, B, k, d]
+            h = torch.stack([tr[layer_site(l)] for l in group])  # [C, B, k, d]
             logits = model.lens_logits(h).float()  # [C, B, k, V]
             logprobs = torch.log_softmax(logits, dim=-1)
             if top_k:

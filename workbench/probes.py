@@ -39,6 +39,7 @@ import torch
 from jaxtyping import Float, Int
 
 from workbench.cache import atomic_write_bytes, atomic_write_json, sha256_file
+from workbench.sites import layer_site
 from workbench.trace import trace
 
 ALPHAS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3)
@@ -506,11 +507,6 @@ def layerwise_ridge(
 
 
 # -- features from a model -------------------------------------------------------------------------------------
-def layer_site(layer: int) -> str:
-    """Site of hidden-state layer ``layer``: 0 -> ``blocks.0.hook_resid_pre``, l -> ``blocks.{l-1}.hook_resid_post``."""
-    return "blocks.0.hook_resid_pre" if layer == 0 else f"blocks.{layer - 1}.hook_resid_post"
-
-
 def _check_layers(layers, n_layers: int) -> list[int]:
     if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
         layers = [layers]

@@ -44,6 +44,14 @@ class Site:
     order: tuple[int, int]  # (layer slot, within-layer slot): forward order of named sites, for sorting
 
 
+def layer_site(layer: int) -> str:
+    """Site of hidden-state layer ``layer`` (HF ``hidden_states`` numbering): 0 -> ``blocks.0.hook_resid_pre``
+    (the embedding output), l -> ``blocks.{l-1}.hook_resid_post`` (before the final norm)."""
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise SiteError(f"layer must be a non-negative int (0 = embeddings), got {layer!r}")
+    return "blocks.0.hook_resid_pre" if layer == 0 else f"blocks.{layer - 1}.hook_resid_post"
+
+
 def site_names(arch: ArchMap) -> list[str]:
     """Every named (non-raw) site of a model, in forward order."""
     names = ["hook_embed"]
