@@ -85,8 +85,8 @@ class CountingConfig:
     @classmethod
     def smoke_config(cls, **overrides) -> CountingConfig:
         """Small enough for CI: one seed, few prompts, short training."""
-        base = dict(seeds=(11,), n_train=60, n_test=27, n_lora_train=40, repair_steps=50, lora_steps=4,
-                    steer_select_n=20, gen_tokens=3, n_permutations=10, probes_root=None, smoke=True)
+        base = dict(seeds=(11,), n_train=27, n_test=18, n_lora_train=18, repair_steps=50, lora_steps=2,
+                    steer_select_n=12, gen_tokens=3, n_permutations=10, probes_root=None, smoke=True)
         return cls(**(base | overrides))
 
 
@@ -158,7 +158,7 @@ def _select_steering_alpha(model, site, direction, scale, prompts, counts, digit
     curve = {}
     for a in cfg.steer_alphas:
         edit = steering_edit(direction, a * scale)
-        acc = evaluate_answers(model, prompts, counts, digit_ids, edits={site: edit}, generate=False,
+        acc = evaluate_answers(model, prompts, counts, digit_ids, edits={site: edit}, generate=False, lens=False,
                                batch_size=cfg.batch_size).accuracy()
         curve[a] = acc["full_vocab"] + 1e-3 * acc["digit_restricted"]
     best = max(curve, key=lambda a: (curve[a], -abs(a)))

@@ -68,6 +68,7 @@ def evaluate_answers(
     gen_tokens: int = 6,
     batch_size: int = 32,
     generate: bool = True,
+    lens: bool = True,
 ) -> AnswerEval:
     """Answers under the three rules plus the gold token's logit-lens rank at every layer, in one pass per batch.
 
@@ -75,6 +76,7 @@ def evaluate_answers(
     forward when ``generate=False``) is traced at the last position of every layer; the lens of the last layer is
     the next-token distribution the digit and full-vocabulary rules score. ``edits`` (trace edits, e.g. steering)
     apply to that forward and to every generation step; a swapped head (``swap_modules``) applies to all of it.
+    ``lens=False`` reads only the last layer (no per-layer ranks: ``ranks`` then holds the last layer alone).
     """
     if len(prompts) != len(counts) or not prompts:
         raise ValueError(f"need one count per prompt; got {len(prompts)} prompts and {len(counts)} counts")
@@ -85,7 +87,8 @@ def evaluate_answers(
         raise ValueError(f"gen_tokens must be >= 1, got {gen_tokens}")
     ids = torch.tensor(list(answer_ids), dtype=torch.long)
     L = model.n_layers
-    sites = [layer_site(layer) for layer in range(L + 1)]
+    layers = list(range(L + 1)) if lens else [L]
+    sites = [layer_site(layer) for layer in layers]
     rows, rank_rows = [], []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start : start + batch_size])
@@ -103,7 +106,7 @@ def evaluate_answers(
         gold = torch.as_tensor(counts[start : start + len(chunk)])
         gold_ids = ids[gold - 1]
         final = None
-        for layer, site in enumerate(sites):
+        for layer, site in zip(layers, sites):
             logits = model.lens_logits(tr.captures(site)[0]).float().cpu()  # [B, V]; captures[0] = the prompt pass
             gold_logit = logits.gather(1, gold_ids[:, None])
             rank = (logits > gold_logit).sum(-1) + 1
