@@ -119,7 +119,7 @@ def test_steering_adds_unit_direction_at_last_position():
 def test_study_smoke_on_a_tiny_model(tmp_path):
     m = tiny_model("gpt2")
     cfg = CountingConfig.smoke_config(tasks=("entity", "addition"), n_train=45, n_test=18,
-                                      probes_root=str(tmp_path / "probes"))
+                                      probes_root=str(tmp_path))
     r = run_counting_study(cfg, model=m, progress=False)
     assert set(r.accuracy.method) == {"baseline", "probe_round", "digit_rows", "lora_qv", "steering"}
     assert set(r.probes.variant) == {"last_token", "mention_mean"}

@@ -64,7 +64,7 @@ class CountingConfig:
     batch_size: int = 32
     n_permutations: int = 100
     logistic_C: float = 1.0  # fixed (on standardised features): a per-layer C search would dominate the run time
-    probes_root: str | None = "probes"  # where best-layer probes are saved (None: not saved)
+    probes_root: str | None = "."  # best-layer probes go to <probes_root>/probes/<model>/<task>/ (None: not saved)
     smoke: bool = False
 
     def __post_init__(self):
