@@ -3,9 +3,9 @@
 from workbench.arch import SUPPORTED_FAMILIES, ArchitectureError, ArchMap
 from workbench.lens import logit_lens
 from workbench.models import DEFAULT_MODEL, REGISTRY, Model, from_hf, load_model
-from workbench.sites import SiteError, site_names
+from workbench.sites import SiteError, layer_site, site_names
 from workbench.store import ActivationStore, Corpus, StoreError, harvest
-
+from workbench.swap import swap_modules
 from workbench.trace import (
     HookRecord,
     StopForward,
@@ -41,6 +41,8 @@ __all__ = [
     "logit_lens",
     "patch_from",
     "replace_with",
+    "layer_site",
     "site_names",
+    "swap_modules",
     "trace",
 ]
