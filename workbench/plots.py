@@ -333,7 +333,8 @@ def lens_rank_by_layer(lens: pd.DataFrame, *, title: str | None = None) -> go.Fi
                                      showlegend=j == 1, mode="lines",
                                      line=dict(color=PAPER_COLORWAY[i % len(PAPER_COLORWAY)])), row=1, col=j)
         fig.update_xaxes(title_text="layer", row=1, col=j)
-    fig.update_yaxes(type="log", autorange="reversed", title_text="median rank of gold digit", row=1, col=1)
+    fig.update_yaxes(type="log", autorange="reversed")  # every panel: rank 1 on top, log scale
+    fig.update_yaxes(title_text="median rank of gold digit", row=1, col=1)
     fig.update_layout(title=title or "Logit lens: gold digit rank by layer, before and after each intervention")
     return apply_theme(fig)
 
