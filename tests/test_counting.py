@@ -133,6 +133,16 @@ def test_study_smoke_on_a_tiny_model(tmp_path):
     assert probe.direction_raw.shape == (m.d_model,)
     summary = r.summary()
     assert {"digit_restricted_mean", "generation_sd"} <= set(summary.columns)
+    from workbench import plots
+
+    lens_fig = plots.lens_rank_by_layer(r.lens)
+    yaxes = list(lens_fig.select_yaxes())
+    assert len(yaxes) == 2 and all(ax.type == "log" and ax.autorange == "reversed" for ax in yaxes)
+    assert len(lens_fig.data) == 2 * 4  # tasks x the four methods with lens ranks
+    for fig in (plots.probe_r2_by_layer(r.probes), plots.cos_by_layer(r.geometry), plots.accuracy_bars(summary)):
+        assert len(fig.data) > 0
+    with pytest.raises(ValueError, match="lacks column"):
+        plots.cos_by_layer(r.probes)
 
 
 @pytest.mark.parametrize(
