@@ -116,7 +116,8 @@ def test_cli_rejects_bad_input_with_status_2(no_kernel, capsys, tmp_path):
         assert main(["run", NOTEBOOKS[0], "-p", "bogus=1", "--figures-dir", str(tmp_path)]) == 2
         assert "bogus" in capsys.readouterr().err
     assert main(["list"]) == 0
-    assert all(stem in capsys.readouterr().out for stem in NOTEBOOKS)
+    listed = capsys.readouterr().out  # read once: readouterr() drains the buffer
+    assert NOTEBOOKS and all(stem in listed for stem in NOTEBOOKS)
 
 
 def test_cli_parses_parameter_values():
