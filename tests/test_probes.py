@@ -15,6 +15,8 @@ from workbench.probes import (
     PROBE_CARD_FILE,
     PROBE_WEIGHTS_FILE,
     LogisticProbe,
+    fit_softmax_regression,
+    layerwise_logistic,
     RidgeProbe,
     layer_site,
     layerwise_ridge,
@@ -126,6 +128,57 @@ def test_logistic_probe_classifies():
     assert binary.coef.shape == (2, 10) and binary.accuracy(X[y <= 2], y[y <= 2]) > 0.95
 
 
+def _blobs(n=240, d=12, k=5, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    centers = 1.5 * torch.randn(k, d, generator=g, dtype=torch.float64)
+    y = torch.arange(n) % k + 1
+    return centers[y - 1] + torch.randn(n, d, generator=g, dtype=torch.float64) * 3.0, y
+
+
+@pytest.mark.parametrize("C", [0.05, 1.0])
+def test_logistic_probe_matches_sklearn(C):
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = _blobs()
+    probe = LogisticProbe(C=C).fit(X[:180], y[:180])
+    Xs = ((X - probe.mean) / probe.std).numpy()
+    clf = LogisticRegression(C=C, tol=1e-10, max_iter=10_000).fit(Xs[:180], y[:180].numpy())
+    ref = torch.from_numpy(clf.predict_proba(Xs[180:]))
+    assert torch.allclose(probe.predict_proba(X[180:]), ref, atol=1e-4)
+    assert torch.equal(probe.predict(X[180:]), torch.from_numpy(clf.predict(Xs[180:])))
+
+
+def test_batched_softmax_regression_equals_separate_fits():
+    X1, y = _blobs(seed=5)
+    X2, _ = _blobs(seed=6)
+    Xb = torch.stack([X1, X2])
+    t = y - 1
+    W, c = fit_softmax_regression(Xb, t, 5, 0.5, tol=1e-10)
+    for i in range(2):
+        Wi, ci = fit_softmax_regression(Xb[i : i + 1], t, 5, 0.5, tol=1e-10)
+        assert torch.allclose(W[i], Wi[0], atol=1e-5) and torch.allclose(c[i], ci[0], atol=1e-5)
+    with pytest.raises(ValueError, match=r"\[b, n, d\]"):
+        fit_softmax_regression(X1, t, 5, 1.0)
+
+
+def test_layerwise_logistic_equals_one_probe_per_layer():
+    X1, y = _blobs(seed=7)
+    X2 = X1 + 0.3 * _blobs(seed=8)[0]
+    feats = {0: X1, 3: X2}
+    tr, te = np.arange(0, 180), np.arange(180, 240)
+    table = layerwise_logistic(feats, y, tr, te, C=0.5, tol=1e-8)
+    assert table.layer.tolist() == [0, 3]
+    for layer, X in feats.items():
+        alone = LogisticProbe(C=0.5).fit(X[tr], y[tr])
+        row = table.set_index("layer").loc[layer]
+        assert row.logistic_acc == alone.accuracy(X[te], y[te])
+        assert row.logistic_acc_train == alone.accuracy(X[tr], y[tr])
+    with pytest.raises(ValueError, match="overlap"):
+        layerwise_logistic(feats, y, tr, np.arange(170, 200))
+    with pytest.raises(ValueError, match="single class"):
+        layerwise_logistic(feats, torch.ones(240), tr, te)
+
+
 def test_save_load_roundtrip_bit_identical(tmp_path, model):
     X, y, _ = planted()
     probe = RidgeProbe().fit(X[:300], y[:300])
@@ -209,12 +262,11 @@ def test_residual_features_last_position_equals_trace(model):
     layers = [0, 1, model.n_layers]
     feats = residual_features(model, prompts, layers, batch_size=3)
     assert set(feats) == set(layers)
-    for start in range(0, 7, 3):
-        chunk = prompts[start : start + 3]
+    for i, prompt in enumerate(prompts):  # rows come back in prompt order although batches are formed by length
         with wb.trace(model, [layer_site(l) for l in layers], positions=-1) as tr, torch.no_grad():
-            model.hf(**model.encode(chunk))
+            model.hf(**model.encode([prompt]))
         for l in layers:
-            assert torch.equal(feats[l][start : start + 3], tr[layer_site(l)].float())
+            torch.testing.assert_close(feats[l][i : i + 1], tr[layer_site(l)].float(), rtol=1e-5, atol=1e-6)
     # the same numbering as HF hidden_states (last block output is before the final norm)
     with torch.no_grad():
         hs = model.hf(**model.encode(prompts[:3]), output_hidden_states=True).hidden_states
@@ -269,3 +321,16 @@ def test_residual_features_stops_after_deepest_layer(model):
         assert calls == [1]
     finally:
         handle.remove()
+
+
+def test_residual_features_many_is_one_pass_with_the_same_rows(model):
+    from workbench.probes import residual_features_many
+
+    ts = make_task("entity", 9, seed=2, answer_prefix="")
+    mentions = ts.mention_token_positions(model.tokenizer)
+    both = residual_features_many(model, ts.prompts, [0, 2], {"last": "last", "mentions": mentions}, batch_size=4)
+    assert torch.equal(both["last"][2], residual_features(model, ts.prompts, [2], batch_size=4)[2])
+    assert torch.equal(both["mentions"][0],
+                       residual_features(model, ts.prompts, [0], positions=mentions, batch_size=4)[0])
+    with pytest.raises(ValueError, match="non-empty dict"):
+        residual_features_many(model, ts.prompts, [0], {})

@@ -66,7 +66,7 @@ def evaluate_answers(
     *,
     edits: Mapping[str, Edit] | None = None,
     gen_tokens: int = 6,
-    batch_size: int = 32,
+    batch_size: int = 64,
     generate: bool = True,
     lens: bool = True,
 ) -> AnswerEval:
@@ -89,9 +89,9 @@ def evaluate_answers(
     L = model.n_layers
     layers = list(range(L + 1)) if lens else [L]
     sites = [layer_site(layer) for layer in layers]
-    rows, rank_rows = [], []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start : start + batch_size])
+    rows, rank_parts = [], []
+    for batch in length_batches(model, prompts, batch_size):  # similar lengths together: little padding
+        chunk = [prompts[i] for i in batch]
         enc = model.encode(chunk)
         with trace(model, sites, positions=-1, edits=edits) as tr:
             if generate:
@@ -103,26 +103,26 @@ def evaluate_answers(
                 )
             else:
                 model.hf(**enc, logits_to_keep=1)
-        gold = torch.as_tensor(counts[start : start + len(chunk)])
+        gold = torch.as_tensor(counts[batch])
         gold_ids = ids[gold - 1]
-        final = None
-        for layer, site in zip(layers, sites):
-            logits = model.lens_logits(tr.captures(site)[0]).float().cpu()  # [B, V]; captures[0] = the prompt pass
-            gold_logit = logits.gather(1, gold_ids[:, None])
-            rank = (logits > gold_logit).sum(-1) + 1
-            prob = torch.softmax(logits, -1).gather(1, gold_ids[:, None])[:, 0]
-            rank_rows += [{"item": start + j, "layer": layer, "rank": int(rank[j]), "prob": float(prob[j])}
-                          for j in range(len(chunk))]
-            final = logits
+        H = torch.stack([tr.captures(site)[0] for site in sites])  # [n_layers, B, d]; captures[0] = the prompt pass
+        rank, prob = _gold_rank_prob(model, H.flatten(0, 1), gold_ids.repeat(len(layers)))
+        rank_parts.append(pd.DataFrame({
+            "item": np.tile(batch, len(layers)),
+            "layer": np.repeat(layers, len(batch)),
+            "rank": rank.numpy(),
+            "prob": prob.numpy(),
+        }))
+        final = model.lens_logits(H[-1]).float().cpu()  # the model's next-token logits
         digit_pred = final[:, ids].argmax(-1) + 1
         full_pred = final.argmax(-1)
         texts = [""] * len(chunk)
         if generate:
             texts = model.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        for j in range(len(chunk)):
+        for j, item in enumerate(batch):
             parsed = parse_answer(texts[j]) if generate else None
             rows.append({
-                "item": start + j,
+                "item": int(item),
                 "count": int(gold[j]),
                 "digit_pred": int(digit_pred[j]),
                 "digit_correct": int(digit_pred[j]) == int(gold[j]),
@@ -132,4 +132,35 @@ def evaluate_answers(
                 "gen_answer": parsed,
                 "gen_correct": (parsed == int(gold[j])) if generate else None,
             })
-    return AnswerEval(items=pd.DataFrame(rows), ranks=pd.DataFrame(rank_rows))
+    items = pd.DataFrame(rows).sort_values("item", kind="stable").reset_index(drop=True)
+    ranks = pd.concat(rank_parts).sort_values(["item", "layer"], kind="stable").reset_index(drop=True)
+    return AnswerEval(items=items, ranks=ranks)
+
+
+def length_batches(model: Model, prompts: Sequence[str], batch_size: int) -> list[np.ndarray]:
+    """Indices of ``prompts`` in batches of similar token length (shortest first); every index exactly once.
+
+    Left padding makes results independent of the batch (tests check it), so grouping by length only saves the
+    compute spent on padding: about 40 % on the counting prompts.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    lengths = [len(ids) for ids in model.tokenizer(list(prompts))["input_ids"]]
+    order = np.argsort(lengths, kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+_LENS_CHUNK = 1 << 26  # logits entries per lens matmul (256 MB in float32): one pass over W_U for many rows
+
+
+def _gold_rank_prob(model: Model, H: torch.Tensor, gold_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logit-lens rank (1 = top) and probability of ``gold_ids[r]`` for each residual row ``H[r]``."""
+    rows = max(1, _LENS_CHUNK // model.W_U.shape[0])
+    ranks, probs = [], []
+    for s in range(0, H.shape[0], rows):
+        logits = model.lens_logits(H[s : s + rows]).float()
+        g = gold_ids[s : s + rows].to(logits.device)[:, None]
+        gold_logit = logits.gather(1, g)
+        ranks.append(((logits > gold_logit).sum(-1) + 1).cpu())
+        probs.append((gold_logit[:, 0] - torch.logsumexp(logits, -1)).exp().cpu())
+    return torch.cat(ranks), torch.cat(probs)

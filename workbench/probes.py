@@ -11,9 +11,10 @@ gives the pieces to measure that and to keep the result:
   unpenalised intercept; alpha picked from {1e-3 ... 1e3} by R² on a seeded 20 % validation split of the training
   data, then refitted on all of it. One SVD per fit evaluates every alpha. ``direction_raw`` maps the weights back to
   raw residual coordinates (w / sigma), the direction the geometry of :mod:`workbench.geometry` is measured on.
-- :class:`LogisticProbe`: multinomial logistic classification of the count (scikit-learn's solver, weights kept as
-  tensors so predictions never depend on scikit-learn after fitting).
-- :func:`layerwise_ridge`: one ridge probe per layer with held-out R² and probe-round accuracy.
+- :class:`LogisticProbe`: multinomial logistic classification of the count (scikit-learn's objective, solved by
+  L-BFGS in torch; tests compare with scikit-learn).
+- :func:`layerwise_ridge`: one ridge probe per layer with held-out R² and probe-round accuracy;
+  :func:`layerwise_logistic`: a logistic probe per layer, each warm-started from its neighbour.
 - :func:`save_probe` / :func:`load_probe`: a probe is a folder with ``probe.safetensors`` (tensors only, no pickles)
   and ``card.json`` (model, weights hash, site, task and generator parameters, metrics, hyper-parameters, library
   versions, and the sha256 of the tensors file). Loading recomputes that hash and refuses a mismatch.
@@ -276,12 +277,60 @@ class RidgeProbe:
 
 
 # -- logistic --------------------------------------------------------------------------------------------------
+def fit_softmax_regression(
+    X: Float[torch.Tensor, "b n d"],
+    target: Int[torch.Tensor, " n"],
+    k: int,
+    C: float,
+    *,
+    max_iter: int = 2000,
+    tol: float = 1e-5,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[Float[torch.Tensor, "b k d"], Float[torch.Tensor, "b k"]]:
+    """Minimise, independently for each of the ``b`` feature sets, C * sum_i CE(x_i W^T + c, t_i) + ||W||^2 / 2.
+
+    That is sklearn's multinomial ``LogisticRegression`` objective (the intercept is not penalised). The ``b``
+    problems share no parameters, so the sum of their objectives has each one's minimiser as its own: one L-BFGS
+    run (strong-Wolfe line search, float64) can fit them together, though separate warm-started runs converge
+    faster on residual features. ``tol`` bounds the largest gradient entry of the objective divided by n.
+    """
+    if X.ndim != 3:
+        raise ValueError(f"X must be [b, n, d], got shape {tuple(X.shape)}")
+    b, n, d = X.shape
+    if target.shape != (n,):
+        raise ValueError(f"target must be [n] = [{n}], got shape {tuple(target.shape)}")
+    X = X.double()
+    onehot = torch.nn.functional.one_hot(target.long(), k).double()
+    params = torch.zeros(b, d + 1, k, dtype=torch.float64)
+    if init is not None:  # warm start (coef [b, k, d], intercept [b, k]), e.g. from the neighbouring layer
+        params[:, :d] = init[0].double().transpose(1, 2)
+        params[:, d] = init[1].double()
+    params.requires_grad_(True)
+    opt = torch.optim.LBFGS([params], lr=1.0, max_iter=max_iter, max_eval=2 * max_iter, tolerance_grad=tol,
+                            tolerance_change=1e-14, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        W, c = params[:, :d], params[:, d]
+        logits = X @ W + c[:, None, :]
+        loss = (torch.logsumexp(logits, -1) - (logits * onehot).sum(-1)).sum() / n
+        loss = loss + W.square().sum() / (2 * C * n)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    W = params.detach()
+    return W[:, :d].transpose(1, 2).contiguous(), W[:, d].contiguous()
+
+
 class LogisticProbe:
     """Multinomial logistic regression of a class label (the count) on standardised features.
 
     C: inverse L2 strength (sklearn's convention), or None to choose from ``Cs`` by validation accuracy (ties go to
-    the smaller C, the stronger penalty). Fitted by sklearn's lbfgs; ``coef`` [k, d], ``intercept`` [k], ``classes``
-    [k], ``mean`` and ``std`` are kept as float64 tensors, and predictions are computed from them in torch.
+    the smaller C, the stronger penalty). The objective is sklearn's ``LogisticRegression`` (multinomial, L2 on the
+    weights, intercept free), minimised by :func:`fit_softmax_regression`; ``coef`` [k, d], ``intercept`` [k],
+    ``classes`` [k], ``mean`` and ``std`` are float64 tensors, and predictions are computed from them in torch.
     """
 
     probe_type: ClassVar[str] = "logistic"
@@ -323,19 +372,11 @@ class LogisticProbe:
             raise ValueError("LogisticProbe needs integer class labels (the counts), got non-integer values")
         return y.long()
 
-    def _sk_fit(self, Xs: torch.Tensor, y: torch.Tensor, C: float):
-        from sklearn.linear_model import LogisticRegression
-
-        return LogisticRegression(C=C, max_iter=self.max_iter).fit(Xs.numpy(), y.numpy())
-
-    @staticmethod
-    def _as_multinomial(clf, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        coef = torch.from_numpy(np.asarray(clf.coef_, dtype=np.float64)).clone()
-        icpt = torch.from_numpy(np.asarray(clf.intercept_, dtype=np.float64)).clone()
-        if k == 2 and coef.shape[0] == 1:  # binary: logit of class 1 vs 0 == softmax over rows [0, w]
-            coef = torch.cat([torch.zeros_like(coef), coef])
-            icpt = torch.cat([torch.zeros_like(icpt), icpt])
-        return coef, icpt
+    def _solve(self, Xs: torch.Tensor, y: torch.Tensor, C: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(classes, coef [k, d], intercept [k]) of the L2 multinomial fit on standardised ``Xs``."""
+        classes, target = torch.unique(y, return_inverse=True)
+        coef, icpt = fit_softmax_regression(Xs[None], target, len(classes), C, max_iter=self.max_iter)
+        return classes, coef[0], icpt[0]
 
     def fit(self, X: Float[Array, "n d"], y: Int[Array, " n"]) -> LogisticProbe:
         X = _features(X)
@@ -353,15 +394,13 @@ class LogisticProbe:
             mean, std = standardise_stats(X[fit_idx])
             scores = {}
             for C in self.Cs:
-                clf = self._sk_fit((X[fit_idx] - mean) / std, y[fit_idx], C)
-                pred = clf.predict(((X[val_idx] - mean) / std).numpy())
-                scores[C] = float(np.mean(pred == y[val_idx].numpy()))
+                classes, coef, icpt = self._solve((X[fit_idx] - mean) / std, y[fit_idx], C)
+                pred = classes[(((X[val_idx] - mean) / std) @ coef.T + icpt).argmax(-1)]
+                scores[C] = float((pred == y[val_idx]).double().mean())
             self.C_scores = scores
             chosen = max(self.Cs, key=lambda c: (scores[c], -c))  # ties -> smaller C (stronger penalty)
         self.mean, self.std = standardise_stats(X)
-        clf = self._sk_fit((X - self.mean) / self.std, y, chosen)
-        self.classes = torch.from_numpy(np.asarray(clf.classes_)).long()
-        self.coef, self.intercept = self._as_multinomial(clf, len(self.classes))
+        self.classes, self.coef, self.intercept = self._solve((X - self.mean) / self.std, y, chosen)
         self.C = chosen
         self.n_train = int(X.shape[0])
         return self
@@ -403,7 +442,7 @@ class LogisticProbe:
             "max_iter": self.max_iter,
             "C_scores": {repr(c): s for c, s in self.C_scores.items()},
             "n_train": self.n_train,
-            "solver": "sklearn LogisticRegression (lbfgs, multinomial, L2)",
+            "solver": "torch L-BFGS (strong Wolfe), multinomial, L2 on weights only, float64",
             "standardise": "train mean / population std",
         }
 
@@ -506,6 +545,53 @@ def layerwise_ridge(
     return LayerwiseProbes(table=pd.DataFrame(rows), probes=probes)
 
 
+def layerwise_logistic(
+    features: Mapping[int, Float[Array, "n d"]],
+    y: Int[Array, " n"],
+    train_idx: Sequence[int] | np.ndarray,
+    test_idx: Sequence[int] | np.ndarray,
+    *,
+    C: float = 1.0,
+    max_iter: int = 2000,
+    tol: float = 1e-4,
+) -> pd.DataFrame:
+    """A logistic probe per layer with a fixed ``C`` (test accuracy only; the probes are not kept).
+
+    Each layer gets the :class:`LogisticProbe` it would get alone (same standardisation, same objective). The
+    default ``tol`` is scikit-learn's: predictions agree with a tight solve, probabilities to about 1e-2. Table
+    columns: layer, logistic_acc (test), logistic_acc_train.
+    """
+    if not isinstance(features, Mapping) or not features:
+        raise ValueError("features must be a non-empty dict {layer: [n, d] features}")
+    layers = sorted(features)
+    feats = [_features(features[layer], f"features[{layer!r}]") for layer in layers]
+    n = feats[0].shape[0]
+    if any(X.shape != feats[0].shape for X in feats):
+        raise ValueError(f"every layer must have the same [n, d] shape; got {[tuple(X.shape) for X in feats]}")
+    yt = LogisticProbe._labels(y, n)
+    tr, te = _indices("train_idx", train_idx, n), _indices("test_idx", test_idx, n)
+    if np.intersect1d(tr, te).size:
+        raise ValueError("train_idx and test_idx overlap; evaluation rows must never be trained on")
+    C = _check_grid("C", [C])[0]
+    classes, target = torch.unique(yt[tr], return_inverse=True)
+    if len(classes) < 2:
+        raise ValueError(f"y has a single class {classes.tolist()} on train_idx; a classifier needs at least two")
+    acc_te, acc_tr, prev = [], [], None
+    for X in feats:  # layer by layer, each warm-started from its neighbour's solution (a third fewer iterations)
+        mean, std = standardise_stats(X[tr])
+        Xtr, Xte = (X[tr] - mean) / std, (X[te] - mean) / std
+        coef, icpt = fit_softmax_regression(Xtr[None], target, len(classes), C, max_iter=max_iter, tol=tol,
+                                            init=prev)
+        prev = (coef, icpt)
+        acc_te.append(float((classes[(Xte @ coef[0].T + icpt[0]).argmax(-1)] == yt[te]).double().mean()))
+        acc_tr.append(float((classes[(Xtr @ coef[0].T + icpt[0]).argmax(-1)] == yt[tr]).double().mean()))
+    return pd.DataFrame({
+        "layer": layers,
+        "logistic_acc": acc_te,
+        "logistic_acc_train": acc_tr,
+    })
+
+
 # -- features from a model -------------------------------------------------------------------------------------
 def _check_layers(layers, n_layers: int) -> list[int]:
     if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
@@ -554,7 +640,7 @@ def residual_features(
     layers: int | Sequence[int] | None,
     *,
     positions: Literal["last"] | int | Sequence[Sequence[int]] = "last",
-    batch_size: int = 16,
+    batch_size: int = 64,
 ) -> dict[int, Float[torch.Tensor, "n d"]]:
     """Residual-stream features {layer: [n, d_model] float32 CPU tensor} of ``prompts``.
 
@@ -562,8 +648,28 @@ def residual_features(
         end). positions: "last" (the last real token), an int (that position in every prompt; negative from its
         end), or one list of token positions per prompt, averaged (e.g. the entity mentions from
         :meth:`workbench.tasks.TaskSet.mention_token_positions`). Positions index the unpadded tokenised prompt,
-        special tokens included. The forward stops after the deepest requested layer.
+        special tokens included. The forward stops after the deepest requested layer; prompts are batched by
+        length (the rows come back in the order of ``prompts``).
     """
+    return residual_features_many(model, prompts, layers, {"features": positions}, batch_size=batch_size)["features"]
+
+
+@torch.no_grad()
+def residual_features_many(
+    model,
+    prompts: Sequence[str],
+    layers: int | Sequence[int] | None,
+    positions: Mapping[str, Literal["last"] | int | Sequence[Sequence[int]]],
+    *,
+    batch_size: int = 64,
+) -> dict[str, dict[int, Float[torch.Tensor, "n d"]]]:
+    """:func:`residual_features` for several position specs from ONE forward per batch: {name: {layer: [n, d]}}.
+
+    E.g. ``{"last_token": "last", "mention_mean": mentions}`` gives both probe variants of the entity task at the
+    cost of one pass.
+    """
+    from workbench.evaluation import length_batches
+
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
@@ -571,40 +677,57 @@ def residual_features(
         raise ValueError("prompts is empty: give at least one prompt")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(positions, Mapping) or not positions:
+        raise ValueError("positions must be a non-empty dict {name: position spec}")
     layer_list = _check_layers(layers, model.n_layers)
-    plists = _position_lists(positions, len(prompts))
+    specs = {name: _position_lists(spec, len(prompts)) for name, spec in positions.items()}
     sites = {layer: layer_site(layer) for layer in layer_list}
-    chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layer_list}
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        enc = model.encode(batch)
+    n, d = len(prompts), model.d_model
+    out = {name: {layer: torch.empty(n, d) for layer in layer_list} for name in specs}
+    for batch in length_batches(model, prompts, batch_size):
+        enc = model.encode([prompts[i] for i in batch])
         lengths = enc["attention_mask"].sum(-1).cpu()
         T = enc["input_ids"].shape[1]
-        if plists is None:
-            index = torch.full((len(batch),), T - 1, dtype=torch.long)
-            mask = None
-        else:
-            rows = plists[start : start + len(batch)]
+        # One index tensor for all specs: each spec's positions (padded with a duplicate, masked) side by side.
+        index_parts, masks = [], {}
+        col = 0
+        for name, plists in specs.items():
+            if plists is None:
+                index_parts.append(torch.full((len(batch), 1), T - 1, dtype=torch.long))
+                masks[name] = (col, torch.ones(len(batch), 1, dtype=torch.bool))
+                col += 1
+                continue
+            rows = [plists[i] for i in batch]
             k = max(len(r) for r in rows)
             index = torch.empty(len(batch), k, dtype=torch.long)
             mask = torch.zeros(len(batch), k, dtype=torch.bool)
             for b, r in enumerate(rows):
-                L = int(lengths[b])
-                pos = [q + L if q < 0 else q for q in r]
-                if any(not 0 <= q < L for q in pos):
-                    raise ValueError(f"prompt {start + b}: positions {r} fall outside its {L} tokens (0..{L - 1})")
+                Lb = int(lengths[b])
+                pos = [q + Lb if q < 0 else q for q in r]
+                if any(not 0 <= q < Lb for q in pos):
+                    raise ValueError(f"prompt {int(batch[b])}: positions {r} fall outside its {Lb} tokens "
+                                     f"(0..{Lb - 1})")
                 pos = pos + [pos[0]] * (k - len(pos))  # pad with a duplicate, masked out below
-                index[b] = torch.tensor(pos) + (T - L)
+                index[b] = torch.tensor(pos) + (T - Lb)
                 mask[b, : len(r)] = True
+            index_parts.append(index)
+            masks[name] = (col, mask)
+            col += k
+        index = torch.cat(index_parts, dim=1)
         with trace(model, list(sites.values()), positions=index.to(enc["input_ids"].device), stop=True) as tr:
             model.hf(**enc)
+        rows_t = torch.as_tensor(batch)
         for layer, site in sites.items():
-            h = tr[site].to("cpu", torch.float32)  # [B, d] or [B, k, d]
-            if mask is not None:
-                m = mask[..., None].to(h.dtype)
-                h = (h * m).sum(1) / m.sum(1)
-            chunks[layer].append(h)
-    return {layer: torch.cat(c) for layer, c in chunks.items()}
+            h = tr[site].to("cpu", torch.float32)  # [B, K, d]
+            for name, (c0, mask) in masks.items():
+                part = h[:, c0 : c0 + mask.shape[1]]
+                if specs[name] is None:
+                    value = part[:, 0]
+                else:
+                    m = mask[..., None].to(h.dtype)
+                    value = (part * m).sum(1) / m.sum(1)
+                out[name][layer][rows_t] = value
+    return out
 
 
 # -- artifacts -------------------------------------------------------------------------------------------------
