@@ -165,10 +165,13 @@ def test_save_table_and_gallery(tmp_path, lens, model, no_browser):
     assert pd.read_csv(out / "lens.csv").shape == lens.shape
     with pytest.warns(RuntimeWarning):
         save_figure(lens_heatmap(lens), "heat", out, model=model)
+    save_table(lens, "other_lens", out / "model-other", model=model, seed=0)  # a parameter-setting subfolder
+    save_table(lens, "smoke_lens", out / "_smoke", model=model, seed=0)  # never in the real gallery
     index = write_gallery(tmp_path)
     assert index == tmp_path / "index.html"
     text = index.read_text()
     assert "01_demo" in text and "heat.html" in text and "lens.csv" in text and "unavailable" in text
+    assert "01_demo/model-other" in text and "other_lens.csv" in text and "smoke_lens" not in text
     assert write_gallery(tmp_path, smoke=True) == tmp_path / "_smoke" / "index.html"
 
 

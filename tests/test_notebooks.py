@@ -184,3 +184,10 @@ def test_failure_is_collected_and_the_rest_run(tmp_path, monkeypatch, capsys):
 def test_unknown_kernel_is_rejected(no_kernel, tmp_path):
     with pytest.raises(ValueError, match="no kernelspec named 'no-such-kernel'"):
         nbs.run_notebooks(None, smoke=True, figures_dir=tmp_path, kernel="no-such-kernel")
+
+
+def test_parameter_settings_get_their_own_folder(tmp_path):
+    assert nbs.output_dir_for("02_x", tmp_path, False) == tmp_path / "02_x"
+    assert nbs.output_dir_for("02_x", tmp_path, False, {"model": "gemma-3-270m"}) == tmp_path / "02_x" / "model-gemma-3-270m"
+    assert (nbs.output_dir_for("02_x", tmp_path, True, {"seeds": [11, 42], "model": "qwen2.5-0.5b"})
+            == tmp_path / "02_x" / "model-qwen2.5-0.5b_seeds-11.42" / "_smoke")

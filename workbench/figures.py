@@ -501,12 +501,15 @@ code, pre { font-size: 0.85em; } pre { white-space: pre-wrap; margin: 0; }
 def write_gallery(figures_dir: str | os.PathLike, *, smoke: bool = False) -> Path:
     """Write a simple HTML gallery of every figure recorded under ``figures_dir`` and return its path.
 
-    Real runs: ``<figures_dir>/index.html`` from ``<figures_dir>/*/manifest.json``. Smoke runs:
+    Real runs: ``<figures_dir>/index.html`` from ``<figures_dir>/*/manifest.json`` and the parameter-setting
+    subfolders ``<figures_dir>/*/*/manifest.json``. Smoke runs:
     ``<figures_dir>/_smoke/index.html`` from ``<figures_dir>/*/_smoke/manifest.json`` (git-ignored).
     """
     root = Path(figures_dir)
     index = root / "_smoke" / "index.html" if smoke else root / "index.html"
-    manifests = sorted(root.glob("*/_smoke/manifest.json" if smoke else "*/manifest.json"))
+    pattern = "_smoke/manifest.json" if smoke else "manifest.json"
+    manifests = sorted(root.glob(f"*/{pattern}")) + sorted(  # default settings, then parameter-setting subfolders
+        m for m in root.glob(f"*/*/{pattern}") if smoke or m.parent.name != "_smoke")
     e = _html.escape
 
     def rel(p: Path) -> str:

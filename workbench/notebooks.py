@@ -161,9 +161,24 @@ def _check_parameters(stem: str, path: Path, user: dict) -> dict[str, object]:
     return defined
 
 
-def output_dir_for(stem: str, figures_dir: str | os.PathLike, smoke: bool) -> Path:
+def output_dir_for(stem: str, figures_dir: str | os.PathLike, smoke: bool, parameters: dict | None = None) -> Path:
+    """``<figures>/<stem>/`` for the notebook's defaults; ``<figures>/<stem>/<k>-<v>_.../`` when parameters are set
+    (e.g. ``-p model=gemma-3-270m`` -> ``02_counting_readout/model-gemma-3-270m``), so other settings never
+    overwrite the default figures; ``_smoke/`` below that for smoke runs."""
     out = Path(figures_dir) / stem
+    if parameters:
+        out = out / parameter_slug(parameters)
     return out / SMOKE_DIR if smoke else out
+
+
+def parameter_slug(parameters: dict) -> str:
+    """A folder name for a parameter setting: sorted ``key-value`` pairs joined by ``_``, filesystem-safe."""
+    parts = []
+    for k in sorted(parameters):
+        v = parameters[k]
+        text = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
+        parts.append(f"{k}-{re.sub(r'[^A-Za-z0-9.+-]+', '.', text).strip('.')}")
+    return "_".join(parts)[:120]
 
 
 def _resolve_figures_dir(figures_dir) -> Path:
@@ -287,7 +302,7 @@ def run_notebooks(
             raise ValueError(f"notebook {stem} has no kernelspec in its metadata; pass kernel=...")
         if kernel is None and spec.get("language", "python") != "python":
             raise ValueError(f"notebook {stem} is a {spec.get('language')!r} notebook; only python is supported")
-        out_dir = output_dir_for(stem, figures_root, smoke)
+        out_dir = output_dir_for(stem, figures_root, smoke, parameters)
         plans.append((stem, path, out_dir, spec.get("name")))
 
     results: list[Result] = []
