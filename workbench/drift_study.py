@@ -31,7 +31,7 @@ class DriftConfig:
     task: str = "arithmetic"
     modes: tuple[str, ...] = MODES
     n_steps: int = 6  # thinking steps of the instrumented runs
-    n_hops: int = 3  # reasoning steps the task needs (arithmetic operations / graph edges)
+    n_hops: int = 2  # reasoning steps the task needs (arithmetic operations / graph edges): a=3; b=a+4; c=b*2
     n_items: int = 100
     steps_grid: tuple[int, ...] = (1, 2, 4, 6, 8)  # accuracy against n_steps (uninstrumented metrics only)
     retention_layer: int | None = None  # None: the middle layer

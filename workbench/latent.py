@@ -55,7 +55,7 @@ class LatentConfig:
     cold_stop_patience: int = 2  # ... for this many consecutive steps
     bot: str = " <bot>"  # markers around the latent span (plain text: untrained models have no special tokens)
     eot: str = " <eot>"
-    answer_tokens: int = 6
+    answer_tokens: int = 10  # room for "The answer is 7" style continuations
     seed: int = 0
     batch_size: int = 16
 
