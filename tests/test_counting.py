@@ -152,11 +152,21 @@ def test_study_smoke_on_a_tiny_model(tmp_path):
         (dict(seeds=()), "seeds"),
         (dict(n_test=0), "n_test"),
         (dict(n_lora_train=700), "n_lora_train"),
+        (dict(interventions=("lora_qv", "prayer")), r"unknown intervention\(s\) \['prayer'\]"),
     ],
 )
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CountingConfig(**kwargs)
+
+
+def test_a_subset_of_interventions_runs_only_those():
+    m = tiny_model("llama")
+    r = run_counting_study(CountingConfig.smoke_config(tasks=("list_length",), interventions=("digit_rows",)),
+                           model=m, progress=False)
+    assert set(r.accuracy.method) == {"baseline", "probe_round", "digit_rows"}
+    assert "train_lora" not in r.timings and "select_steering" not in r.timings
+    assert set(r.lens.method) == {"baseline", "digit_rows"}
 
 
 def test_bad_layers_fail_before_any_forward():

@@ -50,6 +50,7 @@ from workbench.sites import layer_site
 from workbench.tasks import TASKS, TaskSet, check_single_token_answers, make_task, split
 
 METHODS = ("baseline", "probe_round", "digit_rows", "lora_qv", "steering")
+INTERVENTIONS = ("digit_rows", "lora_qv", "steering")
 
 
 @dataclass
@@ -71,6 +72,7 @@ class CountingConfig:
     n_permutations: int = 100
     logistic_C: float = 1.0  # fixed (on standardised features): a per-layer C search would dominate the run time
     probes_root: str | None = "."  # best-layer probes go to <probes_root>/probes/<model>/<task>/ (None: not saved)
+    interventions: tuple[str, ...] = INTERVENTIONS  # a subset skips the others (LoRA is ~half of the run time)
     smoke: bool = False
 
     def __post_init__(self):
@@ -81,6 +83,10 @@ class CountingConfig:
             raise ValueError(f"unknown task(s) {unknown or '(none given)'}; valid tasks: {list(TASKS)}")
         if not self.seeds:
             raise ValueError("seeds is empty: give at least one seed")
+        self.interventions = tuple(self.interventions)
+        bad = [i for i in self.interventions if i not in INTERVENTIONS]
+        if bad:
+            raise ValueError(f"unknown intervention(s) {bad}; valid: {list(INTERVENTIONS)}")
         for name in ("n_train", "n_test", "n_lora_train", "repair_steps", "lora_steps", "lora_batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -268,25 +274,29 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
         acc_rows.append(key | {"method": "probe_round", "digit_restricted": pr, "full_vocab": np.nan,
                                "generation": np.nan})
 
-        t0 = time.perf_counter()
-        normed = model.final_norm(feats[L][tr_idx].to(model.device, model.dtype)).detach()
-        repair = train_digit_rows(model, normed, torch.as_tensor(train.counts - 1), digit_ids,
-                                  steps=cfg.repair_steps, seed=seed)
-        tick("train_digit_rows", t0)
-        extra_rows.append(key | {"key": "digit_rows_params", "value": repair.n_params})
-        with repair.applied(model):
-            evaluate("digit_rows")
+        if "digit_rows" in cfg.interventions:
+            t0 = time.perf_counter()
+            normed = model.final_norm(feats[L][tr_idx].to(model.device, model.dtype)).detach()
+            repair = train_digit_rows(model, normed, torch.as_tensor(train.counts - 1), digit_ids,
+                                      steps=cfg.repair_steps, seed=seed)
+            tick("train_digit_rows", t0)
+            extra_rows.append(key | {"key": "digit_rows_params", "value": repair.n_params})
+            with repair.applied(model):
+                evaluate("digit_rows")
 
-        t0 = time.perf_counter()
-        lora_set = train.subset(np.arange(min(cfg.n_lora_train, len(train))))
-        lora = train_lora_qv(model, lora_set.prompts, [digit_ids[c - 1] for c in lora_set.counts],
-                             steps=cfg.lora_steps, batch_size=cfg.lora_batch, seed=seed)
-        tick("train_lora", t0)
-        extra_rows += [key | {"key": "lora_params", "value": lora.n_params},
-                       key | {"key": "lora_final_loss", "value": float(np.mean(lora.losses[-10:]))}]
-        evaluate("lora_qv", m=lora.model)
-        del lora
+        if "lora_qv" in cfg.interventions:
+            t0 = time.perf_counter()
+            lora_set = train.subset(np.arange(min(cfg.n_lora_train, len(train))))
+            lora = train_lora_qv(model, lora_set.prompts, [digit_ids[c - 1] for c in lora_set.counts],
+                                 steps=cfg.lora_steps, batch_size=cfg.lora_batch, seed=seed)
+            tick("train_lora", t0)
+            extra_rows += [key | {"key": "lora_params", "value": lora.n_params},
+                           key | {"key": "lora_final_loss", "value": float(np.mean(lora.losses[-10:]))}]
+            evaluate("lora_qv", m=lora.model)
+            del lora
 
+        if "steering" not in cfg.interventions:
+            continue
         t0 = time.perf_counter()
         site = layer_site(best)
         scale = float(feats[best][tr_idx].norm(dim=-1).mean())
