@@ -191,3 +191,73 @@ def test_parameter_settings_get_their_own_folder(tmp_path):
     assert nbs.output_dir_for("02_x", tmp_path, False, {"model": "gemma-3-270m"}) == tmp_path / "02_x" / "model-gemma-3-270m"
     assert (nbs.output_dir_for("02_x", tmp_path, True, {"seeds": [11, 42], "model": "qwen2.5-0.5b"})
             == tmp_path / "02_x" / "model-qwen2.5-0.5b_seeds-11.42" / "_smoke")
+
+
+# -- grids --------------------------------------------------------------------------------------------------------
+
+def test_expand_grid_is_a_product_and_nested_lists_are_one_value():
+    cells = nbs.expand_grid({"02_x": {"model": ["a", "b"], "seeds": [[11, 42]], "n": 3}, "01_y": None})
+    assert cells == [("02_x", {"model": "a", "seeds": [11, 42], "n": 3}),
+                     ("02_x", {"model": "b", "seeds": [11, 42], "n": 3}), ("01_y", {})]
+    with pytest.raises(ValueError, match="no values"):
+        nbs.expand_grid({"02_x": {"model": []}})
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        nbs.expand_grid([])
+
+
+def _param_notebook(folder, name="01_demo"):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell("model = 'm'\nn_items = 10\nscale = 1.0\nlayers = None\nsmoke = False\n"
+                                          "output_dir = 'x'", metadata={"tags": ["parameters"]})]
+    nbformat.write(nb, folder / f"{name}.ipynb")
+
+
+def test_grid_cells_are_type_checked_before_any_kernel(no_kernel, tmp_path):
+    src = tmp_path / "nbs"
+    src.mkdir()
+    _param_notebook(src)
+    grid = {"01_demo": {"model": ["a", "b"], "n_items": [5, "many"]}}
+    with pytest.raises(ValueError, match=r"n_items='many' is a str, but its default 10 is a int"):
+        nbs.run_grid(grid, notebooks=src, figures_dir=tmp_path / "figs")
+    with pytest.raises(ValueError, match="unknown parameter"):
+        nbs.run_grid({"01_demo": {"modle": ["a"]}}, notebooks=src, figures_dir=tmp_path / "figs")
+    with pytest.raises(ValueError, match="unknown notebook"):
+        nbs.run_grid({"07_nothing": {}}, notebooks=src, figures_dir=tmp_path / "figs")
+    assert not (tmp_path / "figs").exists()
+    # ints pass for a float default, None passes anywhere, a bool is not an int
+    nbs._check_parameters("01_demo", src / "01_demo.ipynb", {"scale": 2, "layers": [1, 2], "model": None})
+    with pytest.raises(ValueError, match="is a bool"):
+        nbs._check_parameters("01_demo", src / "01_demo.ipynb", {"n_items": True})
+
+
+def test_completed_grid_cells_are_skipped_unless_forced(no_kernel, tmp_path):
+    src = tmp_path / "nbs"
+    src.mkdir()
+    _param_notebook(src)
+    figs = tmp_path / "figs"
+    for model in ("a", "b"):
+        out = nbs.output_dir_for("01_demo", figs, False, {"model": model})
+        out.mkdir(parents=True)
+        params = {"smoke": False, "output_dir": nbs._relative_to_root(out), "model": model}
+        (out / nbs.RUN_RECORD).write_text(json.dumps({"status": "ok", "parameters": params}))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("01_demo:\n  model: [a, b]\n")
+    results = nbs.run_grid(grid, notebooks=src, figures_dir=figs)
+    assert [r.skipped for r in results] == [True, True] and all(r.ok for r in results)
+    forced = nbs.run_grid(grid, notebooks=src, figures_dir=figs, force=True)  # forced: it really tries to run
+    assert all(not r.skipped and not r.ok and "kernel was started" in r.error for r in forced)
+    record = json.loads((forced[0].output_dir / nbs.RUN_RECORD).read_text())
+    assert record["status"] == "failed" and "kernel was started" in record["error"]
+
+
+def test_cli_grid_bad_input_is_status_2(no_kernel, capsys, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("02_counting_readout:\n  seeds: [oops]\n")  # a str where the default is a list
+    assert main(["run", "--grid", str(grid), "--figures-dir", str(tmp_path / "f")]) == 2
+    assert "seeds='oops' is a str" in capsys.readouterr().err
+    grid.write_text("02_counting_readout: [\n")
+    assert main(["run", "--grid", str(grid)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["run", "01", "--grid", str(grid)]) == 2
+    assert "drop the names" in capsys.readouterr().err

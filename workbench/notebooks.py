@@ -63,9 +63,10 @@ class Result:
     error: str | None = None
     wall_time_s: float = 0.0
     records: list[str] = field(default_factory=list)  # manifest records (figures/tables) written by this run
+    skipped: bool = False  # a completed run with the same parameters was found (grids skip those)
 
     def __str__(self) -> str:
-        status = "ok" if self.ok else f"FAILED: {self.error}"
+        status = "skipped (already completed)" if self.skipped else "ok" if self.ok else f"FAILED: {self.error}"
         return f"{self.name}: {status} ({self.wall_time_s:.1f} s; executed notebook {self.executed})"
 
 
@@ -139,8 +140,27 @@ def notebook_parameters(path: str | os.PathLike) -> dict[str, object]:
                 try:
                     params[target.id] = ast.literal_eval(value) if value is not None else None
                 except ValueError:
-                    params[target.id] = ast.get_source_segment(source, value)
+                    params[target.id] = Expression(ast.get_source_segment(source, value))
     return params
+
+
+class Expression(str):
+    """A parameter default that is not a literal (kept as its source text); its type is not checked."""
+
+
+def _type_ok(default, value) -> bool:
+    """Does ``value`` have the kind of type the notebook's default has? None on either side is always allowed."""
+    if default is None or value is None or isinstance(default, Expression):
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
 
 
 def _check_parameters(stem: str, path: Path, user: dict) -> dict[str, object]:
@@ -158,6 +178,12 @@ def _check_parameters(stem: str, path: Path, user: dict) -> dict[str, object]:
         allowed = [p for p in defined if p not in RUNNER_PARAMETERS]
         raise ValueError(f"unknown parameter(s) {unknown} for notebook {stem}; its parameters cell defines: "
                          f"{', '.join(allowed)} (and runner-set {', '.join(RUNNER_PARAMETERS)})")
+    wrong = {k: v for k, v in user.items() if not _type_ok(defined[k], v)}
+    if wrong:
+        k, v = next(iter(wrong.items()))
+        raise ValueError(f"notebook {stem}: parameter {k}={v!r} is a {type(v).__name__}, but its default "
+                         f"{defined[k]!r} is a {type(defined[k]).__name__}")
+    return defined
     return defined
 
 
@@ -266,6 +292,7 @@ def run_notebooks(
     notebooks: str | os.PathLike | None = None,
     timeout: int | None = None,
     verbose: bool = False,
+    skip_completed: bool = False,
 ) -> list[Result]:
     """Execute notebooks (all, or ``names``) with papermill and return one :class:`Result` each.
 
@@ -273,7 +300,9 @@ def run_notebooks(
     notebook parameters, each of which every selected notebook must define. kernel: a kernelspec name to use as is
     (default: the notebook's own kernel name, run on this interpreter). notebooks: the notebooks folder (default
     ``<repo>/notebooks``). timeout: per-cell limit in seconds (default none). All checks happen before any kernel
-    starts; a failing notebook is recorded in its Result and the rest still run.
+    starts; a failing notebook is recorded in its Result and the rest still run. Every run leaves
+    ``<output_dir>/run.json`` (parameters, status, error, wall time, commit); ``skip_completed`` skips a notebook
+    whose folder holds a successful run with the same parameters.
     """
     import nbformat
     import papermill
@@ -311,6 +340,12 @@ def run_notebooks(
         executed = out_dir / f"{stem}.ipynb"
         params = {"smoke": bool(smoke), "output_dir": _relative_to_root(out_dir), **parameters}
         result = Result(stem, path, executed, out_dir, bool(smoke), params)
+        if skip_completed and _completed(out_dir, params):
+            result.ok = result.skipped = True
+            if verbose:
+                print(f"[{n}/{len(plans)}] {stem}: {result}", file=sys.stderr, flush=True)
+            results.append(result)
+            continue
         if verbose:
             print(f"[{n}/{len(plans)}] {stem}{' (smoke)' if smoke else ''} -> {_relative_to_root(out_dir)}",
                   file=sys.stderr, flush=True)
@@ -336,6 +371,7 @@ def run_notebooks(
         finally:
             result.wall_time_s = time.perf_counter() - t0
             _finalise_executed(tmp, executed)
+            _write_run_record(result)
         with contextlib.suppress(Exception):
             records = read_manifest(out_dir)["records"]
             result.records = sorted(
@@ -346,6 +382,84 @@ def run_notebooks(
         results.append(result)
 
     write_gallery(figures_root, smoke=smoke)
+    return results
+
+
+RUN_RECORD = "run.json"
+
+
+def _write_run_record(result: Result) -> None:
+    from workbench.cache import atomic_write_json
+    from workbench.figures import git_info
+
+    git = git_info()
+    atomic_write_json(result.output_dir / RUN_RECORD, {
+        "notebook": result.name, "parameters": result.parameters, "smoke": result.smoke,
+        "status": "ok" if result.ok else "failed", "error": result.error,
+        "wall_time_s": round(result.wall_time_s, 2), "commit": git.get("commit"), "dirty": git.get("dirty"),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+
+
+def _completed(out_dir: Path, params: dict) -> bool:
+    try:
+        record = json.loads((out_dir / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    return record.get("status") == "ok" and record.get("parameters") == json.loads(json.dumps(params))
+
+
+def expand_grid(grid: dict) -> list[tuple[str, dict]]:
+    """``{notebook: {param: value or [values...]}}`` -> one (notebook, parameters) per cell of the product.
+
+    A list means "one cell per element"; to pass a list as ONE value, nest it (``layers: [[0, 10, 20]]``). A
+    notebook mapped to nothing (``01_logit_lens:``) is one cell with its defaults.
+    """
+    import itertools
+
+    if not isinstance(grid, dict) or not grid:
+        raise ValueError(f"a grid must be a non-empty mapping {{notebook: {{parameter: values}}}}, got {grid!r}")
+    cells = []
+    for stem, axes in grid.items():
+        axes = axes or {}
+        if not isinstance(axes, dict):
+            raise ValueError(f"grid entry {stem!r} must map parameters to values, got {axes!r}")
+        keys = list(axes)
+        values = [v if isinstance(v, list) else [v] for v in axes.values()]
+        empty = [k for k, v in zip(keys, values) if not v]
+        if empty:
+            raise ValueError(f"grid entry {stem!r}: parameter(s) {empty} have no values")
+        for combo in itertools.product(*values):
+            cells.append((str(stem), dict(zip(keys, combo))))
+    return cells
+
+
+def load_grid(path: str | os.PathLike) -> dict:
+    import yaml
+
+    try:
+        grid = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"cannot read grid file {path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"grid file {path} is not valid YAML: {e}") from None
+    return grid
+
+
+def run_grid(grid: dict | str | os.PathLike, *, force: bool = False, **kwargs) -> list[Result]:
+    """Every cell of a parameter grid (a mapping or a YAML file, see :func:`expand_grid`), each into its own
+    folder; cells already completed with the same parameters are skipped unless ``force``. Every cell is
+    validated (notebook, parameter names and types) before any kernel starts."""
+    if not isinstance(grid, dict):
+        grid = load_grid(grid)
+    cells = expand_grid(grid)
+    available = available_notebooks(kwargs.get("notebooks"))
+    for stem, params in cells:
+        (resolved,) = resolve_names([stem], available)
+        _check_parameters(resolved, available[resolved], params)
+    results = []
+    for stem, params in cells:
+        results += run_notebooks([stem], parameters=params, skip_completed=not force, **kwargs)
     return results
 
 
