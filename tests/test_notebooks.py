@@ -190,7 +190,8 @@ def test_parameter_settings_get_their_own_folder(tmp_path):
     assert nbs.output_dir_for("02_x", tmp_path, False) == tmp_path / "02_x"
     assert nbs.output_dir_for("02_x", tmp_path, False, {"model": "gemma-3-270m"}) == tmp_path / "02_x" / "model-gemma-3-270m"
     assert (nbs.output_dir_for("02_x", tmp_path, True, {"seeds": [11, 42], "model": "qwen2.5-0.5b"})
-            == tmp_path / "02_x" / "model-qwen2.5-0.5b_seeds-11.42" / "_smoke")
+            == tmp_path / "02_x" / "model-qwen2.5-0.5b__seeds-11+42" / "_smoke")
+    assert nbs.parameter_slug({"interventions": [], "model": "m", "layers": None}) == "model-m__interventions-none__layers-None"
 
 
 # -- grids --------------------------------------------------------------------------------------------------------
@@ -199,6 +200,8 @@ def test_expand_grid_is_a_product_and_nested_lists_are_one_value():
     cells = nbs.expand_grid({"02_x": {"model": ["a", "b"], "seeds": [[11, 42]], "n": 3}, "01_y": None})
     assert cells == [("02_x", {"model": "a", "seeds": [11, 42], "n": 3}),
                      ("02_x", {"model": "b", "seeds": [11, 42], "n": 3}), ("01_y", {})]
+    assert nbs.expand_grid({"02_x": [{"model": "a", "n": [1, 2]}, {"model": "b"}]}) == [
+        ("02_x", {"model": "a", "n": 1}), ("02_x", {"model": "a", "n": 2}), ("02_x", {"model": "b"})]
     with pytest.raises(ValueError, match="no values"):
         nbs.expand_grid({"02_x": {"model": []}})
     with pytest.raises(ValueError, match="non-empty mapping"):

@@ -91,7 +91,7 @@ class CountingConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.n_lora_train > self.n_train:
+        if "lora_qv" in self.interventions and self.n_lora_train > self.n_train:
             raise ValueError(f"n_lora_train ({self.n_lora_train}) cannot exceed n_train ({self.n_train})")
 
     @classmethod

@@ -198,13 +198,17 @@ def output_dir_for(stem: str, figures_dir: str | os.PathLike, smoke: bool, param
 
 
 def parameter_slug(parameters: dict) -> str:
-    """A folder name for a parameter setting: sorted ``key-value`` pairs joined by ``_``, filesystem-safe."""
-    parts = []
-    for k in sorted(parameters):
-        v = parameters[k]
-        text = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
-        parts.append(f"{k}-{re.sub(r'[^A-Za-z0-9.+-]+', '.', text).strip('.')}")
-    return "_".join(parts)[:120]
+    """A folder name for a parameter setting: ``key-value`` pairs (model first, then by name) joined by ``__``;
+    list values joined by ``+`` (an empty list is ``none``); filesystem-safe."""
+
+    def fmt(v) -> str:
+        if isinstance(v, (list, tuple)):
+            return "+".join(fmt(x) for x in v) or "none"
+        return json.dumps(v, sort_keys=True) if isinstance(v, dict) else str(v)
+
+    keys = sorted(parameters, key=lambda k: (k != "model", k))
+    slug = "__".join(f"{k}-{fmt(parameters[k])}" for k in keys)
+    return re.sub(r"[^A-Za-z0-9._+-]+", ".", slug).strip(".")[:150]
 
 
 def _resolve_figures_dir(figures_dir) -> Path:
@@ -413,24 +417,28 @@ def expand_grid(grid: dict) -> list[tuple[str, dict]]:
     """``{notebook: {param: value or [values...]}}`` -> one (notebook, parameters) per cell of the product.
 
     A list means "one cell per element"; to pass a list as ONE value, nest it (``layers: [[0, 10, 20]]``). A
-    notebook mapped to nothing (``01_logit_lens:``) is one cell with its defaults.
+    notebook mapped to nothing (``01_logit_lens:``) is one cell with its defaults; a notebook mapped to a list of
+    mappings gets the cells of each (different settings per model, say).
     """
     import itertools
 
     if not isinstance(grid, dict) or not grid:
         raise ValueError(f"a grid must be a non-empty mapping {{notebook: {{parameter: values}}}}, got {grid!r}")
     cells = []
-    for stem, axes in grid.items():
-        axes = axes or {}
-        if not isinstance(axes, dict):
-            raise ValueError(f"grid entry {stem!r} must map parameters to values, got {axes!r}")
-        keys = list(axes)
-        values = [v if isinstance(v, list) else [v] for v in axes.values()]
-        empty = [k for k, v in zip(keys, values) if not v]
-        if empty:
-            raise ValueError(f"grid entry {stem!r}: parameter(s) {empty} have no values")
-        for combo in itertools.product(*values):
-            cells.append((str(stem), dict(zip(keys, combo))))
+    for stem, spec in grid.items():
+        blocks = spec if isinstance(spec, list) else [spec]  # a list of mappings: several sub-grids
+        for axes in blocks:
+            axes = axes or {}
+            if not isinstance(axes, dict):
+                raise ValueError(f"grid entry {stem!r} must map parameters to values (or be a list of such "
+                                 f"mappings), got {axes!r}")
+            keys = list(axes)
+            values = [v if isinstance(v, list) else [v] for v in axes.values()]
+            empty = [k for k, v in zip(keys, values) if not v]
+            if empty:
+                raise ValueError(f"grid entry {stem!r}: parameter(s) {empty} have no values")
+            for combo in itertools.product(*values):
+                cells.append((str(stem), dict(zip(keys, combo))))
     return cells
 
 
