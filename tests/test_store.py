@@ -372,3 +372,14 @@ def test_bad_input_raises_before_any_forward(tmp_path, model, kwargs, match):
         handle.remove()
     assert calls == [] and not out.exists()
     assert workbench.active_hooks() == []
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    import os
+
+    from workbench.cache import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.csv", "x\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a.csv").stat().st_mode & 0o777 == 0o666 & ~umask
