@@ -357,16 +357,16 @@ def accuracy_bars(summary: pd.DataFrame, *, title: str | None = None) -> go.Figu
 
 
 # -- latent-reasoning drift (thread 3) ---------------------------------------------------------------------------
-DRIFT_METRICS = {
-    "max_cos": "max cos to a token embedding",
-    "norm_ratio": "norm / mean embedding norm",
-    "knn_dist": "10-NN distance / mean emb. norm",
-    "prev_cos": "cos with the previous step",
-    "entropy": "lens entropy (nats, last layer)",
-    "top1_prob": "lens top-1 probability",
-    "gold_rank": "gold intermediate: lens rank",
-    "kl_to_final": "KL(step || final step)",
-    "mixture_entropy": "Soft Thinking: mixture entropy",
+DRIFT_METRICS = {  # short panel titles: three panels share a row
+    "max_cos": "max cos to an embedding",
+    "norm_ratio": "norm / mean emb. norm",
+    "knn_dist": "10-NN dist. / mean emb. norm",
+    "prev_cos": "cos with previous step",
+    "entropy": "lens entropy (nats)",
+    "top1_prob": "lens top-1 prob.",
+    "gold_rank": "lens rank of the gold step",
+    "kl_to_final": "KL(step ‖ final step)",
+    "mixture_entropy": "mixture entropy (soft)",
 }
 
 
@@ -383,7 +383,7 @@ def drift_by_step(steps: pd.DataFrame, *, title: str | None = None) -> go.Figure
     cols = 3
     rows = -(-len(metrics) // cols)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[DRIFT_METRICS[m] for m in metrics],
-                        horizontal_spacing=0.08, vertical_spacing=0.12)
+                        horizontal_spacing=0.1, vertical_spacing=0.12)
     colors = _mode_color(steps["mode"])
     for k, metric in enumerate(metrics):
         r, c = k // cols + 1, k % cols + 1
@@ -396,8 +396,10 @@ def drift_by_step(steps: pd.DataFrame, *, title: str | None = None) -> go.Figure
         if metric == "gold_rank":
             fig.update_yaxes(type="log", autorange="reversed", row=r, col=c)
     fig.update_xaxes(title_text="latent step", row=rows)
-    fig.update_layout(title=title or "Latent drift by step", height=300 * rows)
-    return apply_theme(fig)
+    fig.update_layout(title=title or "Latent drift by step (last layer; medians over items)", height=300 * rows)
+    fig = apply_theme(fig)
+    fig.update_annotations(font_size=14)  # the panel titles
+    return fig
 
 
 def lens_step_layer(lens: pd.DataFrame, value: str = "mean_gold_prob", *, title: str | None = None) -> go.Figure:
