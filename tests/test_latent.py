@@ -271,3 +271,22 @@ def test_drift_config_bad_input(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         DriftConfig(**kwargs)
+
+
+# -- the real default model --------------------------------------------------------------------------------------
+def test_real_model_loops(smollm2):
+    m = smollm2
+    rs = arithmetic_chains(4, n_hops=2, seed=0)
+    assert [len(ids) for ids in gold_step_token_ids(m.tokenizer, rs)] == [2] * 4
+    cot = run_latent(m, rs, LatentConfig(mode="cot", n_steps=4, answer_tokens=2))
+    enc = m.encode([p + rs.cot_cue for p in rs.prompts])
+    out = m.hf.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=4,
+                        do_sample=False, pad_token_id=m.tokenizer.pad_token_id)
+    assert torch.equal(cot.tokens, out[:, enc["input_ids"].shape[1]:])
+    coco = run_latent(m, rs.subset([0]), LatentConfig(mode="coconut", n_steps=2, answer_tokens=1))
+    ids = m.encode([rs.prompts[0] + " <bot>"])["input_ids"]
+    with torch.no_grad():
+        emb = torch.cat([input_embeddings(m, ids[0]), coco.inputs[0]], 0)[None]
+        full = m.hf(inputs_embeds=emb, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(coco.states[0, 1, 15], full[15][0, ids.shape[1]], rtol=1e-4, atol=1e-4)
+    assert wb.active_hooks() == []
