@@ -342,20 +342,13 @@ TABLES = ("probes", "geometry", "lens", "accuracy", "extras", "angles", "norm_pe
 
 def save_counting_result(result: CountingResult, out_dir: str | Path) -> dict[str, Path]:
     """Write every table of ``result`` (and the seed summary) as CSV into ``out_dir``; returns the paths."""
-    from workbench.cache import atomic_write_json, atomic_write_text
+    from workbench.figures import write_result_tables
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name in TABLES:
-        paths[name] = out / f"{name}.csv"
-        atomic_write_text(paths[name], getattr(result, name).to_csv(index=False))
-    paths["summary"] = out / "accuracy_summary.csv"
-    atomic_write_text(paths["summary"], result.summary().to_csv(index=False))
-    paths["meta"] = out / "study.json"
-    atomic_write_json(paths["meta"], {
+    tables = {name: getattr(result, name) for name in TABLES} | {"accuracy_summary": result.summary()}
+    paths = write_result_tables(out_dir, tables, {
         "model": result.model, "weights_hash": result.weights_hash, "tied_head": result.tied_head,
         "d_model": result.d_model, "n_layers": result.n_layers, "config": result.config, "timings": result.timings,
         "random_baseline_abs_cos": math.sqrt(2 / (math.pi * result.d_model)),
     })
+    paths["summary"] = paths.pop("accuracy_summary")
     return paths

@@ -11,7 +11,6 @@ Results are small dataframes in :class:`DriftResult`; :func:`save_drift_result` 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -149,19 +148,11 @@ TABLES = ("steps", "manifold", "lens", "retention", "accuracy", "items")
 
 def save_drift_result(result: DriftResult, out_dir: str | Path) -> dict[str, Path]:
     """Every table as CSV plus ``study.json`` (model, weights hash, config, timings) in ``out_dir``."""
-    from workbench.cache import atomic_write_json, atomic_write_text
+    from workbench.figures import write_result_tables
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name in TABLES:
-        paths[name] = out / f"{name}.csv"
-        atomic_write_text(paths[name], getattr(result, name).to_csv(index=False))
-    paths["meta"] = out / "study.json"
-    atomic_write_json(paths["meta"], json.loads(json.dumps({
+    return write_result_tables(out_dir, {name: getattr(result, name) for name in TABLES}, {
         "model": result.model, "weights_hash": result.weights_hash, "config": result.config,
-        "timings": result.timings}, default=str)))
-    return paths
+        "timings": result.timings})
 
 
 def accuracy_table(result: DriftResult, modes: Sequence[str] | None = None) -> pd.DataFrame:

@@ -572,3 +572,19 @@ def write_gallery(figures_dir: str | os.PathLike, *, smoke: bool = False) -> Pat
     parts.append("</body></html>")
     _write(index, ("\n".join(parts) + "\n").encode())
     return index
+
+
+def write_result_tables(out_dir: str | os.PathLike, tables: dict, meta: dict) -> dict[str, Path]:
+    """A study's tables as ``<name>.csv`` plus ``study.json`` (``meta``: model, config, timings, ...), written
+    atomically into ``out_dir``; returns {name: path} with ``meta`` for the JSON file."""
+    from workbench.cache import atomic_write_json, atomic_write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, frame in tables.items():
+        paths[name] = out / f"{name}.csv"
+        atomic_write_text(paths[name], frame.to_csv(index=False))
+    paths["meta"] = out / "study.json"
+    atomic_write_json(paths["meta"], json.loads(json.dumps(meta, default=str)))
+    return paths
