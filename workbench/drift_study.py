@@ -36,7 +36,7 @@ class DriftConfig:
     retention_layer: int | None = None  # None: the middle layer
     seed: int = 0
     soft: dict = field(default_factory=dict)  # LatentConfig overrides for mode "soft" (e.g. gumbel_tau=0.5)
-    batch_size: int = 16
+    batch_size: int = 50  # decoding is bound by reading the weights: big batches cut the number of passes
     smoke: bool = False
 
     def __post_init__(self):

@@ -57,7 +57,7 @@ class LatentConfig:
     eot: str = " <eot>"
     answer_tokens: int = 10  # room for "The answer is 7" style continuations
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int = 50  # decoding is bound by reading the weights: big batches cut the number of passes
 
     def __post_init__(self):
         if self.mode not in MODES:
