@@ -1,0 +1,106 @@
+"""CUDA check: the core paths on a GPU agree with the same paths on CPU (tiny random models, no downloads).
+
+    python benchmarks/cuda_check.py        # prints one line per check and exits 1 on any failure
+
+Run on a machine with a CUDA device (CI has none). Each check builds a tiny model of a family, runs it on CPU and
+on CUDA, and compares: trace captures against HF ``output_hidden_states``, the logit lens, answer evaluation,
+residual features, LoRA training, and the latent loops. Tolerances are those of float32 on different kernels.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+
+import torch
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check")
+        return 0
+    import workbench as wb
+    from workbench.evaluation import evaluate_answers
+    from workbench.interventions import train_lora_qv
+    from workbench.latent import LatentConfig, run_latent
+    from workbench.models import from_hf
+    from workbench.probes import residual_features
+    from workbench.reasoning import arithmetic_chains
+    from workbench.tiny import tiny_hf, tiny_model
+
+    print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
+    failures = 0
+    prompts = ["hello world, this is a test", "hi", "the cat sat on the mat"]
+
+    def to_cuda(m):
+        return from_hf(tiny_hf(m.arch.family).to("cuda"), m.tokenizer, name=m.name + "-cuda")
+
+    def check(name, fn):
+        nonlocal failures
+        t0 = time.perf_counter()
+        try:
+            fn()
+            print(f"ok    {name} ({time.perf_counter() - t0:.1f} s)")
+        except Exception:  # noqa: BLE001 - report every failure, keep going
+            failures += 1
+            print(f"FAIL  {name}\n{traceback.format_exc()}")
+
+    for family in ("llama", "qwen2", "gemma3_text", "gpt2", "gpt_neox"):
+        cpu = tiny_model(family)
+        gpu = to_cuda(cpu)
+        assert gpu.device.type == "cuda"
+
+        def captures():
+            sites = [wb.layer_site(l) for l in range(gpu.n_layers + 1)]
+            enc = gpu.encode(prompts)
+            with wb.trace(gpu, sites) as tr, torch.no_grad():
+                hs = gpu.hf(**enc, output_hidden_states=True).hidden_states
+            for l, s in enumerate(sites[:-1]):
+                assert torch.equal(tr[s], hs[l]), f"layer {l}"
+            assert wb.active_hooks() == []
+
+        def lens():
+            a = wb.logit_lens(cpu, prompts, top_k=3)
+            b = wb.logit_lens(gpu, prompts, top_k=3)
+            assert (a.token == b.token).mean() > 0.99
+            assert (a.prob - b.prob).abs().max() < 1e-4
+
+        def evaluation():
+            ids = [cpu.tokenizer.convert_tokens_to_ids(str(d)) for d in range(1, 10)]
+            a = evaluate_answers(cpu, prompts, [1, 2, 3], ids, gen_tokens=3)
+            b = evaluate_answers(gpu, prompts, [1, 2, 3], ids, gen_tokens=3)
+            assert a.items.gen_text.tolist() == b.items.gen_text.tolist()
+            assert (a.ranks["rank"] == b.ranks["rank"]).mean() > 0.99
+
+        def features():
+            a = residual_features(cpu, prompts, None)
+            b = residual_features(gpu, prompts, None)
+            for l in a:
+                torch.testing.assert_close(a[l], b[l], rtol=1e-4, atol=1e-5)
+
+        def lora():
+            ids = [cpu.tokenizer.convert_tokens_to_ids(str(d)) for d in (1, 2, 3)]
+            a = train_lora_qv(cpu, prompts, ids, r=4, alpha=8, steps=5, batch_size=2, lr=1e-2, seed=0)
+            b = train_lora_qv(gpu, prompts, ids, r=4, alpha=8, steps=5, batch_size=2, lr=1e-2, seed=0)
+            assert abs(a.losses[-1] - b.losses[-1]) < 1e-3, (a.losses, b.losses)
+            assert next(b.model.hf.parameters()).device.type == "cuda"
+
+        def latent():
+            rs = arithmetic_chains(4, n_hops=2, seed=0)
+            for mode in ("coconut", "soft", "cot"):
+                cfg = LatentConfig(mode=mode, n_steps=3, answer_tokens=3)
+                a, b = run_latent(cpu, rs, cfg), run_latent(gpu, rs, cfg)
+                torch.testing.assert_close(a.states, b.states, rtol=1e-3, atol=1e-4)
+            assert wb.active_hooks() == []
+
+        for name, fn in [("captures == hidden_states", captures), ("logit lens vs CPU", lens),
+                         ("answer evaluation vs CPU", evaluation), ("residual features vs CPU", features),
+                         ("LoRA Q/V vs CPU", lora), ("latent loops vs CPU", latent)]:
+            check(f"{family}: {name}", fn)
+    print(f"{failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
