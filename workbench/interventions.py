@@ -180,7 +180,9 @@ def train_lora_qv(
     g = torch.Generator().manual_seed(seed)
     answers = torch.tensor(list(answer_ids), dtype=torch.long)
     wrapper = Model(hf=peft_model, tokenizer=model.tokenizer, name=model.name, arch=model.arch)
-    peft_model.train()
+    # Eval mode: no dropout anywhere (the protocol's LoRA dropout is 0, and base-model dropout, e.g. GPT-2's 0.1,
+    # would make the run depend on the device's RNG); gradients flow all the same.
+    peft_model.eval()
     losses = []
     for _ in range(steps):
         idx = torch.randint(len(prompts), (batch_size,), generator=g)
