@@ -229,7 +229,9 @@ def test_fact_retention_table():
     run = run_latent(m, rs, LatentConfig(mode="coconut", n_steps=3))
     ret = fact_retention(run, rs, layer=1)
     assert set(ret.gap) == {0, 1, 2} and (ret.eval_step >= ret.fact_step).all()
-    assert ret.round_acc.between(0, 1).all()
+    assert ret.round_acc.between(0, 1).all() and ret.round_acc_refit.between(0, 1).all()
+    same = ret[ret.gap == 0]  # at the fact's own step the refit IS the probe
+    assert np.allclose(same.r2, same.r2_refit) and np.allclose(same.round_acc, same.round_acc_refit)
     with pytest.raises(ValueError, match="layer 9 out of range"):
         fact_retention(run, rs, layer=9)
     with pytest.raises(ValueError, match="numeric"):

@@ -9,7 +9,8 @@ From a :class:`workbench.latent.LatentRun`:
   gold intermediate result of that step (1 = top), and at the last layer the KL divergence from this step's lens
   to the final step's;
 - :func:`fact_retention`: a ridge probe trained on the state of the step where a fact (an intermediate value) is
-  computed, evaluated on the states of later steps: R² and probe-round accuracy against the gap;
+  computed, evaluated on the states of later steps: R² and probe-round accuracy against the gap, next to a probe
+  refitted at each later step (is the fact still there in another direction?);
 - :func:`step_summary`: the per-step table the figures plot (median over items), mixture entropy included.
 
 Embedding-space quantities use the embeddings the model actually feeds its first block (Gemma's sqrt(d) scale
@@ -128,8 +129,10 @@ def fact_retention(run: LatentRun, rs: ReasoningSet, layer: int, *, train_fracti
 
     For every fact step j (1..number of intermediates, numeric tasks), a :class:`RidgeProbe` is trained on the
     states at step j of a seeded ``train_fraction`` of the items (target: the intermediate value of step j) and
-    evaluated on the other items' states at every step k >= j (same target). Rows: fact_step, eval_step, gap,
-    r2, round_acc, n_test.
+    evaluated on the other items' states at every step k >= j (same target). The control ``*_refit`` trains a
+    fresh probe at step k on the same training items: a fact that the step-j probe misses but the refit finds has
+    moved, not vanished. Rows: fact_step, eval_step, gap, layer, r2, round_acc, r2_refit, round_acc_refit,
+    n_test.
     """
     if rs.task != "arithmetic":
         raise ValueError(f"fact retention needs numeric intermediates (task 'arithmetic'), got {rs.task!r}")
@@ -146,23 +149,30 @@ def fact_retention(run: LatentRun, rs: ReasoningSet, layer: int, *, train_fracti
         raise ValueError(f"fact retention needs more items: {n} give {n_tr} train / {len(te)} test")
     values = np.array([[float(v) for v in steps] for steps in rs.steps])  # [n, hops]
     rows = []
+    def fit(idx, step, y):
+        # alpha from a validation split when there is data for one; a fixed alpha = 1 on tiny (smoke) sets
+        probe = RidgeProbe(seed=seed, alpha=None if len(idx) >= 10 else 1.0)
+        return probe.fit(run.states[idx, step - 1, layer].double(), torch.as_tensor(y[idx]))
+
     for j in range(1, min(values.shape[1], S) + 1):
         ok_tr = tr[run.valid[tr, j - 1].numpy()]
         y = values[:, j - 1]
         if len(ok_tr) < 4 or np.ptp(y[ok_tr]) == 0:
             continue
-        # alpha from a validation split when there is data for one; a fixed alpha = 1 on tiny (smoke) sets
-        probe = RidgeProbe(seed=seed, alpha=None if len(ok_tr) >= 10 else 1.0)
-        probe.fit(run.states[ok_tr, j - 1, layer].double(), torch.as_tensor(y[ok_tr]))
+        probe = fit(ok_tr, j, y)
         for k in range(j, S + 1):
             ok_te = te[run.valid[te, k - 1].numpy()]
-            if len(ok_te) < 2:
+            ok_tr_k = tr[run.valid[tr, k - 1].numpy()]
+            if len(ok_te) < 2 or len(ok_tr_k) < 4:
                 continue
-            pred = probe.predict(run.states[ok_te, k - 1, layer].double())
+            X = run.states[ok_te, k - 1, layer].double()
             target = torch.as_tensor(y[ok_te])
+            pred = probe.predict(X)
+            refit = fit(ok_tr_k, k, y).predict(X)  # control: is the fact decodable at step k at all?
             rows.append({"fact_step": j, "eval_step": k, "gap": k - j, "layer": layer,
                          "r2": r2_score(pred, target), "round_acc": probe_round_accuracy(pred, target, lo=0, hi=9),
-                         "n_test": len(ok_te)})
+                         "r2_refit": r2_score(refit, target),
+                         "round_acc_refit": probe_round_accuracy(refit, target, lo=0, hi=9), "n_test": len(ok_te)})
     return pd.DataFrame(rows)
 
 

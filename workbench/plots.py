@@ -427,7 +427,10 @@ def retention_by_gap(retention: pd.DataFrame, value: str = "round_acc", *, title
     fig = go.Figure()
     for mode, color in _mode_color(retention["mode"]).items():
         s = _mean_sd(retention[retention["mode"] == mode], ["gap"], value)
-        _line_with_band(fig, s.gap, s["mean"], s["sd"], mode, color)
+        _line_with_band(fig, s.gap, s["mean"], s["sd"], f"{mode} (probe from step j)", color)
+        if f"{value}_refit" in retention.columns:  # dotted: a probe refitted at step k (the control)
+            r = _mean_sd(retention[retention["mode"] == mode], ["gap"], f"{value}_refit")
+            _line_with_band(fig, r.gap, r["mean"], r["sd"], f"{mode} (refitted at step k)", color, dash="dot")
     fig.update_layout(title=title or "Fact retention against the gap", xaxis_title="gap k - j (steps)",
                       yaxis_title={"round_acc": "probe-round accuracy", "r2": "held-out R²"}.get(value, value))
     return apply_theme(fig)
