@@ -177,6 +177,42 @@ def _select_steering_alpha(model, site, direction, scale, prompts, counts, digit
     return best, curve
 
 
+@dataclass
+class TaskProbes:
+    """Per-layer ridge probes of one task and seed, with what the probe explorer shows: the table (layer, r2_test,
+    round_acc_test, ...), the geometry (|cos| with the digit rows per layer), and held-out predictions."""
+
+    task: str
+    seed: int
+    table: pd.DataFrame
+    geometry: pd.DataFrame
+    y_test: np.ndarray  # true counts of the held-out prompts
+    predictions: dict[int, np.ndarray]  # layer -> predicted counts of the held-out prompts
+
+
+@torch.no_grad()
+def task_probes(model: Model, task: str, seed: int, cfg: CountingConfig, layers: Sequence[int]) -> TaskProbes:
+    """Steps 1-4 of the study for one task and seed (same prompts, split, features and probes as
+    :func:`run_counting_study` with the same ``cfg``): one feature pass over the prompts, then a ridge probe and the
+    digit-row geometry per layer, and the probes' predictions on the held-out prompts."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; valid tasks: {list(TASKS)}")
+    layers = sorted({int(x) for x in layers})
+    bad = [x for x in layers if not 0 <= x <= model.n_layers]
+    if bad or not layers:
+        raise ValueError(f"layers {bad or '(none)'} not allowed: probe layers are 0..{model.n_layers}")
+    _, train, test, digit_ids = _make_sets(model, task, seed, cfg)
+    prompts = train.prompts + test.prompts
+    counts = np.concatenate([train.counts, test.counts]).astype(float)
+    tr_idx, te_idx = np.arange(len(train)), np.arange(len(train), len(prompts))
+    feats = residual_features_many(model, prompts, layers, {"last_token": "last"},
+                                   batch_size=cfg.batch_size)["last_token"]
+    lw = layerwise_ridge(feats, counts, tr_idx, te_idx, seed=seed)
+    geo = geometry_table(lw.probes, model.W_U.detach(), digit_ids, seed=seed)
+    preds = {layer: lw.probes[layer].predict(feats[layer][te_idx]).numpy() for layer in layers}
+    return TaskProbes(task=task, seed=seed, table=lw.table, geometry=geo, y_test=counts[te_idx], predictions=preds)
+
+
 def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None = None,
                        progress: bool = True) -> CountingResult:
     """Run the counting protocol on one model (see module docstring). ``model`` overrides ``cfg.model``."""

@@ -176,6 +176,17 @@ def fact_retention(run: LatentRun, rs: ReasoningSet, layer: int, *, train_fracti
     return pd.DataFrame(rows)
 
 
+def lens_by_step_layer(lens: pd.DataFrame) -> pd.DataFrame:
+    """The per-(item, step, layer) lens metrics of :func:`lens_metrics` summarised over items, per step and layer:
+    median_gold_rank, mean_gold_prob, median_entropy, readable (fraction of items with the gold step at rank 1)."""
+    g = lens.groupby(["step", "layer"])
+    return pd.DataFrame({
+        "median_gold_rank": g.gold_rank.median(), "mean_gold_prob": g.gold_prob.mean(),
+        "median_entropy": g.entropy.median(),
+        "readable": g.gold_rank.apply(lambda r: float((r == 1).mean())),
+    }).reset_index()
+
+
 def step_summary(manifold: pd.DataFrame, lens: pd.DataFrame, run: LatentRun) -> pd.DataFrame:
     """Per step: medians over items of the manifold metrics and of the last layer's lens metrics, the mean
     mixture entropy (soft), and the number of items still thinking."""

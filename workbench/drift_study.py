@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from workbench.drift import fact_retention, lens_metrics, manifold_metrics, step_summary
+from workbench.drift import fact_retention, lens_by_step_layer, lens_metrics, manifold_metrics, step_summary
 from workbench.latent import MAX_STEPS, MODES, LatentConfig, run_latent
 from workbench.models import DEFAULT_MODEL, Model, load_model
 from workbench.reasoning import REASONING_TASKS, make_reasoning_task
@@ -102,12 +102,7 @@ def run_drift_study(cfg: DriftConfig | None = None, *, model: Model | None = Non
             lz = lens_metrics(model, run, rs)
             steps.append(step_summary(man, lz, run).assign(mode=mode))
             manifold.append(man.assign(mode=mode))
-            g = lz.groupby(["step", "layer"])
-            lens.append(pd.DataFrame({
-                "median_gold_rank": g.gold_rank.median(), "mean_gold_prob": g.gold_prob.mean(),
-                "median_entropy": g.entropy.median(),
-                "readable": g.gold_rank.apply(lambda r: float((r == 1).mean())),
-            }).reset_index().assign(mode=mode))
+            lens.append(lens_by_step_layer(lz).assign(mode=mode))
             if cfg.task == "arithmetic":
                 retention.append(fact_retention(run, rs, layer, seed=cfg.seed).assign(mode=mode))
         timings[f"run_{mode}"] = round(time.perf_counter() - t0, 2)
