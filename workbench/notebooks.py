@@ -42,7 +42,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workbench.figures import NOTEBOOK_ENV, read_manifest, repo_root, write_gallery
+from workbench.figures import HEADLESS_ENV, NOTEBOOK_ENV, annotate_records, read_manifest, repo_root, write_gallery
 
 RUNNER_PARAMETERS = ("smoke", "output_dir")  # set by the runner; every notebook's parameters cell must define them
 SMOKE_DIR = "_smoke"
@@ -184,7 +184,6 @@ def _check_parameters(stem: str, path: Path, user: dict) -> dict[str, object]:
         raise ValueError(f"notebook {stem}: parameter {k}={v!r} is a {type(v).__name__}, but its default "
                          f"{defined[k]!r} is a {type(defined[k]).__name__}")
     return defined
-    return defined
 
 
 def output_dir_for(stem: str, figures_dir: str | os.PathLike, smoke: bool, parameters: dict | None = None) -> Path:
@@ -232,7 +231,8 @@ def _kernel_environment(stem: str, kernel_name: str | None) -> Iterator[None]:
     """Environment for the kernel: repo on PYTHONPATH, the notebook stem, and (if ``kernel_name``) a private
     kernelspec of that name running this interpreter, found first through ``JUPYTER_PATH``."""
     root = str(repo_root())
-    quiet = {"PYDEVD_DISABLE_FILE_VALIDATION": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # headless: no widgets
+    # headless: no progress-bar widgets, and the explorers of workbench.widgets render static figures
+    quiet = {"PYDEVD_DISABLE_FILE_VALIDATION": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", HEADLESS_ENV: "1"}
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", NOTEBOOK_ENV, "JUPYTER_PATH", *quiet)}
     with tempfile.TemporaryDirectory(prefix="workbench-kernel-") as tmp:
         pythonpath = os.pathsep.join([root] + ([saved["PYTHONPATH"]] if saved["PYTHONPATH"] else []))
@@ -286,6 +286,18 @@ def _finalise_executed(tmp: Path, final: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _check_kernel(kernel: str | None) -> None:
+    if kernel is None:
+        return
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec(kernel)
+    except NoSuchKernel:
+        known = sorted(KernelSpecManager().find_kernel_specs())
+        raise ValueError(f"no kernelspec named {kernel!r}; available: {', '.join(known)}") from None
+
+
 def run_notebooks(
     names: Sequence[str] | str | None = None,
     *,
@@ -316,14 +328,7 @@ def run_notebooks(
     stems = resolve_names(names, available)
     figures_root = _resolve_figures_dir(figures_dir)
 
-    if kernel is not None:
-        from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
-        try:
-            KernelSpecManager().get_kernel_spec(kernel)
-        except NoSuchKernel:
-            known = sorted(KernelSpecManager().find_kernel_specs())
-            raise ValueError(f"no kernelspec named {kernel!r}; available: {', '.join(known)}") from None
+    _check_kernel(kernel)
 
     plans = []
     for stem in stems:  # validate everything first
@@ -381,6 +386,10 @@ def run_notebooks(
             result.records = sorted(
                 k for k, r in records.items() if _timestamp(r.get("timestamp")) >= int(started_wall) - 1
             )
+        if result.records:  # every figure and table of this run gets the run's status and details
+            annotate_records(out_dir, result.records, {"status": "ok" if result.ok else "failed", "run": {
+                "error": result.error, "wall_time_s": round(result.wall_time_s, 2), "smoke": result.smoke,
+                "parameters": result.parameters, "executed_notebook": executed.name}})
         if verbose:
             print(f"    {result}", file=sys.stderr, flush=True)
         results.append(result)
@@ -454,21 +463,117 @@ def load_grid(path: str | os.PathLike) -> dict:
     return grid
 
 
-def run_grid(grid: dict | str | os.PathLike, *, force: bool = False, **kwargs) -> list[Result]:
+def run_grid(grid: dict | str | os.PathLike, *, force: bool = False, dask: str | None = None,
+             workers: int | None = None, **kwargs) -> list[Result]:
     """Every cell of a parameter grid (a mapping or a YAML file, see :func:`expand_grid`), each into its own
     folder; cells already completed with the same parameters are skipped unless ``force``. Every cell is
-    validated (notebook, parameter names and types) before any kernel starts."""
+    validated (notebook, parameter names and types) before any kernel starts. ``dask``/``workers``: run the cells
+    on Dask, see :func:`run_cells`."""
     if not isinstance(grid, dict):
         grid = load_grid(grid)
-    cells = expand_grid(grid)
+    return run_cells(expand_grid(grid), skip_completed=not force, dask=dask, workers=workers, **kwargs)
+
+
+DASK_LOCAL = "local"
+DEFAULT_DASK_WORKERS = 2
+DASK_CONNECT_TIMEOUT_S = 30
+
+
+def run_cells(cells: Sequence[tuple[str, dict]], *, skip_completed: bool = False, dask: str | None = None,
+              workers: int | None = None, **kwargs) -> list[Result]:
+    """Run (notebook, parameters) cells, each into its own folder; one :class:`Result` per cell, in order.
+
+    Every cell is checked (notebook, parameter names and types, kernel) before any kernel or cluster starts.
+    dask: None runs the cells one after another here; ``"local"`` starts a Dask ``LocalCluster`` of ``workers``
+    processes (default 2, one thread each) on this machine; any other value is the address of a running Dask
+    scheduler (``tcp://host:8786``), whose workers need this repository at the same path (or a shared file
+    system) and the same environment. A cell that fails, or whose Dask task dies, is a failed Result (its
+    ``run.json`` says why); the other cells still run. kwargs: those of :func:`run_notebooks`.
+    """
     available = available_notebooks(kwargs.get("notebooks"))
+    checked = []
     for stem, params in cells:
         (resolved,) = resolve_names([stem], available)
         _check_parameters(resolved, available[resolved], params)
-    results = []
-    for stem, params in cells:
-        results += run_notebooks([stem], parameters=params, skip_completed=not force, **kwargs)
+        checked.append((resolved, dict(params)))
+    _check_kernel(kwargs.get("kernel"))
+    if dask is None:
+        if workers is not None:
+            raise ValueError(f"workers={workers!r} sizes a local Dask cluster: pass dask='local' (--dask) too")
+        results = []
+        for stem, params in checked:
+            results += run_notebooks([stem], parameters=params, skip_completed=skip_completed, **kwargs)
+        return results
+    return _run_cells_on_dask(checked, dask, workers, skip_completed, kwargs)
+
+
+def _run_cell_task(stem: str, params: dict, skip_completed: bool, kwargs: dict) -> Result:
+    """One grid cell on a Dask worker (a module-level function: workers import it by name)."""
+    (result,) = run_notebooks([stem], parameters=params, skip_completed=skip_completed, **kwargs)
+    return result
+
+
+def _dask_client(address: str, workers: int | None):
+    """(client, cluster or None) for ``"local"`` (a LocalCluster) or a scheduler address."""
+    from distributed import Client, LocalCluster
+
+    if address == DASK_LOCAL:
+        n = DEFAULT_DASK_WORKERS if workers is None else workers
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"workers must be a positive int, got {workers!r}")
+        # processes, one thread each: every cell runs its own kernel; memory_limit=0: a worker is never paused or
+        # restarted by Dask for the memory a model takes
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                               memory_limit=0)
+        return Client(cluster), cluster
+    if workers is not None:
+        raise ValueError(f"workers={workers!r} sizes a local cluster; the scheduler at {address} has its own workers")
+    if not isinstance(address, str) or ":" not in address:
+        raise ValueError(f"dask must be 'local' or a scheduler address like tcp://host:8786, got {address!r}")
+    try:
+        return Client(address, timeout=DASK_CONNECT_TIMEOUT_S), None
+    except (OSError, TimeoutError) as e:
+        raise ValueError(f"cannot connect to the Dask scheduler at {address!r} within "
+                         f"{DASK_CONNECT_TIMEOUT_S} s: {e}") from None
+
+
+def _run_cells_on_dask(cells, address, workers, skip_completed, kwargs) -> list[Result]:
+    smoke = bool(kwargs.get("smoke", False))
+    figures_root = _resolve_figures_dir(kwargs.get("figures_dir", "figures"))
+    kw = dict(kwargs, figures_dir=str(figures_root))  # absolute: the workers' current directory may differ
+    if kw.get("notebooks") is not None:
+        kw["notebooks"] = str(Path(kw["notebooks"]).resolve())
+    verbose = bool(kw.get("verbose"))
+    client, cluster = _dask_client(address, workers)
+    try:
+        if verbose:
+            print(f"Dask: {len(cells)} cell(s) on {client.scheduler_info().get('address', address)} "
+                  f"({len(client.scheduler_info().get('workers', {}))} workers)", file=sys.stderr, flush=True)
+        futures = [client.submit(_run_cell_task, stem, params, skip_completed, kw, pure=False,
+                                 key=f"workbench-{i}-{stem}-{uuid.uuid4().hex[:6]}")
+                   for i, (stem, params) in enumerate(cells)]
+        results = []
+        for (stem, params), future in zip(cells, futures):
+            try:
+                results.append(future.result())
+            except Exception as e:  # noqa: BLE001 - a dead task is one failed cell, the others go on
+                results.append(_failed_cell(stem, params, e, figures_root, smoke, kw.get("notebooks")))
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    write_gallery(figures_root, smoke=smoke)
     return results
+
+
+def _failed_cell(stem, params, error, figures_root, smoke, notebooks) -> Result:
+    out_dir = output_dir_for(stem, figures_root, smoke, params)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    full = {"smoke": smoke, "output_dir": _relative_to_root(out_dir), **params}
+    result = Result(stem, available_notebooks(notebooks)[stem], out_dir / f"{stem}.ipynb", out_dir, smoke, full,
+                    error=f"Dask task failed: {type(error).__name__}: {error}")
+    _write_run_record(result)
+    return result
 
 
 def _timestamp(iso: str | None) -> int:
