@@ -116,8 +116,19 @@ def _static(fig: go.Figure) -> StaticFigure:
     return StaticFigure(fig)
 
 
+def _fit(fig: go.Figure) -> go.Figure:
+    """In a widget the figure takes the width of the notebook's output area (the paper figures' fixed width
+    would be cut off); heights stay."""
+    return fig.update_layout(width=None, autosize=True)
+
+
+def _figure_widget(fig: go.Figure):
+    return go.FigureWidget(_fit(fig))
+
+
 def _sync(fw, fig: go.Figure) -> None:
     """Make FigureWidget ``fw`` show ``fig``: traces updated in place when their types match, else replaced."""
+    fig = _fit(fig)
     new = [t.to_plotly_json() for t in fig.data]
     if [t.type for t in fw.data] != [t["type"] for t in new]:
         fw.data = ()
@@ -244,7 +255,7 @@ class LensExplorer(w.VBox):
                                           continuous_update=False)
         self.colour = w.ToggleButtons(options=list(LENS_VALUES), value=value, description="colour")
         self.status = w.HTML(value="")
-        self.figure = go.FigureWidget(self.render())
+        self.figure = _figure_widget(self.render())
         for control in (self.layers, self.positions, self.colour):
             control.observe(self._on_view, names="value")
         self.prompt.observe(self._on_input, names="value")
@@ -494,7 +505,7 @@ class ProbeExplorer(w.VBox):
         self.layer = w.SelectionSlider(options=data.layers, value=layer, description="layer",
                                        continuous_update=False)
         self.status = w.HTML(value="")
-        self.figure = go.FigureWidget(self.render())
+        self.figure = _figure_widget(self.render())
         self.layer.observe(self._on_view, names="value")
         self.task.observe(self._on_input, names="value")
         self.seed.observe(self._on_input, names="value")
@@ -689,7 +700,7 @@ class LatentScrubber(w.VBox):
         self.step = w.IntSlider(value=step, min=1, max=tables.n_steps(mode), description="step",
                                 continuous_update=False)
         self.status = w.HTML(value="")
-        self.figure = go.FigureWidget(self.render())
+        self.figure = _figure_widget(self.render())
         self.step.observe(self._on_view, names="value")
         self.lens_value.observe(self._on_view, names="value")
         self.latent_mode.observe(self._on_mode, names="value")

@@ -1,0 +1,195 @@
+"""The lens explorer in a real browser: JupyterLab served headless on loopback, driven by Playwright in Debian's
+chromium (no browser download). The test opens a notebook, runs it, types a prompt into the explorer, moves its
+layer slider, and reads from the page that the plot changed.
+
+Screenshots (one per stage) go to ``tests/artifacts/browser/`` (git-ignored; ``$WORKBENCH_TEST_ARTIFACTS`` moves
+it), kept after the run so that a failure can be looked at. A missing ``/usr/bin/chromium`` fails the test with the
+command that installs it: CI must not pass without having run it.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+# Chromium on these machines: no sandbox (root), no GPU, and none of its background connections (the network is
+# closed; without these flags it keeps retrying them).
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+EXPLORER = ".workbench-lens-explorer"
+NOTEBOOK_SOURCE = """\
+from workbench.tiny import tiny_model
+from workbench.widgets import lens_explorer
+
+lens_explorer({"tiny-llama": tiny_model("llama"), "tiny-gpt2": tiny_model("gpt2")}, "hello world")
+"""
+
+pytestmark = pytest.mark.browser
+
+
+def _artifacts() -> Path:
+    folder = Path(os.environ.get("WORKBENCH_TEST_ARTIFACTS", ROOT / "tests" / "artifacts")) / "browser"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_server(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"jupyter lab exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"jupyter lab did not answer {url} within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)  # the server and the kernels it started (its own process group)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """(base url, token, notebook name) of a JupyterLab serving a temporary folder holding the test notebook."""
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell(NOTEBOOK_SOURCE)]
+    nbformat.write(nb, tmp_path / "explorer.ipynb")
+    port, token = _free_port(), uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k != "WORKBENCH_HEADLESS"}  # a real front end: widgets
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
+               JUPYTER_CONFIG_DIR=str(tmp_path / "jupyter-config"), JUPYTER_DATA_DIR=str(tmp_path / "jupyter-data"),
+               JUPYTER_RUNTIME_DIR=str(tmp_path / "jupyter-runtime"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    labconfig = tmp_path / "jupyter-config" / "labconfig"
+    labconfig.mkdir(parents=True)
+    (labconfig / "page_config.json").write_text(json.dumps(  # no "news?" toast over the page
+        {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
+    log = tmp_path / "jupyter.log"
+    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+           f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
+           f"--ServerApp.root_dir={tmp_path}", f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
+           "--LabApp.news_url=", "--LabApp.extension_manager=readonly", "--ServerApp.allow_root=True"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_for_server(f"{base}/api/status?token={token}", proc, log)
+        yield base, token, "explorer.ipynb"
+    finally:
+        _stop(proc)
+        shutil.copy(log, _artifacts() / "jupyter.log")
+
+
+def _plot_state(page) -> dict:
+    """What the page shows of the explorer's plot: its title and tick labels, read from plotly's SVG."""
+    return page.evaluate(
+        """(sel) => {
+            const root = document.querySelector(sel);
+            const texts = (q) => Array.from(root.querySelectorAll(q)).map(e => e.textContent);
+            return {title: texts('.js-plotly-plot .gtitle').join(' '),
+                    x: texts('.js-plotly-plot .xtick text'), y: texts('.js-plotly-plot .ytick text')};
+        }""", EXPLORER)
+
+
+def _wait_until(page, predicate, what: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    state = None
+    while time.monotonic() < deadline:
+        state = _plot_state(page)
+        if predicate(state):
+            return state
+        page.wait_for_timeout(250)
+    page.screenshot(path=str(_artifacts() / "failure.png"), full_page=True)
+    pytest.fail(f"the plot never showed {what}; last seen: {json.dumps(state)}")
+
+
+def _run_first_cell(page) -> None:
+    """Run the notebook's cell once its kernel is up (the status bar reads "<kernel> | Idle"; before the kernel
+    connects it reads "No Kernel", and a run then would open JupyterLab's kernel chooser)."""
+    page.wait_for_function(
+        """() => Array.from(document.querySelectorAll('.jp-StatusBar-TextItem')).some(
+               e => /\\| Idle$/.test(e.textContent.trim()) && !/No Kernel/.test(e.textContent))""", timeout=120_000)
+    page.click(".jp-Notebook .jp-Cell .jp-InputArea-editor")
+    page.keyboard.press("Shift+Enter")
+
+
+def test_lens_explorer_in_jupyterlab(lab):
+    if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
+        pytest.fail(f"{CHROMIUM} is missing: the browser test needs Debian's chromium (`bash .ci/install-chromium.sh`, "
+                    "or `apt-get install -y chromium`)")
+    from playwright.sync_api import sync_playwright
+
+    base, token, name = lab
+    shots = _artifacts()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{base}/lab/tree/{name}?token={token}", wait_until="domcontentloaded", timeout=120_000)
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+            _run_first_cell(page)
+            page.wait_for_selector(f"{EXPLORER} .js-plotly-plot .gtitle", timeout=180_000)
+            first = _wait_until(page, lambda s: "hello world" in s["title"], "the first prompt")
+            page.screenshot(path=str(shots / "1-opened.png"), full_page=True)
+            assert first["title"].startswith("tiny-llama")
+            assert first["y"] == ["0", "1", "2", "3"]  # layers 0..3 of the tiny model
+            assert [t[0] for t in first["x"][1:]] == list("hello world".replace(" ", "␣"))
+
+            box = page.locator(f"{EXPLORER} .widget-text input")
+            box.fill("abc")
+            box.press("Enter")  # the text box sends its value on Enter
+            typed = _wait_until(page, lambda s: "abc" in s["title"], "the typed prompt")
+            page.screenshot(path=str(shots / "2-typed.png"), full_page=True)
+            assert typed["x"] != first["x"] and [t[0] for t in typed["x"][1:]] == ["a", "b", "c"]
+
+            upper = page.locator(f"{EXPLORER} .widget-hslider").first.locator(".noUi-handle-upper")
+            upper.focus()
+            upper.press("ArrowLeft")  # layers (0, 3) -> (0, 2)
+            moved = _wait_until(page, lambda s: "layers 0–2" in s["title"], "the moved layer slider")
+            page.screenshot(path=str(shots / "3-slider.png"), full_page=True)
+            assert moved["y"] == ["0", "1", "2"] and moved["x"] == typed["x"]
+            assert re.search(r"layers 0–2, positions 0–3", moved["title"])
+
+            drag = page.locator(f"{EXPLORER} .js-plotly-plot .nsewdrag").first
+            box = drag.bounding_box()
+            page.mouse.move(box["x"] + box["width"] * 0.375, box["y"] + box["height"] * 0.5)  # position 1, layer 1
+            hover = page.locator(f"{EXPLORER} .js-plotly-plot .hoverlayer .hovertext")
+            hover.first.wait_for(timeout=30_000)
+            text = hover.first.text_content()
+            page.screenshot(path=str(shots / "4-hover.png"), full_page=True)
+            assert "layer 1, input token a" in text and "top-1 token" in text, text
+        except BaseException:
+            page.screenshot(path=str(shots / "failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
