@@ -63,6 +63,12 @@ def test_notebook_runs_at_smoke_size(stem, tmp_path):
     assert result.output_dir == out and result.executed == out / f"{stem}.ipynb"
     executed = nbformat.read(result.executed, as_version=4)
     assert _errors(executed) == []
+    for cell in executed.cells:  # explorers render static figures under the runner: a figure, never a widget
+        if cell.cell_type == "code" and "from workbench.widgets import" in cell.source:
+            data = {k: v for o in cell.outputs for k, v in o.get("data", {}).items()}
+            assert "application/vnd.plotly.v1+json" in data and data["application/vnd.plotly.v1+json"]["data"]
+            assert "application/vnd.jupyter.widget-view+json" not in data
+            assert "image/png" in data or "no PNG" in data["text/plain"], data.get("text/plain")
     injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert injected and "smoke = True" in injected[0].source
     records = read_manifest(out)["records"]

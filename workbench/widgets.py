@@ -105,6 +105,11 @@ class StaticFigure(go.Figure):
         bundle["text/plain"] = f"<static figure: {html.unescape(_strip_tags(title))}>{note}"
         return bundle
 
+    def _ipython_display_(self):  # plotly's own display hook would bypass the bundle above
+        from IPython.display import display
+
+        display(self._repr_mimebundle_(), raw=True)
+
 
 def _strip_tags(text: str) -> str:
     import re
@@ -424,7 +429,7 @@ def probe_figure(curves: pd.DataFrame, layer: int, *, task: str, seed: int, mode
                              marker=dict(size=12, color=orange, symbol="diamond"), showlegend=False), row=1, col=1)
     band = curves.dropna(subset=["random_lo"])
     fig.add_trace(go.Scatter(x=list(band.layer) + list(band.layer)[::-1],
-                             y=list(band.random_hi) + list(band.random_lo)[::-1], fill="toself",
+                             y=list(band.random_hi) + list(band.random_lo)[::-1], fill="toself", mode="lines",
                              fillcolor="gray", opacity=0.2, line=dict(width=0), name="random directions (95 %)",
                              hoverinfo="skip"), row=1, col=2)
     fig.add_trace(go.Scatter(x=band.layer, y=band.random_baseline, mode="lines", name="√(2/(πd))",
@@ -671,7 +676,7 @@ def scrub_figure(tables: DriftTables, mode: str, step: int, lens_value: str = "m
         fig.add_trace(go.Scatter(x=[step], y=[at[metric]], mode="markers", showlegend=False, name=f"step {step}",
                                  marker=dict(size=12, color=PAPER_COLORWAY[1], symbol="diamond")),
                       row=r + 1, col=c + 1)
-        fig.update_xaxes(title_text="latent step", row=r + 1, col=c + 1)
+        fig.update_xaxes(title_text="latent step", dtick=1, row=r + 1, col=c + 1)
     fig.update_xaxes(title_text="layer", row=1, col=1)
     if lens_value == "median_gold_rank":
         fig.update_yaxes(type="log", autorange="reversed", row=1, col=1)
