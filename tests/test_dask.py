@@ -24,8 +24,8 @@ save_figure(go.Figure(go.Bar(y=[n, 2 * n])), "bars", output_dir, params={"n": n}
 def _notebook(folder):
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
                                                            "display_name": "Python 3"}})
-    nb.cells = [nbformat.v4.new_code_cell("smoke = False\noutput_dir = 'unset'\nn = 1", metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell(BODY)]
+    params = nbformat.v4.new_code_cell("smoke = False\noutput_dir = 'unset'\nn = 1", metadata={"tags": ["parameters"]})
+    nb.cells = [params, nbformat.v4.new_code_cell(BODY)]
     nbformat.write(nb, folder / "01_cells.ipynb")
 
 

@@ -553,7 +553,7 @@ def _run_cells_on_dask(cells, address, workers, skip_completed, kwargs) -> list[
                                  key=f"workbench-{i}-{stem}-{uuid.uuid4().hex[:6]}")
                    for i, (stem, params) in enumerate(cells)]
         results = []
-        for (stem, params), future in zip(cells, futures):
+        for (stem, params), future in zip(cells, futures, strict=True):
             try:
                 results.append(future.result())
             except Exception as e:  # noqa: BLE001 - a dead task is one failed cell, the others go on

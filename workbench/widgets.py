@@ -144,7 +144,7 @@ def _sync(fw, fig: go.Figure) -> None:
     stale_layout = {k: None for k in fw.layout.to_plotly_json() if k not in layout and k != "template"}
     with fw.batch_update():
         if new is not None:
-            for old, spec in zip(fw.data, new):
+            for old, spec in zip(fw.data, new, strict=True):
                 spec = {k: v for k, v in spec.items() if k not in ("type", "uid")}
                 stale = {k: None for k in old.to_plotly_json() if k not in spec and k not in ("type", "uid")}
                 old.update(stale | spec, overwrite=True)  # a property the new view does not set is cleared
