@@ -23,7 +23,8 @@ Caching
     computations. The widget is the explorer itself (an ``ipywidgets.VBox``); ``explorer.figure`` is its
     ``FigureWidget`` and ``explorer.render()`` the ``go.Figure`` of the current view.
 
-The blur explorer of issue 7 needs the vision-language thread (issue 4) and is not here yet.
+A blur explorer (image, blur slider, answer and probe curves) needs the vision-language thread, which the
+package does not have yet.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import base64
 import html
 import json
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -112,8 +114,6 @@ class StaticFigure(go.Figure):
 
 
 def _strip_tags(text: str) -> str:
-    import re
-
     return re.sub(r"<[^>]+>", " ", str(text)).strip()
 
 
