@@ -316,3 +316,23 @@ def test_handle_checks_the_site_width_at_splice_time(model):
         with torch.no_grad(), splice_sae(model, narrow):
             model.hf(**model.encode(["x"]))
     assert workbench.active_hooks() == []
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("site", ["blocks.14.hook_resid_post", "blocks.9.hook_resid_post"])
+def test_the_shipped_saes_load_match_their_cards_and_reconstruct(smollm2, site):
+    from sae_lens import SAE
+
+    from workbench.sae_study import SAES_DIR
+
+    folder = SAES_DIR / "smollm2-135m" / site / "topk-8x-k32"
+    handle = load_sae(folder, smollm2)
+    assert handle.site == site and handle.d_sae == 8 * smollm2.d_model and handle.card["stored_dtype"] == "float16"
+    assert (folder / SAE_WEIGHTS_FILE).stat().st_size <= 20 * 10**6
+    assert SAE.load_from_disk(str(folder)).cfg.d_sae == handle.d_sae
+    m = evaluate_sae(smollm2, handle, ["The workbench measures what a sparse autoencoder keeps of the residual "
+                                       "stream, token by token, on text it never saw during training."] * 4,
+                     n_tokens=100, context_length=32)
+    assert m["fvu"] < 0.5 and m["l0"] == pytest.approx(32.0)
+    assert m["ce_sae_with_error"] == pytest.approx(m["ce_clean"], abs=1e-5)
+    assert m["ce_sae"] < m["ce_zero_ablation"]
