@@ -37,6 +37,10 @@ n_rows, first_row, last_row, first_token, bytes, sha256}``; ``status`` is ``"par
 written, then ``"complete"``; ``versions`` (python, torch, transformers, safetensors, workbench) and ``created_at`` /
 ``updated_at`` timestamps. A hidden ``.harvest.lock`` serialises harvests into the same folder.
 
+Vision-language models: the data is text only, so a VLM's language model runs on it without images (exactly what
+the VLM computes for a text-only prompt). Vision-tower sites (``vision.*``, ``projector.hook_out``) are refused
+with a ValueError; capture those with :func:`workbench.trace` on ``workbench.vlm.encode_multimodal`` batches.
+
 Activations are moved to the CPU as float32 by default (``dtype="bfloat16"``/``"float16"`` halve the disk; ``None``
 keeps the model's dtype). A harvest holds at most about ``shard_tokens + batch_size * context_length`` tokens of
 activations in memory (twice that while a shard is written), whatever the size of the data.
@@ -64,6 +68,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from workbench.cache import atomic_write_json, file_lock, sha256_file
+from workbench.sites import resolve_site
 from workbench.trace import trace
 
 FORMAT = "workbench.activation_store/1"
@@ -331,6 +336,14 @@ def _check_sites(model, sites) -> list[str]:
     if reserved:
         raise ValueError(f"site names {reserved} clash with the store's token fields {list(TOKEN_FIELDS)}")
     trace(model, site_list)  # resolves every name (raises SiteError listing valid sites); installs nothing
+    modules = {name for name, _ in model.hf.named_modules()}
+    vision = [s for s in site_list if resolve_site(s, model.arch, modules).stream == "vision"]
+    if vision:
+        raise ValueError(
+            f"sites {vision} are in the vision tower of {getattr(model, 'name', 'the model')}, but harvest feeds text "
+            "only (no images), so they would never fire; harvest a VLM's language-model sites (blocks.*, hook_embed, "
+            "ln_final.*) on text, or capture vision sites with workbench.trace on encode_multimodal batches"
+        )
     return site_list
 
 
@@ -502,7 +515,8 @@ def harvest(
         store_dtype = DTYPES[dtype]
     else:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)} (or the torch dtypes) or None, got {dtype!r}")
-    max_pos = getattr(model.hf.config, "max_position_embeddings", None)
+    text_config = model.hf.config.get_text_config() if hasattr(model.hf.config, "get_text_config") else model.hf.config
+    max_pos = getattr(text_config, "max_position_embeddings", None)  # a VLM's is its language model's
     if isinstance(max_pos, int) and context_length > max_pos:
         raise ValueError(f"context_length {context_length} exceeds the model's max_position_embeddings {max_pos}")
     tok = model.tokenizer
