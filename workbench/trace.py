@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from workbench.arch import ArchMap, resolve_arch
-from workbench.sites import Site, SiteError, resolve_site
+from workbench.sites import Site, resolve_site
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
 Positions = None | int | Sequence[int] | slice | torch.Tensor

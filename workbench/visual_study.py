@@ -1,0 +1,346 @@
+"""The visual-ignorance study: where, layer by layer, does a VLM lose the visual evidence to the language prior?
+
+:func:`run_visual_study` runs, for a VLM and a donor of the same architecture (by default the two testbed variants):
+
+1. accuracy on every held-out split with the real image, a blank image and a noise image (blind baselines), for
+   the model and the donor; restricted, full-vocabulary and generated answers;
+2. counterfactual layer replacement both ways (model <- donor layers, donor <- model layers), and model <- the
+   base language model's layers, over first-N / last-N / sliding-window ranges, on the prior items;
+3. activation patching of the image-token residuals (and of the last token) between the clean image and each
+   corruption (strongest blur, blank), both directions, at every requested layer;
+4. layer-wise MLP probes on the last-token residual predicting the ground-truth colour and, separately, the prior
+   answer (what the model answers with a blank image), scored on held-out conflict items (truth != prior);
+5. progressive-blur decay (E_k, C, accuracy under decay, invariant subset, per-item table) on every split and on
+   easy-VQA's own (text-answerable) yes/no questions.
+
+Results are small dataframes in :class:`VisualResult`; :func:`save_visual_result` writes them as CSV.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from workbench.blur import KERNELS, blur_decay, check_kernels, gaussian_blur
+from workbench.vqa import COLOURS, PRIOR, SHAPES, VQAItem, colour_question, evaluation_set
+
+DEFAULT_VLM = "vlm-testbed"
+DEFAULT_DONOR = "vlm-testbed-balanced"
+DEFAULT_BASE_LM = "smollm2-135m"
+DATASETS = ("testbed", "easy-vqa")
+CORRUPTIONS = ("blur", "blank")
+
+
+@dataclass
+class VisualConfig:
+    model: str = DEFAULT_VLM
+    donor: str | None = DEFAULT_DONOR  # same architecture, different prior reliance; None skips replacement
+    base_lm: str | None = DEFAULT_BASE_LM  # the VLM's base language model (layer replacement VLM <- LM)
+    dataset: str = "testbed"  # "testbed": the held-out splits of workbench.vqa; "easy-vqa": its test questions
+    n_items: int = 100  # items per split
+    n_probe_train: int = 480  # colour questions on training images for the probes
+    blur_levels: tuple[int, ...] = KERNELS
+    layers: tuple[int, ...] | None = None  # hidden-state layers for patching and probes; None = all
+    swap_sizes: tuple[int, ...] = (4, 8, 15, 22)  # first-N / last-N ranges
+    swap_window: int = 6  # sliding window width (stride = half of it)
+    corruptions: tuple[str, ...] = CORRUPTIONS
+    generate: bool = True  # also greedy generation with parsing, for the accuracy table
+    seed: int = 0
+    batch_size: int = 32
+    smoke: bool = False
+
+    def __post_init__(self):
+        self.blur_levels = check_kernels(self.blur_levels)
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset {self.dataset!r} is unknown; allowed: {DATASETS}")
+        for name in ("n_items", "n_probe_train", "batch_size", "swap_window"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.n_probe_train < 40:
+            raise ValueError(f"n_probe_train must be >= 40 (the probes need a validation split), got {self.n_probe_train}")
+        bad = [c for c in self.corruptions if c not in CORRUPTIONS]
+        if bad or not self.corruptions:
+            raise ValueError(f"corruptions {bad or '(none)'} not allowed: {CORRUPTIONS}")
+        if self.layers is not None:
+            self.layers = tuple(self.layers)
+            wrong = [l for l in self.layers if isinstance(l, bool) or not isinstance(l, int) or l < 0]
+            if wrong or not self.layers:
+                raise ValueError(f"layers {wrong or '(empty)'} not allowed: non-negative ints (0 = embeddings)")
+        self.swap_sizes = tuple(self.swap_sizes)
+        self.corruptions = tuple(self.corruptions)
+
+    @classmethod
+    def smoke_config(cls, **overrides) -> VisualConfig:
+        base = dict(n_items=8, n_probe_train=48, layers=(0, 10, 20, 30), swap_sizes=(8,), swap_window=15,
+                    blur_levels=(1, 17, 61), corruptions=("blank",), generate=False, smoke=True)
+        return cls(**(base | overrides))
+
+
+@dataclass
+class VisualResult:
+    config: dict
+    model: str
+    weights_hash: str
+    accuracy: pd.DataFrame  # model, condition, split, correct, full_correct, gen_correct, says_prior, n
+    replacement: pd.DataFrame  # pair, scheme, start, end, n_swapped, flip_rate, accuracy, prior_rate, p_gold
+    patching: pd.DataFrame  # model, corruption, direction, positions, layer, accuracy, recovery_*
+    probes: pd.DataFrame  # model, layer, p_gt, p_prior, acc_gt, acc_prior (held-out conflict items)
+    decay: pd.DataFrame  # model, split, kernel, sigma, E_k, accuracy
+    decay_summary: pd.DataFrame  # model, split, C, accuracy_invariant, n_invariant, answerable_without_seeing
+    decay_items: pd.DataFrame  # model, split, item, question, answer, answer_k*, invariant, answerable_without_seeing
+    items: pd.DataFrame  # model, condition, split, per-item answers
+    timings: dict = field(default_factory=dict)
+    probe_objects: dict = field(default_factory=dict, repr=False)  # (model, target, layer) -> MLPProbe
+
+
+def _eval_splits(cfg: VisualConfig) -> dict[str, list[VQAItem]]:
+    if cfg.dataset == "testbed":
+        return evaluation_set(cfg.n_items, seed=cfg.seed)
+    return {"easy-vqa-yesno": easy_vqa_test_items(cfg.n_items, "yesno", cfg.seed),
+            "easy-vqa-open": easy_vqa_test_items(cfg.n_items, "open", cfg.seed)}
+
+
+def easy_vqa_test_items(n: int, kind: str, seed: int = 0) -> list[VQAItem]:
+    """easy-VQA's own test questions (not rebalanced): ``yesno`` or ``open`` (shape / colour) questions."""
+    from workbench.vqa import _load, easy_vqa_images, easy_vqa_questions
+
+    images = easy_vqa_images("test")
+    pool = [(q, a, i) for q, a, i in easy_vqa_questions("test")
+            if i in images and ((a in ("yes", "no")) == (kind == "yesno"))]
+    rng = random.Random(f"easy-vqa:{kind}:{seed}")
+    picked = rng.sample(pool, min(n, len(pool)))
+    out = []
+    for q, a, i in picked:
+        path, shape, colour = images[i]
+        out.append(VQAItem(_load(path), q, a, "yesno" if a in ("yes", "no") else
+                           ("colour" if a in COLOURS else "shape"), shape, colour, None, f"easy-vqa:test:{i}"))
+    return out
+
+
+def probe_training_items(n: int, seed: int = 0) -> list[VQAItem]:
+    """Colour questions naming the shape, every shape x colour equally often, on easy-VQA *training* images."""
+    from workbench.vqa import _by_attrs, _image_item
+
+    rng = random.Random(f"probe-train:{seed}")
+    groups = _by_attrs("train")
+    items = []
+    for k in range(n):
+        shape, colour = SHAPES[k % 3], COLOURS[(k // 3) % len(COLOURS)]
+        i = rng.choice(groups[(shape, colour)])
+        items.append(_image_item("train", i, colour_question(shape, rng), colour, "colour", PRIOR))
+    return items
+
+
+def _layers(cfg: VisualConfig, model) -> list[int]:
+    n_hidden = model.n_layers + 1
+    if cfg.layers is None:
+        return list(range(n_hidden))
+    bad = [l for l in cfg.layers if l >= n_hidden]
+    if bad:
+        raise ValueError(f"layers {bad} out of range for {model.name}: hidden-state layers 0..{n_hidden - 1}")
+    return list(cfg.layers)
+
+
+def last_token_features(model, items: Sequence[VQAItem], layers: Sequence[int], batch_size: int = 32,
+                        images=None) -> dict[int, torch.Tensor]:
+    """{layer: [n, d]} last-prompt-token residuals (hidden-state numbering) of the items."""
+    from workbench.answering import vqa_inputs
+    from workbench.sites import layer_site
+    from workbench.trace import trace
+
+    sites = {layer_site(l): l for l in layers}
+    out: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    items = list(items)
+    for s in range(0, len(items), batch_size):
+        chunk = items[s: s + batch_size]
+        imgs = [it.image for it in chunk] if images is None else images[s: s + batch_size]
+        batch = vqa_inputs(model, imgs, [it.question for it in chunk])
+        with torch.no_grad(), trace(model, list(sites), positions=-1) as tr:
+            model.hf(**batch, logits_to_keep=1)
+        for site, l in sites.items():
+            out[l].append(tr[site].reshape(len(chunk), -1).float().cpu())
+    return {l: torch.cat(v) for l, v in out.items()}
+
+
+def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None, base_lm=None) -> VisualResult:
+    from workbench.answering import answer_items, blank_image, noise_image
+    from workbench.mlp_probe import layerwise_mlp
+    from workbench.models import load_model
+    from workbench.routing import image_patching, layer_replacement, replacement_windows
+
+    cfg = cfg or VisualConfig()
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    model = model or load_model(cfg.model)
+    if not getattr(model.arch, "is_vlm", False):
+        raise ValueError(f"model {model.name!r} is not a vision-language model; the visual study needs one")
+    layers = _layers(cfg, model)  # validated before any forward
+    if donor is None and cfg.donor:
+        donor = load_model(cfg.donor)
+    if base_lm is None and cfg.base_lm:
+        base_lm = load_model(cfg.base_lm)
+    models = {"model": model} | ({"donor": donor} if donor is not None else {})
+    splits = _eval_splits(cfg)
+    prior_items = [it for name in ("prior_violating", "prior_consistent") for it in splits.get(name, [])]
+
+    # 1. accuracy with the image and blind baselines
+    t0 = time.perf_counter()
+    acc_rows, item_frames = [], []
+    for role, m in models.items():
+        for condition in ("image", "blank", "noise"):
+            for split, items in splits.items():
+                images = None if condition == "image" else [
+                    blank_image(it.image.width) if condition == "blank" else noise_image(it.image.width, seed=k)
+                    for k, it in enumerate(items)]
+                df = answer_items(m, items, images=images, batch_size=cfg.batch_size,
+                                  generate=cfg.generate and condition == "image")
+                df = df.assign(model=m.name, role=role, condition=condition, split=split)
+                item_frames.append(df)
+                row = {"model": m.name, "role": role, "condition": condition, "split": split, "n": len(df)}
+                for col in ("correct", "full_correct", "gen_correct", "says_prior", "p_gold"):
+                    if col in df:
+                        row[col] = float(df[col].mean())
+                acc_rows.append(row)
+    timings["accuracy"] = round(time.perf_counter() - t0, 1)
+
+    # 2. counterfactual layer replacement
+    t0 = time.perf_counter()
+    repl = []
+    if prior_items:
+        windows = replacement_windows(model.n_layers, cfg.swap_sizes, cfg.swap_window, max(1, cfg.swap_window // 2))
+        pairs = []
+        if donor is not None:
+            pairs += [(f"{model.name} <- {donor.name}", model, donor), (f"{donor.name} <- {model.name}", donor, model)]
+        if base_lm is not None:
+            pairs += [(f"{model.name} <- {base_lm.name}", model, base_lm)]
+        for label, m, d in pairs:
+            repl.append(layer_replacement(m, d, prior_items, windows, batch_size=cfg.batch_size).assign(pair=label))
+    timings["replacement"] = round(time.perf_counter() - t0, 1)
+
+    # 3. image-token activation patching on the prior-violating items (or all items of the first split)
+    t0 = time.perf_counter()
+    patch_items = splits.get("prior_violating") or next(iter(splits.values()))
+    clean = [it.image for it in patch_items]
+    patch = []
+    for role, m in models.items():
+        for corruption in cfg.corruptions:
+            corrupt = [gaussian_blur(im, cfg.blur_levels[-1]) if corruption == "blur" else blank_image(im.width)
+                       for im in clean]
+            df = image_patching(m, patch_items, clean, corrupt, layers, batch_size=cfg.batch_size)
+            patch.append(df.assign(model=m.name, role=role, corruption=corruption))
+    timings["patching"] = round(time.perf_counter() - t0, 1)
+
+    # 4. layer-wise MLP probes: ground truth vs the prior answer (the blank-image answer)
+    t0 = time.perf_counter()
+    probe_rows, probe_objects = [], {}
+    test_items = [it for it in prior_items] + list(splits.get("colour", []))
+    if test_items:
+        train_items = probe_training_items(cfg.n_probe_train, seed=cfg.seed)
+        all_items = train_items + test_items
+        n_train = len(train_items)
+        for role, m in models.items():
+            blind = answer_items(m, all_items, images=[blank_image(it.image.width) for it in all_items],
+                                 batch_size=cfg.batch_size)["pred"].tolist()
+            feats = last_token_features(m, all_items, layers, cfg.batch_size)
+            truth = [it.answer for it in all_items]
+            fit = layerwise_mlp(feats, {"ground_truth": truth, "prior": blind}, range(n_train),
+                                range(n_train, len(all_items)), seed=cfg.seed)
+            conflict = [n_train + k for k, it in enumerate(test_items) if it.answer != blind[n_train + k]]
+            for layer in layers:
+                pg, pp = fit.probes[("ground_truth", layer)], fit.probes[("prior", layer)]
+                X = feats[layer][conflict] if conflict else None
+                probe_rows.append({
+                    "model": m.name, "role": role, "layer": layer, "n_conflict": len(conflict),
+                    "p_gt": float(pg.prob_of(X, [truth[i] for i in conflict]).mean()) if conflict else np.nan,
+                    "p_prior": float(pp.prob_of(X, [blind[i] for i in conflict]).mean()) if conflict else np.nan,
+                    "acc_gt": pg.accuracy(X, [truth[i] for i in conflict]) if conflict else np.nan,
+                    "acc_prior": pp.accuracy(X, [blind[i] for i in conflict]) if conflict else np.nan,
+                    "acc_gt_all_test": float(fit.table.query("target == 'ground_truth' and layer == @layer")
+                                             ["accuracy_test"].iloc[0]),
+                })
+                probe_objects[(m.name, "ground_truth", layer)] = pg
+                probe_objects[(m.name, "prior", layer)] = pp
+    timings["probes"] = round(time.perf_counter() - t0, 1)
+
+    # 5. progressive-blur decay
+    t0 = time.perf_counter()
+    decay, decay_summary, decay_items = [], [], []
+    decay_splits = dict(splits)
+    if cfg.dataset == "testbed":
+        decay_splits["easy-vqa-yesno"] = easy_vqa_test_items(cfg.n_items, "yesno", cfg.seed)
+    for role, m in models.items():
+        for split, items in decay_splits.items():
+            res = blur_decay(m, items, cfg.blur_levels, batch_size=cfg.batch_size)
+            decay.append(res.levels.assign(model=m.name, role=role, split=split))
+            decay_summary.append({"model": m.name, "role": role, "split": split, **res.summary()})
+            decay_items.append(res.items.assign(model=m.name, role=role, split=split))
+    timings["decay"] = round(time.perf_counter() - t0, 1)
+    timings["total"] = round(time.perf_counter() - t_start, 1)
+
+    def cat(frames, first):
+        if not frames:
+            return pd.DataFrame()
+        df = pd.concat(frames, ignore_index=True)
+        return df[[c for c in first if c in df] + [c for c in df.columns if c not in first]]
+
+    return VisualResult(
+        config=asdict(cfg), model=model.name, weights_hash=model.weights_hash,
+        accuracy=pd.DataFrame(acc_rows),
+        replacement=cat(repl, ("pair", "scheme", "start", "end")),
+        patching=cat(patch, ("model", "role", "corruption", "direction", "positions", "layer")),
+        probes=pd.DataFrame(probe_rows),
+        decay=cat(decay, ("model", "role", "split", "kernel")),
+        decay_summary=pd.DataFrame(decay_summary),
+        decay_items=cat(decay_items, ("model", "role", "split", "item")),
+        items=cat(item_frames, ("model", "role", "condition", "split", "item")),
+        timings=timings, probe_objects=probe_objects,
+    )
+
+
+TABLES = ("accuracy", "replacement", "patching", "probes", "decay", "decay_summary", "decay_items", "items")
+
+
+def save_visual_result(result: VisualResult, out_dir: str | Path) -> dict[str, Path]:
+    """Every table as CSV plus ``study.json`` (model, weights hash, config, timings) in ``out_dir``."""
+    from workbench.figures import write_result_tables
+
+    return write_result_tables(out_dir, {name: getattr(result, name) for name in TABLES}, {
+        "model": result.model, "weights_hash": result.weights_hash, "config": result.config,
+        "timings": result.timings})
+
+
+def save_best_probes(result: VisualResult, models: dict, root: str | Path = "probes") -> list[Path]:
+    """Save, per model and target, the probe of the layer with the highest held-out conflict probability under
+    ``probes/<model>/visual-<target>/layerNN`` (safetensors + card, like the counting probes)."""
+    from workbench.probes import probe_dir, save_probe
+
+    saved = []
+    for name, m in models.items():
+        rows = result.probes[result.probes["model"] == name]
+        if rows.empty:
+            continue
+        for target, col in (("ground_truth", "p_gt"), ("prior", "p_prior")):
+            if rows[col].isna().all():
+                continue
+            layer = int(rows.loc[rows[col].idxmax(), "layer"])
+            probe = result.probe_objects[(name, target, layer)]
+            row = rows[rows["layer"] == layer].iloc[0]
+            folder = probe_dir(name, f"visual-{target}", f"layer{layer}", root)
+            saved.append(save_probe(
+                probe, folder, model=m, site=f"layer {layer} (hidden_states[{layer}]), last prompt token",
+                layer=layer, task=f"visual-{target}",
+                generator_params={"dataset": result.config["dataset"], "n_items": result.config["n_items"],
+                                  "n_probe_train": result.config["n_probe_train"], "prior": asdict(PRIOR)},
+                seed=result.config["seed"],
+                metrics={"p_target_conflict": float(row[col]),
+                         "accuracy_conflict": float(row["acc_gt" if target == "ground_truth" else "acc_prior"]),
+                         "n_conflict": int(row["n_conflict"])}))
+    return saved
