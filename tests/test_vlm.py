@@ -34,7 +34,8 @@ def vlm(request):
 def vlm_with_processor(request):
     m = _vlm(request.param)
     if m.processor is None:
-        pytest.skip(f"transformers' {request.param} processor cannot be built here (missing optional package)")
+        pytest.fail(f"transformers' {request.param} processor cannot be built here (a missing package? num2words, "
+                    "which SmolVLM's processor needs, is in the vlm extra)")
     return m
 
 
