@@ -44,13 +44,17 @@ class VisualConfig:
     donor: str | None = DEFAULT_DONOR  # same architecture, different prior reliance; None skips replacement
     base_lm: str | None = DEFAULT_BASE_LM  # the VLM's base language model (layer replacement VLM <- LM)
     dataset: str = "testbed"  # "testbed": the held-out splits of workbench.vqa; "easy-vqa": its test questions
-    n_items: int = 100  # items per split
+    n_items: int = 100  # items per held-out split (accuracy, probes' test items, layer replacement)
     n_probe_train: int = 480  # colour questions on training images for the probes
+    n_decay_items: int = 50  # items per split for the blur decay (8 levels each: the costliest part per item)
+    n_patch_items: int = 50  # prior-violating items for activation patching
     blur_levels: tuple[int, ...] = KERNELS
-    layers: tuple[int, ...] | None = None  # hidden-state layers for patching and probes; None = all
-    swap_sizes: tuple[int, ...] = (4, 8, 15, 22)  # first-N / last-N ranges
-    swap_window: int = 6  # sliding window width (stride = half of it)
-    corruptions: tuple[str, ...] = CORRUPTIONS
+    layers: tuple[int, ...] | None = None  # hidden-state layers of the probes; None = all (one pass reads them all)
+    patch_layers: tuple[int, ...] | None = (0, 5, 10, 15, 20, 25, 30)  # patching: one pass per layer and direction
+    swap_sizes: tuple[int, ...] = (8, 15)  # first-N / last-N ranges
+    swap_window: int = 10  # sliding window width (stride = half of it)
+    decay_splits: tuple[str, ...] = ("prior_violating", "prior_consistent", "shape", "count", "easy-vqa-yesno")
+    corruptions: tuple[str, ...] = ("blank",)  # "blur" (strongest level) and/or "blank"
     generate: bool = True  # also greedy generation with parsing, for the accuracy table
     seed: int = 0
     batch_size: int = 32
@@ -60,7 +64,7 @@ class VisualConfig:
         self.blur_levels = check_kernels(self.blur_levels)
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset {self.dataset!r} is unknown; allowed: {DATASETS}")
-        for name in ("n_items", "n_probe_train", "batch_size", "swap_window"):
+        for name in ("n_items", "n_probe_train", "n_decay_items", "n_patch_items", "batch_size", "swap_window"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -69,18 +73,24 @@ class VisualConfig:
         bad = [c for c in self.corruptions if c not in CORRUPTIONS]
         if bad or not self.corruptions:
             raise ValueError(f"corruptions {bad or '(none)'} not allowed: {CORRUPTIONS}")
-        if self.layers is not None:
-            self.layers = tuple(self.layers)
-            wrong = [l for l in self.layers if isinstance(l, bool) or not isinstance(l, int) or l < 0]
-            if wrong or not self.layers:
-                raise ValueError(f"layers {wrong or '(empty)'} not allowed: non-negative ints (0 = embeddings)")
+        for name in ("layers", "patch_layers"):
+            value = getattr(self, name)
+            if value is not None:
+                value = tuple(value)
+                wrong = [v for v in value if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+                if wrong or not value:
+                    raise ValueError(f"{name} {wrong or '(empty)'} not allowed: non-negative ints (0 = embeddings)")
+                setattr(self, name, value)
+        self.decay_splits = tuple(self.decay_splits)
         self.swap_sizes = tuple(self.swap_sizes)
         self.corruptions = tuple(self.corruptions)
 
     @classmethod
     def smoke_config(cls, **overrides) -> VisualConfig:
-        base = dict(n_items=8, n_probe_train=48, layers=(0, 10, 20, 30), swap_sizes=(8,), swap_window=15,
-                    blur_levels=(1, 17, 61), corruptions=("blank",), generate=False, smoke=True)
+        base = dict(n_items=8, n_probe_train=48, n_decay_items=6, n_patch_items=6, layers=(0, 10, 20, 30),
+                    patch_layers=(0, 15, 30), swap_sizes=(8,), swap_window=15, blur_levels=(1, 17, 61),
+                    decay_splits=("prior_violating", "easy-vqa-yesno"), corruptions=("blank",), generate=False,
+                    smoke=True)
         return cls(**(base | overrides))
 
 
@@ -139,14 +149,14 @@ def probe_training_items(n: int, seed: int = 0) -> list[VQAItem]:
     return items
 
 
-def _layers(cfg: VisualConfig, model) -> list[int]:
+def _layers(layers, model, name: str = "layers") -> list[int]:
     n_hidden = model.n_layers + 1
-    if cfg.layers is None:
+    if layers is None:
         return list(range(n_hidden))
-    bad = [l for l in cfg.layers if l >= n_hidden]
+    bad = [v for v in layers if v >= n_hidden]
     if bad:
-        raise ValueError(f"layers {bad} out of range for {model.name}: hidden-state layers 0..{n_hidden - 1}")
-    return list(cfg.layers)
+        raise ValueError(f"{name} {bad} out of range for {model.name}: hidden-state layers 0..{n_hidden - 1}")
+    return list(layers)
 
 
 def last_token_features(model, items: Sequence[VQAItem], layers: Sequence[int], batch_size: int = 32,
@@ -182,7 +192,8 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
     model = model or load_model(cfg.model)
     if not getattr(model.arch, "is_vlm", False):
         raise ValueError(f"model {model.name!r} is not a vision-language model; the visual study needs one")
-    layers = _layers(cfg, model)  # validated before any forward
+    layers = _layers(cfg.layers, model)  # validated before any forward
+    patch_layers = _layers(cfg.patch_layers, model, "patch_layers")
     if donor is None and cfg.donor:
         donor = load_model(cfg.donor)
     if base_lm is None and cfg.base_lm:
@@ -190,6 +201,10 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
     models = {"model": model} | ({"donor": donor} if donor is not None else {})
     splits = _eval_splits(cfg)
     prior_items = [it for name in ("prior_violating", "prior_consistent") for it in splits.get(name, [])]
+    known = set(splits) | ({"easy-vqa-yesno"} if cfg.dataset == "testbed" else set())
+    unknown = [s for s in cfg.decay_splits if s not in known]
+    if unknown:
+        raise ValueError(f"decay_splits {unknown} unknown; this dataset's splits: {sorted(known)}")
 
     # 1. accuracy with the image and blind baselines
     t0 = time.perf_counter()
@@ -214,7 +229,8 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
     # 2. counterfactual layer replacement
     t0 = time.perf_counter()
     repl = []
-    if prior_items:
+    swap_items = splits.get("prior_violating", [])
+    if swap_items:
         windows = replacement_windows(model.n_layers, cfg.swap_sizes, cfg.swap_window, max(1, cfg.swap_window // 2))
         pairs = []
         if donor is not None:
@@ -222,19 +238,19 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
         if base_lm is not None:
             pairs += [(f"{model.name} <- {base_lm.name}", model, base_lm)]
         for label, m, d in pairs:
-            repl.append(layer_replacement(m, d, prior_items, windows, batch_size=cfg.batch_size).assign(pair=label))
+            repl.append(layer_replacement(m, d, swap_items, windows, batch_size=cfg.batch_size).assign(pair=label))
     timings["replacement"] = round(time.perf_counter() - t0, 1)
 
     # 3. image-token activation patching on the prior-violating items (or all items of the first split)
     t0 = time.perf_counter()
-    patch_items = splits.get("prior_violating") or next(iter(splits.values()))
+    patch_items = (splits.get("prior_violating") or next(iter(splits.values())))[: cfg.n_patch_items]
     clean = [it.image for it in patch_items]
     patch = []
     for role, m in models.items():
         for corruption in cfg.corruptions:
             corrupt = [gaussian_blur(im, cfg.blur_levels[-1]) if corruption == "blur" else blank_image(im.width)
                        for im in clean]
-            df = image_patching(m, patch_items, clean, corrupt, layers, batch_size=cfg.batch_size)
+            df = image_patching(m, patch_items, clean, corrupt, patch_layers, batch_size=cfg.batch_size)
             patch.append(df.assign(model=m.name, role=role, corruption=corruption))
     timings["patching"] = round(time.perf_counter() - t0, 1)
 
@@ -273,9 +289,10 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
     # 5. progressive-blur decay
     t0 = time.perf_counter()
     decay, decay_summary, decay_items = [], [], []
-    decay_splits = dict(splits)
+    pool = dict(splits)
     if cfg.dataset == "testbed":
-        decay_splits["easy-vqa-yesno"] = easy_vqa_test_items(cfg.n_items, "yesno", cfg.seed)
+        pool["easy-vqa-yesno"] = easy_vqa_test_items(cfg.n_decay_items, "yesno", cfg.seed)
+    decay_splits = {name: pool[name][: cfg.n_decay_items] for name in cfg.decay_splits}
     for role, m in models.items():
         for split, items in decay_splits.items():
             res = blur_decay(m, items, cfg.blur_levels, batch_size=cfg.batch_size)
