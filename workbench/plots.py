@@ -578,7 +578,7 @@ def replacement_heatmap(replacement: pd.DataFrame, value: str = "prior_rate", *,
     z = np.full((len(pairs), len(labels)), np.nan)
     for _, r in df.iterrows():
         z[pairs.index(r.pair), labels.index(r.label)] = r[value]
-    base = replacement[replacement.scheme == "none"].set_index("pair")[value].reindex(pairs)
+    base = replacement[replacement.scheme == "none"].drop_duplicates("pair").set_index("pair")[value].reindex(pairs)
     ylabels = [f"{p} (unswapped {b:.2f})" for p, b in zip(pairs, base)]
     fig = go.Figure(go.Heatmap(z=z, x=labels, y=ylabels, colorscale="Viridis", zmin=0, zmax=1,
                                colorbar=dict(title=value.replace("_", " ")),

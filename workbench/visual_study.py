@@ -334,9 +334,9 @@ def save_visual_result(result: VisualResult, out_dir: str | Path) -> dict[str, P
         "timings": result.timings})
 
 
-def save_best_probes(result: VisualResult, models: dict, root: str | Path = "probes") -> list[Path]:
+def save_best_probes(result: VisualResult, models: dict, root: str | Path = ".") -> list[Path]:
     """Save, per model and target, the probe of the layer with the highest held-out conflict probability under
-    ``probes/<model>/visual-<target>/layerNN`` (safetensors + card, like the counting probes)."""
+    ``<root>/probes/<model>/visual-<target>/layer_NN`` (safetensors + card, like the counting probes)."""
     from workbench.probes import probe_dir, save_probe
 
     saved = []
@@ -350,7 +350,7 @@ def save_best_probes(result: VisualResult, models: dict, root: str | Path = "pro
             layer = int(rows.loc[rows[col].idxmax(), "layer"])
             probe = result.probe_objects[(name, target, layer)]
             row = rows[rows["layer"] == layer].iloc[0]
-            folder = probe_dir(name, f"visual-{target}", f"layer{layer}", root)
+            folder = probe_dir(name, f"visual-{target}", layer, root)
             saved.append(save_probe(
                 probe, folder, model=m, site=f"layer {layer} (hidden_states[{layer}]), last prompt token",
                 layer=layer, task=f"visual-{target}",
