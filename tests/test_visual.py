@@ -295,3 +295,24 @@ def test_blur_explorer_caches_forwards_and_renders_static_when_headless(vlm, mon
         blur_explorer(vlm, probes, items=items, kernels=(1, 9), kernel=5, candidates=CANDS)
     with pytest.raises(ValueError, match="none of the probes belongs"):
         blur_explorer(vlm, {("other-model", "prior", 0): probes[("prior", 0)]}, items=items, candidates=CANDS)
+
+
+def test_visual_study_bad_input_before_any_forward(vlm, monkeypatch):
+    from workbench import visual_study as vs
+    from workbench.tiny import tiny_model
+
+    for kwargs, msg in ((dict(blur_levels=(1, 4)), "odd positive"), (dict(dataset="coco"), "dataset 'coco'"),
+                        (dict(n_items=0), "n_items"), (dict(corruptions=("fog",)), "corruptions"),
+                        (dict(layers=(-1,)), "layers"), (dict(patch_layers=()), "patch_layers"),
+                        (dict(n_probe_train=10), "n_probe_train")):
+        with pytest.raises(ValueError, match=msg):
+            vs.VisualConfig(**kwargs)
+    calls = []
+    monkeypatch.setattr(vs, "evaluation_set", lambda *a, **k: calls.append(1) or {})
+    with pytest.raises(ValueError, match="not a vision-language model"):
+        vs.run_visual_study(vs.VisualConfig(donor=None, base_lm=None), model=tiny_model("llama"))
+    with pytest.raises(ValueError, match="layers \\[40\\] out of range"):
+        vs.run_visual_study(vs.VisualConfig(donor=None, base_lm=None, layers=(0, 40)), model=vlm)
+    with pytest.raises(ValueError, match="patch_layers \\[9\\] out of range"):
+        vs.run_visual_study(vs.VisualConfig(donor=None, base_lm=None, patch_layers=(9,)), model=vlm)
+    assert calls == []  # nothing was built or run

