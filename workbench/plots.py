@@ -559,8 +559,11 @@ def visual_probe_curves(probes: pd.DataFrame, *, title: str | None = None) -> go
         color = PAPER_COLORWAY[i % len(PAPER_COLORWAY)]
         fig.add_trace(go.Scatter(x=sub.layer, y=sub.p_gt, name=f"{model}: P(ground truth)", mode="lines+markers",
                                  line=dict(color=color)))
-        fig.add_trace(go.Scatter(x=sub.layer, y=sub.p_prior, name=f"{model}: P(prior)", mode="lines+markers",
-                                 line=dict(color=color, dash="dash")))
+        fig.add_trace(go.Scatter(x=sub.layer, y=sub.p_prior, name=f"{model}: P(prior), prior probe",
+                                 mode="lines+markers", line=dict(color=color, dash="dash")))
+        if "p_prior_gt_probe" in sub:
+            fig.add_trace(go.Scatter(x=sub.layer, y=sub.p_prior_gt_probe, name=f"{model}: P(prior), truth probe",
+                                     mode="lines", line=dict(color=color, dash="dot")))
     fig.update_layout(title=title or "Layer-wise MLP probes on conflict items (truth ≠ prior)",
                       xaxis_title="layer (0 = embeddings)", yaxis_title="probe probability", yaxis_range=[0, 1.02])
     return apply_theme(fig)
@@ -588,7 +591,7 @@ def replacement_heatmap(replacement: pd.DataFrame, value: str = "prior_rate", *,
     return apply_theme(fig)
 
 
-def patching_curves(patching: pd.DataFrame, value: str = "recovery_p_gold", *, title: str | None = None) -> go.Figure:
+def patching_curves(patching: pd.DataFrame, value: str = "agree_source", *, title: str | None = None) -> go.Figure:
     """Image-token (solid) and last-token (dotted) patching by layer; one panel per direction x corruption."""
     _check_frame(patching, ("model", "corruption", "direction", "positions", "layer", value), "patching_curves")
     panels = list(dict.fromkeys(zip(patching.direction, patching.corruption)))
@@ -606,7 +609,8 @@ def patching_curves(patching: pd.DataFrame, value: str = "recovery_p_gold", *, t
                                          line=dict(color=PAPER_COLORWAY[i % len(PAPER_COLORWAY)], dash=dash)),
                               row=1, col=k + 1)
     fig.update_xaxes(title_text="layer (0 = embeddings)")
-    fig.update_yaxes(title_text=value.replace("_", " "), col=1)
+    fig.update_yaxes(title_text="answers equal to the source run" if value == "agree_source"
+                     else value.replace("_", " "), col=1)
     fig.update_layout(title=title or "Activation patching between clean and corrupted images",
                       width=max(720, 420 * len(panels)))
     fig = apply_theme(fig)

@@ -127,6 +127,7 @@ def _row(scheme: str, s: int, e: int, df: pd.DataFrame, base: pd.DataFrame) -> d
 
 
 # -- activation patching between inputs ---------------------------------------------------------------------------
+MIN_RECOVERY_GAP = 0.05  # recovery is a ratio: below this clean-corrupt gap it is noise, reported as NaN
 def _image_mask(model, input_ids: torch.Tensor) -> torch.Tensor:
     from workbench.vlm import image_token_mask
 
@@ -215,7 +216,7 @@ def image_patching(
 def _patch_row(direction: str, pos: str, layer: int, df: pd.DataFrame, src: pd.DataFrame, dst: pd.DataFrame) -> dict:
     def rec(metric: str) -> float:
         a, b, m = float(dst[metric].mean()), float(src[metric].mean()), float(df[metric].mean())
-        return (m - a) / (b - a) if abs(b - a) > 1e-9 else float("nan")
+        return (m - a) / (b - a) if abs(b - a) >= MIN_RECOVERY_GAP else float("nan")
 
     return {"direction": direction, "positions": pos, "layer": layer, "accuracy": float(df["correct"].mean()),
             "p_gold": float(df["p_gold"].mean()),

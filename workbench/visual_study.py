@@ -7,9 +7,10 @@
 2. counterfactual layer replacement both ways (model <- donor layers, donor <- model layers), and model <- the
    base language model's layers, over first-N / last-N / sliding-window ranges, on the prior items;
 3. activation patching of the image-token residuals (and of the last token) between the clean image and each
-   corruption (strongest blur, blank), both directions, at every requested layer;
+   corruption (strongest blur, blank), both directions, at every requested layer, on items where the image matters;
 4. layer-wise MLP probes on the last-token residual predicting the ground-truth colour and, separately, the prior
-   answer (what the model answers with a blank image), scored on held-out conflict items (truth != prior);
+   answer (what the model answers with a blank image), scored on held-out conflict items (truth != prior): P(ground
+   truth) from the first, P(prior) from the second, and P(prior answer) under the ground-truth probe;
 5. progressive-blur decay (E_k, C, accuracy under decay, invariant subset, per-item table) on every split and on
    easy-VQA's own (text-answerable) yes/no questions.
 
@@ -36,6 +37,7 @@ DEFAULT_DONOR = "vlm-testbed-balanced"
 DEFAULT_BASE_LM = "smollm2-135m"
 DATASETS = ("testbed", "easy-vqa")
 CORRUPTIONS = ("blur", "blank")
+TESTBED_DECAY_SPLITS = ("prior_violating", "prior_consistent", "shape", "count", "easy-vqa-yesno")
 
 
 @dataclass
@@ -47,13 +49,14 @@ class VisualConfig:
     n_items: int = 100  # items per held-out split (accuracy, probes' test items, layer replacement)
     n_probe_train: int = 480  # colour questions on training images for the probes
     n_decay_items: int = 50  # items per split for the blur decay (8 levels each: the costliest part per item)
-    n_patch_items: int = 50  # prior-violating items for activation patching
+    n_patch_items: int = 50  # items for activation patching
+    patch_split: str | None = None  # None: "colour" (rectangles and triangles: the image matters) or the first split
     blur_levels: tuple[int, ...] = KERNELS
     layers: tuple[int, ...] | None = None  # hidden-state layers of the probes; None = all (one pass reads them all)
     patch_layers: tuple[int, ...] | None = (0, 5, 10, 15, 20, 25, 30)  # patching: one pass per layer and direction
     swap_sizes: tuple[int, ...] = (8, 15)  # first-N / last-N ranges
     swap_window: int = 10  # sliding window width (stride = half of it)
-    decay_splits: tuple[str, ...] = ("prior_violating", "prior_consistent", "shape", "count", "easy-vqa-yesno")
+    decay_splits: tuple[str, ...] | None = None  # None: TESTBED_DECAY_SPLITS, or every split of easy-vqa
     corruptions: tuple[str, ...] = ("blank",)  # "blur" (strongest level) and/or "blank"
     generate: bool = True  # also greedy generation with parsing, for the accuracy table
     seed: int = 0
@@ -81,7 +84,7 @@ class VisualConfig:
                 if wrong or not value:
                     raise ValueError(f"{name} {wrong or '(empty)'} not allowed: non-negative ints (0 = embeddings)")
                 setattr(self, name, value)
-        self.decay_splits = tuple(self.decay_splits)
+        self.decay_splits = None if self.decay_splits is None else tuple(self.decay_splits)
         self.swap_sizes = tuple(self.swap_sizes)
         self.corruptions = tuple(self.corruptions)
 
@@ -202,9 +205,13 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
     splits = _eval_splits(cfg)
     prior_items = [it for name in ("prior_violating", "prior_consistent") for it in splits.get(name, [])]
     known = set(splits) | ({"easy-vqa-yesno"} if cfg.dataset == "testbed" else set())
-    unknown = [s for s in cfg.decay_splits if s not in known]
+    decay_names = cfg.decay_splits or (TESTBED_DECAY_SPLITS if cfg.dataset == "testbed" else tuple(splits))
+    unknown = [s for s in decay_names if s not in known]
     if unknown:
         raise ValueError(f"decay_splits {unknown} unknown; this dataset's splits: {sorted(known)}")
+    patch_split = cfg.patch_split or ("colour" if "colour" in splits else next(iter(splits)))
+    if patch_split not in splits:
+        raise ValueError(f"patch_split {patch_split!r} unknown; this dataset's splits: {sorted(splits)}")
 
     # 1. accuracy with the image and blind baselines
     t0 = time.perf_counter()
@@ -243,7 +250,7 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
 
     # 3. image-token activation patching on the prior-violating items (or all items of the first split)
     t0 = time.perf_counter()
-    patch_items = (splits.get("prior_violating") or next(iter(splits.values())))[: cfg.n_patch_items]
+    patch_items = splits[patch_split][: cfg.n_patch_items]
     clean = [it.image for it in patch_items]
     patch = []
     for role, m in models.items():
@@ -277,6 +284,9 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
                     "model": m.name, "role": role, "layer": layer, "n_conflict": len(conflict),
                     "p_gt": float(pg.prob_of(X, [truth[i] for i in conflict]).mean()) if conflict else np.nan,
                     "p_prior": float(pp.prob_of(X, [blind[i] for i in conflict]).mean()) if conflict else np.nan,
+                    # the same question asked of the ground-truth probe: does the layer lean to the prior's answer?
+                    "p_prior_gt_probe": float(pg.prob_of(X, [blind[i] for i in conflict]).mean()) if conflict
+                    else np.nan,
                     "acc_gt": pg.accuracy(X, [truth[i] for i in conflict]) if conflict else np.nan,
                     "acc_prior": pp.accuracy(X, [blind[i] for i in conflict]) if conflict else np.nan,
                     "acc_gt_all_test": float(fit.table.query("target == 'ground_truth' and layer == @layer")
@@ -292,7 +302,7 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
     pool = dict(splits)
     if cfg.dataset == "testbed":
         pool["easy-vqa-yesno"] = easy_vqa_test_items(cfg.n_decay_items, "yesno", cfg.seed)
-    decay_splits = {name: pool[name][: cfg.n_decay_items] for name in cfg.decay_splits}
+    decay_splits = {name: pool[name][: cfg.n_decay_items] for name in decay_names}
     for role, m in models.items():
         for split, items in decay_splits.items():
             res = blur_decay(m, items, cfg.blur_levels, batch_size=cfg.batch_size)
