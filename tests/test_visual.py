@@ -316,3 +316,52 @@ def test_visual_study_bad_input_before_any_forward(vlm, monkeypatch):
     with pytest.raises(ValueError, match="patch_layers \\[9\\] out of range"):
         vs.run_visual_study(vs.VisualConfig(donor=None, base_lm=None, patch_layers=(9,)), model=vlm)
     assert calls == []  # nothing was built or run
+
+
+# -- the activation store on images ----------------------------------------------------------------------------
+def test_harvest_with_images_equals_trace_and_marks_image_tokens(vlm, tmp_path):
+    from workbench.store import ActivationStore, harvest
+    from workbench.trace import trace
+    from workbench.vlm import encode_multimodal, image_placeholder
+
+    ph = image_placeholder(vlm)
+    prompts = [f"{ph}\nwhat color?", f"{ph}\nis it round or square, tell me?", f"{ph}\nshape"]
+    images = [it.image for it in _items(3)]
+    store = harvest(vlm, prompts, ["blocks.1.hook_resid_post"], tmp_path / "s", images=images, batch_size=2,
+                    progress=False)
+    assert store.manifest["data"]["kind"] == "prompts+images" and store.manifest["data"]["n_images"] == 3
+    toks = store.tokens()
+    acts = store.load("blocks.1.hook_resid_post")
+    enc = encode_multimodal(vlm, images, prompts)
+    with torch.no_grad(), trace(vlm, ["blocks.1.hook_resid_post"]) as tr:
+        vlm.hf(**enc)
+    mask = enc["attention_mask"].bool()
+    ref = tr["blocks.1.hook_resid_post"][mask]
+    torch.testing.assert_close(acts, ref, atol=1e-5, rtol=1e-5)  # batches of 2 vs 3: padding differs
+    assert torch.equal(toks["token_ids"], enc["input_ids"][mask].cpu())
+    n_img = int((toks["token_ids"] == vlm.arch.image_token_id).sum())
+    assert n_img == int((enc["input_ids"] == vlm.arch.image_token_id).sum()) > 0
+    # other images, same prompts: a different store (the data hash covers the pixels)
+    from workbench.store import StoreError
+
+    with pytest.raises(StoreError):
+        harvest(vlm, prompts, ["blocks.1.hook_resid_post"], tmp_path / "s", images=images[::-1], batch_size=2,
+                progress=False)
+    assert ActivationStore(tmp_path / "s").n_tokens == len(acts)
+
+
+def test_harvest_with_images_bad_input(vlm, tmp_path):
+    from workbench.store import harvest
+    from workbench.tiny import tiny_model
+    from workbench.vlm import image_placeholder
+
+    ph = image_placeholder(vlm)
+    img = _items(1)[0].image
+    with pytest.raises(ValueError, match="one vector per image patch"):
+        harvest(vlm, [f"{ph} a"], ["vision.hook_out"], tmp_path / "a", images=[img], progress=False)
+    with pytest.raises(ValueError, match="images has 2 entries for 1 prompts"):
+        harvest(vlm, [f"{ph} a"], ["blocks.0.hook_resid_post"], tmp_path / "b", images=[img, img], progress=False)
+    with pytest.raises(ValueError, match="text-only"):
+        harvest(tiny_model("llama"), ["a b"], ["blocks.0.hook_resid_post"], tmp_path / "c", images=[img],
+                progress=False)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

@@ -37,9 +37,13 @@ n_rows, first_row, last_row, first_token, bytes, sha256}``; ``status`` is ``"par
 written, then ``"complete"``; ``versions`` (python, torch, transformers, safetensors, workbench) and ``created_at`` /
 ``updated_at`` timestamps. A hidden ``.harvest.lock`` serialises harvests into the same folder.
 
-Vision-language models: the data is text only, so a VLM's language model runs on it without images (exactly what
-the VLM computes for a text-only prompt). Vision-tower sites (``vision.*``, ``projector.hook_out``) are refused
-with a ValueError; capture those with :func:`workbench.trace` on ``workbench.vlm.encode_multimodal`` batches.
+Vision-language models: ``harvest(vlm, prompts, sites, out, images=[...])`` runs each prompt with its image(s)
+(``workbench.vlm.encode_multimodal``: every prompt carries the image placeholder once per image); the stored
+``token_ids`` hold the image token at image positions, so ``store.tokens()["token_ids"] == image_token_id`` selects
+them. The data hash covers the images' pixels. Without ``images`` the data is text only and a VLM's language model
+runs on it without images (exactly what the VLM computes for a text-only prompt). Vision-tower sites (``vision.*``,
+``projector.hook_out``) hold one vector per image patch, not per token, and are refused with a ValueError;
+capture those with :func:`workbench.trace` on ``encode_multimodal`` batches.
 
 Activations are moved to the CPU as float32 by default (``dtype="bfloat16"``/``"float16"`` halve the disk; ``None``
 keeps the model's dtype). A harvest holds at most about ``shard_tokens + batch_size * context_length`` tokens of
@@ -201,7 +205,7 @@ class Corpus:
         return f"Corpus({self.source()}, split={self.split!r}, prepend_bos={self.prepend_bos!r})"
 
 
-def _describe_prompts(prompts: list) -> dict:
+def _describe_prompts(prompts: list, images: list[list] | None = None) -> dict:
     if not prompts:
         raise ValueError("data is empty: give at least one prompt (or a non-empty Corpus)")
     h, add = _text_hasher()
@@ -209,7 +213,18 @@ def _describe_prompts(prompts: list) -> dict:
         if not isinstance(p, str) or not p:
             raise ValueError(f"every prompt must be a non-empty string; prompt {i} is {p!r}")
         add(p)
-    return {"kind": "prompts", "n_items": len(prompts), "sha256": h.hexdigest()}
+    if images is None:
+        return {"kind": "prompts", "n_items": len(prompts), "sha256": h.hexdigest()}
+    import hashlib
+
+    hi = hashlib.sha256()
+    for row in images:
+        hi.update(str(len(row)).encode())
+        for im in row:
+            hi.update(f"{im.mode}{im.size}".encode())
+            hi.update(im.tobytes())
+    return {"kind": "prompts+images", "n_items": len(prompts), "sha256": h.hexdigest(),
+            "images_sha256": hi.hexdigest(), "n_images": sum(len(r) for r in images)}
 
 
 def _describe_corpus(corpus: Corpus, bos_id: int | None) -> dict:
@@ -322,7 +337,7 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-def _check_sites(model, sites) -> list[str]:
+def _check_sites(model, sites, images: bool = False) -> list[str]:
     site_list = [sites] if isinstance(sites, str) else list(sites) if isinstance(sites, Iterable) else None
     if not site_list:
         raise ValueError(
@@ -339,10 +354,12 @@ def _check_sites(model, sites) -> list[str]:
     modules = {name for name, _ in model.hf.named_modules()}
     vision = [s for s in site_list if resolve_site(s, model.arch, modules).stream == "vision"]
     if vision:
+        why = ("they hold one vector per image patch, not per token" if images else
+               "harvest feeds text only here (no images=), so they would never fire")
         raise ValueError(
-            f"sites {vision} are in the vision tower of {getattr(model, 'name', 'the model')}, but harvest feeds text "
-            "only (no images), so they would never fire; harvest a VLM's language-model sites (blocks.*, hook_embed, "
-            "ln_final.*) on text, or capture vision sites with workbench.trace on encode_multimodal batches"
+            f"sites {vision} are in the vision tower of {getattr(model, 'name', 'the model')}: {why}; harvest a VLM's "
+            "language-model sites (blocks.*, hook_embed, ln_final.*), or capture vision sites with workbench.trace "
+            "on encode_multimodal batches"
         )
     return site_list
 
@@ -475,6 +492,7 @@ def harvest(
     dtype: str | torch.dtype | None = "float32",
     progress: bool = True,
     resume: bool = True,
+    images: Sequence | None = None,
 ) -> ActivationStore:
     """Run ``data`` through ``model`` and store the activations at ``sites`` in ``out_dir`` (see the module doc).
 
@@ -493,13 +511,15 @@ def harvest(
         own dtype. Activations are always moved to the CPU.
     progress: show a tqdm bar (tokens). resume: continue an interrupted harvest into ``out_dir`` (arguments must
         match the existing manifest, else :class:`StoreError`); ``resume=False`` deletes an existing store there.
+    images: for a VLM with a processor, one entry per prompt (an image or a list of images; see
+        ``workbench.vlm.encode_multimodal``); ``data`` must then be a list of prompts. Checked before any forward.
 
     Returns the :class:`ActivationStore` of ``out_dir``.
     """
     # -- validate everything before a forward pass or a file is written ---------------------------------------
     if not (hasattr(model, "hf") and hasattr(model, "tokenizer") and hasattr(model, "arch")):
         raise TypeError(f"harvest needs a workbench Model (load_model / from_hf), got {type(model).__name__}")
-    site_list = _check_sites(model, sites)
+    site_list = _check_sites(model, sites, images=images is not None)
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {list(POSITIONS)}, got {positions!r}")
     _check_int("batch_size", batch_size, 1)
@@ -521,6 +541,8 @@ def harvest(
         raise ValueError(f"context_length {context_length} exceeds the model's max_position_embeddings {max_pos}")
     tok = model.tokenizer
     source = _as_data(data)
+    if isinstance(source, Corpus) and images is not None:
+        raise ValueError("images go with a list of prompts (one entry per prompt), not with a Corpus")
     if isinstance(source, Corpus):
         if tok.eos_token_id is None:
             raise ValueError("a corpus needs an EOS token between documents, but the tokenizer has none")
@@ -533,10 +555,26 @@ def harvest(
         data_desc = _describe_corpus(source, bos_id)
         total_hint = max_tokens
     else:
-        data_desc = _describe_prompts(source)
-        lengths: list[int] = []
-        for start in range(0, len(source), 256):
-            lengths += [len(ids) for ids in tok(source[start : start + 256], verbose=False)["input_ids"]]
+        if images is not None:
+            from workbench.vlm import check_multimodal
+
+            if not getattr(model.arch, "is_vlm", False):
+                raise ValueError(f"images given to the text-only {model.arch.family} model {model.name}")
+            if len(images) != len(source):
+                raise ValueError(f"images has {len(images)} entries for {len(source)} prompts: give one per prompt")
+            source, per_prompt = check_multimodal(model, list(images), source)  # placeholders, modes, sizes
+            data_desc = _describe_prompts(source, per_prompt)
+            lengths: list[int] = []
+            for start in range(0, len(source), 64):
+                enc = model.processor(images=[im for row in per_prompt[start: start + 64] for im in row],
+                                      text=source[start: start + 64], padding=False)
+                lengths += [len(ids) for ids in enc["input_ids"]]
+            source = list(zip(source, per_prompt))
+        else:
+            data_desc = _describe_prompts(source)
+            lengths = []
+            for start in range(0, len(source), 256):
+                lengths += [len(ids) for ids in tok(source[start : start + 256], verbose=False)["input_ids"]]
         too_long = [(i, n) for i, n in enumerate(lengths) if n > context_length]
         if too_long:
             i, n = too_long[0]
@@ -646,11 +684,20 @@ def _run(model, source, site_list, out, manifest, bos_id, store_dtype, total_hin
         row0 = next_row
         finished = max_tokens is not None and done >= max_tokens
         for batch in (() if finished else _batched(rows, batch_size)):
-            enc = model.encode(batch) if isinstance(batch[0], str) else _pad_left(batch, tok.pad_token_id, model.device)
+            if isinstance(batch[0], tuple):  # (prompt, images) of a VLM
+                from workbench.vlm import encode_multimodal
+
+                enc = encode_multimodal(model, [imgs for _, imgs in batch], [p for p, _ in batch])
+            elif isinstance(batch[0], str):
+                enc = model.encode(batch)
+            else:
+                enc = _pad_left(batch, tok.pad_token_id, model.device)
             with trace(model, site_list, positions=tpos, stop=True) as tr:
                 model.hf(**enc)
             mask = enc["attention_mask"].bool()
-            ids, pos = enc["input_ids"], enc["position_ids"]
+            ids = enc["input_ids"]
+            # M-RoPE families (Qwen-VL) compute 3-D positions themselves; the store records the sequence position
+            pos = enc["position_ids"] if "position_ids" in enc else (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             row = torch.arange(row0, row0 + len(batch), device=ids.device)
             row0 += len(batch)
             if positions == "all":
