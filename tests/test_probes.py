@@ -229,9 +229,9 @@ def test_unknown_probe_type_and_missing_files(tmp_path):
     save_probe(RidgeProbe().fit(X, y), tmp_path, model={"name": "m", "weights_hash": "h"}, site="s", layer=1,
                task="t", generator_params={}, seed=0, metrics={})
     card = json.loads((tmp_path / PROBE_CARD_FILE).read_text())
-    card["probe_type"] = "mlp"
+    card["probe_type"] = "no_such_type"
     (tmp_path / PROBE_CARD_FILE).write_text(json.dumps(card))
-    with pytest.raises(ValueError, match=r"probe_type 'mlp'.*known types"):
+    with pytest.raises(ValueError, match=r"probe_type 'no_such_type'.*known types"):
         load_probe(tmp_path)
     with pytest.raises(FileNotFoundError):
         load_probe(tmp_path / "nothing")
