@@ -152,6 +152,16 @@ def _sync(fw, fig: go.Figure) -> None:
         fw.layout.update(stale_layout | layout, overwrite=True)
 
 
+def _rerender(explorer) -> None:
+    """Show ``explorer.render()`` in its FigureWidget; an error goes to its status line and the figure keeps the
+    last good view."""
+    try:
+        _sync(explorer.figure, explorer.render())
+        explorer.status.value = ""
+    except Exception as e:  # noqa: BLE001 - shown in the widget
+        explorer.status.value = f"<span style='color:#b00'>{html.escape(f'{type(e).__name__}: {e}')}</span>"
+
+
 def _short(text: str, n: int = 48) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
@@ -281,11 +291,7 @@ class LensExplorer(w.VBox):
                            value=self.colour.value)
 
     def _show(self) -> None:
-        try:
-            _sync(self.figure, self.render())
-            self.status.value = ""
-        except Exception as e:  # noqa: BLE001 - shown in the widget, the figure keeps the last good view
-            self.status.value = f"<span style='color:#b00'>{html.escape(f'{type(e).__name__}: {e}')}</span>"
+        _rerender(self)
 
     def _on_view(self, change) -> None:
         if not self._busy:
@@ -526,11 +532,7 @@ class ProbeExplorer(w.VBox):
         return _probe_view(self.data, self.model_name, self.task.value, self.seed.value, self.layer.value)
 
     def _on_view(self, change) -> None:
-        try:
-            _sync(self.figure, self.render())
-            self.status.value = ""
-        except Exception as e:  # noqa: BLE001 - shown in the widget
-            self.status.value = f"<span style='color:#b00'>{html.escape(f'{type(e).__name__}: {e}')}</span>"
+        _rerender(self)
 
     def _on_input(self, change) -> None:
         self.status.value = "fitting probes …"
@@ -723,11 +725,7 @@ class LatentScrubber(w.VBox):
     def _on_view(self, change) -> None:
         if self._busy:
             return
-        try:
-            _sync(self.figure, self.render())
-            self.status.value = ""
-        except Exception as e:  # noqa: BLE001 - shown in the widget
-            self.status.value = f"<span style='color:#b00'>{html.escape(f'{type(e).__name__}: {e}')}</span>"
+        _rerender(self)
 
     def _on_mode(self, change) -> None:
         self._busy = True
@@ -884,11 +882,7 @@ class BlurExplorer(w.VBox):
         return blur_figure(self.data, self.item.value, self.kernel.value)
 
     def _on_change(self, change) -> None:
-        try:
-            _sync(self.figure, self.render())
-            self.status.value = ""
-        except Exception as e:  # noqa: BLE001 - shown in the widget
-            self.status.value = f"<span style='color:#b00'>{html.escape(f'{type(e).__name__}: {e}')}</span>"
+        _rerender(self)
 
 
 def _blur_probes(model, probes) -> dict:
