@@ -1,11 +1,15 @@
 """Counting study pieces: answer evaluation, digit-row repair, LoRA, steering, module swap, the study itself."""
 
+import contextlib
+import re
+
+import pandas as pd
 import pytest
 import torch
 
 import workbench as wb
 from workbench.counting import CountingConfig, run_counting_study
-from workbench.evaluation import evaluate_answers, parse_answer
+from workbench.evaluation import PromptCache, evaluate_answers, parse_answer
 from workbench.interventions import DigitRowHead, steering_edit, train_digit_rows, train_lora_qv
 from workbench.swap import swap_modules
 from workbench.tiny import tiny_model
@@ -31,12 +35,93 @@ def test_evaluation_matches_direct_computation():
     assert ev.items.digit_pred.tolist() == (logits[:, DIGITS].argmax(-1) + 1).tolist()
     assert ev.items.full_correct.tolist() == [int(logits[i].argmax()) == DIGITS[c - 1] for i, c in enumerate(COUNTS)]
     texts = m.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert ev.items.gen_text.tolist() == texts
+    assert ev.items.gen_text.tolist() == texts  # no answer decided early here: the whole greedy continuation
     last = ev.ranks[ev.ranks.layer == m.n_layers].sort_values("item")
     gold = torch.tensor([DIGITS[c - 1] for c in COUNTS])
     expected = (logits > logits.gather(1, gold[:, None])).sum(-1) + 1
     assert last["rank"].tolist() == expected.tolist()
     assert set(ev.ranks_by_layer().columns) == {"layer", "median_rank", "mean_prob", "lens_accuracy"}
+
+
+def _hf_reference(m, prompts, gen_tokens, edits=None):
+    """Next-token logits and greedy texts from plain HF calls (a full forward, then ``generate``)."""
+    enc = m.encode(prompts)
+    ctx = wb.trace(m, [], edits=edits) if edits else contextlib.nullcontext()
+    with ctx, torch.no_grad():
+        logits = m.hf(**enc).logits[:, -1]
+        out = m.hf.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                            max_new_tokens=gen_tokens, do_sample=False, pad_token_id=m.tokenizer.pad_token_id)
+    return logits, m.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text", "gpt2", "gpt_neox"])
+def test_shared_prompt_cache_equals_fresh_runs_for_baseline_head_swap_and_steering(family):
+    """One PromptCache serves the baseline, a swapped head and steering; each equals plain HF runs (forward and
+    generate), and equals an evaluation that runs the prompts itself."""
+    m = tiny_model(family)
+    prompts = PROMPTS + ["a b c d e f g h i j k l m n o p q r s t u v w x y z Count: "]  # past tiny sliding windows
+    counts = COUNTS + [9]
+    cache = PromptCache.build(m, prompts, batch_size=2)
+    torch.manual_seed(0)
+    head = DigitRowHead(m.module(m.arch.unembed), DIGITS)
+    with torch.no_grad():
+        head.delta.normal_(0, 0.5)
+    v = torch.randn(m.d_model)
+    edits = {"blocks.1.hook_resid_post": steering_edit(v, 4.0)}
+    cases = [(None, contextlib.nullcontext()), (edits, contextlib.nullcontext()),
+             (None, swap_modules(m, {m.arch.unembed: head}))]
+    for case_edits, ctx in cases:
+        with ctx:
+            ev = evaluate_answers(m, prompts, counts, DIGITS, gen_tokens=4, edits=case_edits, cache=cache)
+            fresh = evaluate_answers(m, prompts, counts, DIGITS, gen_tokens=4, edits=case_edits, batch_size=3)
+            logits, texts = _hf_reference(m, prompts, 4, case_edits)
+        assert ev.items.digit_pred.tolist() == (logits[:, DIGITS].argmax(-1) + 1).tolist()
+        assert ev.items.full_pred.tolist() == m.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+        for got, ref in zip(ev.items.gen_text, texts):
+            assert ref.startswith(got) and parse_answer(got) == parse_answer(ref)
+        assert ev.items.drop(columns="gen_text").equals(fresh.items.drop(columns="gen_text"))
+        pd.testing.assert_series_equal(ev.ranks["rank"], fresh.ranks["rank"])
+        pd.testing.assert_series_equal(ev.ranks["prob"], fresh.ranks["prob"], rtol=1e-4, atol=1e-7)
+    # steering changes the answers (else the steering case above tests nothing)
+    assert not evaluate_answers(m, prompts, counts, DIGITS, gen_tokens=4, edits=edits, cache=cache).ranks.equals(
+        evaluate_answers(m, prompts, counts, DIGITS, gen_tokens=4, cache=cache).ranks)
+
+
+def test_prompt_cache_features_equal_residual_features_and_refuse_other_prompts():
+    from workbench.probes import residual_features_many
+
+    m = tiny_model("llama")
+    mentions = [[1, 3], [0], [2, 4, 5]]
+    cache = PromptCache.build(m, PROMPTS, batch_size=2, positions={"mentions": mentions})
+    ref = residual_features_many(m, PROMPTS, None, {"last": "last", "mentions": mentions}, batch_size=3)
+    layers = list(range(m.n_layers + 1))
+    for layer in layers:
+        torch.testing.assert_close(cache.last_token(layers)[layer], ref["last"][layer], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.features["mentions"][layer], ref["mentions"][layer], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="other prompts or another model"):
+        evaluate_answers(m, PROMPTS[:2], COUNTS[:2], DIGITS, cache=cache)
+    with pytest.raises(ValueError, match="other prompts or another model"):
+        evaluate_answers(tiny_model("llama"), PROMPTS, COUNTS, DIGITS, cache=cache)
+    with pytest.raises(ValueError, match="reserved"):
+        PromptCache.build(m, PROMPTS, positions={"last": "last"})
+
+
+def test_generation_stops_once_every_answer_is_decided(monkeypatch):
+    import workbench.evaluation as evaluation
+
+    m = tiny_model("llama")
+    calls = []
+    handle = m.hf.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        evaluate_answers(m, PROMPTS, COUNTS, DIGITS, gen_tokens=5)
+        full = len(calls)
+        calls.clear()
+        monkeypatch.setattr(evaluation, "_DECIDED", re.compile(r""))  # every answer counts as decided at once
+        ev = evaluate_answers(m, PROMPTS, COUNTS, DIGITS, gen_tokens=5)
+    finally:
+        handle.remove()
+    assert full == 1 + 4 and len(calls) == 1  # the prompt pass, then 4 steps -- or none
+    assert (ev.items.gen_text.str.len() <= 1).all()
 
 
 def test_zero_delta_head_is_identical_and_swap_restores():

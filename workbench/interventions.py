@@ -44,10 +44,13 @@ class DigitRowHead(nn.Module):
         w[self.ids] += self.delta.detach()
         return w
 
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base, "bias", None)
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.base(h)
-        extra = h @ self.delta.T
-        return logits.index_add(-1, self.ids, extra)
+        return logits.index_add_(-1, self.ids, h @ self.delta.T)  # in place: no second [.., vocab] tensor
 
 
 @dataclass

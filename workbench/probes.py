@@ -668,11 +668,39 @@ def residual_features_many(
     E.g. ``{"last_token": "last", "mention_mean": mentions}`` gives both probe variants of the entity task at the
     cost of one pass.
     """
-    from workbench.evaluation import length_batches
-
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
+    layer_list = _check_layers(layers, model.n_layers)
+    batches = feature_batches(model, prompts, layer_list, positions, batch_size=batch_size)
+    n, d = len(prompts), model.d_model
+    out = {name: {layer: torch.empty(n, d) for layer in layer_list} for name in positions}
+    for batch, _, values, _ in batches:
+        rows_t = torch.as_tensor(batch)
+        for name, by_layer in values.items():
+            for layer, value in by_layer.items():
+                out[name][layer][rows_t] = value.to("cpu", torch.float32)
+    return out
+
+
+def feature_batches(
+    model,
+    prompts: Sequence[str],
+    layers: Sequence[int],
+    positions: Mapping[str, Literal["last"] | int | Sequence[Sequence[int]]],
+    *,
+    batch_size: int = 64,
+    keep_cache: bool = False,
+):
+    """The forward passes behind :func:`residual_features_many`, one length batch at a time.
+
+    Yields ``(indices, enc, {name: {layer: [B, d]}}, cache)``: the prompt indices of the batch, its left-padded
+    encoding, the features of each position spec (in the model's dtype and device), and with ``keep_cache`` the
+    batch's key/value cache of every prompt token (``None`` otherwise) so that generation can go on from it without
+    running the prompt again. The forward stops after the last requested layer unless the cache is kept.
+    """
+    from workbench.evaluation import length_batches
+
     if not prompts:
         raise ValueError("prompts is empty: give at least one prompt")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -682,9 +710,13 @@ def residual_features_many(
     layer_list = _check_layers(layers, model.n_layers)
     specs = {name: _position_lists(spec, len(prompts)) for name, spec in positions.items()}
     sites = {layer: layer_site(layer) for layer in layer_list}
-    n, d = len(prompts), model.d_model
-    out = {name: {layer: torch.empty(n, d) for layer in layer_list} for name in specs}
-    for batch in length_batches(model, prompts, batch_size):
+    batches = length_batches(model, prompts, batch_size)
+    return _feature_batch_iter(model, prompts, batches, sites, specs, keep_cache)  # checked above, run lazily
+
+
+@torch.no_grad()
+def _feature_batch_iter(model, prompts, batches, sites, specs, keep_cache):
+    for batch in batches:
         enc = model.encode([prompts[i] for i in batch])
         lengths = enc["attention_mask"].sum(-1).cpu()
         T = enc["input_ids"].shape[1]
@@ -714,20 +746,28 @@ def residual_features_many(
             masks[name] = (col, mask)
             col += k
         index = torch.cat(index_parts, dim=1)
-        with trace(model, list(sites.values()), positions=index.to(enc["input_ids"].device), stop=True) as tr:
-            model.hf(**enc)
-        rows_t = torch.as_tensor(batch)
+        cache = None
+        with trace(model, list(sites.values()), positions=index.to(enc["input_ids"].device),
+                   stop=not keep_cache) as tr:
+            if keep_cache:
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=model.hf.config)
+                cache.activate_past_recording()  # sliding-window layers keep every position, so crop() can cut one
+                model.hf(**enc, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            else:
+                model.hf(**enc)
+        values: dict[str, dict[int, torch.Tensor]] = {name: {} for name in specs}
         for layer, site in sites.items():
-            h = tr[site].to("cpu", torch.float32)  # [B, K, d]
+            h = tr[site]  # [B, K, d]
             for name, (c0, mask) in masks.items():
                 part = h[:, c0 : c0 + mask.shape[1]]
                 if specs[name] is None:
-                    value = part[:, 0]
+                    values[name][layer] = part[:, 0]
                 else:
-                    m = mask[..., None].to(h.dtype)
-                    value = (part * m).sum(1) / m.sum(1)
-                out[name][layer][rows_t] = value
-    return out
+                    m = mask[..., None].to(h.device, h.dtype)
+                    values[name][layer] = (part * m).sum(1) / m.sum(1)
+        yield batch, enc, values, cache
 
 
 # -- artifacts -------------------------------------------------------------------------------------------------
