@@ -218,6 +218,15 @@ def test_study_smoke_on_a_tiny_model(tmp_path):
     assert probe.direction_raw.shape == (m.d_model,)
     summary = r.summary()
     assert {"digit_restricted_mean", "generation_sd"} <= set(summary.columns)
+    peaks = r.lens_peaks()
+    assert len(peaks) == r.lens.groupby(["task", "seed", "method"]).ngroups
+    for row in peaks.itertuples():
+        g = r.lens[(r.lens.task == row.task) & (r.lens.method == row.method)].set_index("layer")
+        assert g.mean_prob.max() == row.peak_prob == g.mean_prob[row.peak_prob_layer]
+        assert g.median_rank.min() == row.best_median_rank == g.median_rank[row.best_rank_layer]
+        assert row.last_layer_median_rank == g.median_rank[m.n_layers]
+    paths = wb.counting.save_counting_result(r, tmp_path / "out")
+    assert (tmp_path / "out" / "lens_peaks.csv").exists() and "lens_peaks" in paths
     from workbench import plots
 
     lens_fig = plots.lens_rank_by_layer(r.lens)

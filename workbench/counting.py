@@ -126,6 +126,10 @@ class CountingResult:
     norm_percentiles: pd.DataFrame  # digit, token, percentile
     timings: dict = field(default_factory=dict)
 
+    def lens_peaks(self) -> pd.DataFrame:
+        """Per task, seed and method: where the gold digit's lens peaks (see :func:`lens_peaks`)."""
+        return lens_peaks(self.lens)
+
     def summary(self) -> pd.DataFrame:
         """Accuracy mean and sd over seeds: one row per task x method."""
         metrics = ["digit_restricted", "full_vocab", "generation"]
@@ -398,6 +402,25 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
     )
 
 
+def lens_peaks(lens: pd.DataFrame) -> pd.DataFrame:
+    """The peak layers of the logit lens, per task, seed and method, from the lens table (layer, median_rank,
+    mean_prob, lens_accuracy): the layer where the gold digit's mean probability is highest, the layer of its best
+    (lowest) median rank, and of the highest lens accuracy, with those values; ties go to the earliest layer."""
+    missing = {"task", "seed", "method", "layer", "median_rank", "mean_prob", "lens_accuracy"} - set(lens.columns)
+    if missing:
+        raise ValueError(f"the lens table lacks column(s) {sorted(missing)}")
+    rows = []
+    for (task, seed, method), g in lens.groupby(["task", "seed", "method"], sort=False):
+        g = g.sort_values("layer").reset_index(drop=True)
+        p, r, a = g.loc[g.mean_prob.idxmax()], g.loc[g.median_rank.idxmin()], g.loc[g.lens_accuracy.idxmax()]
+        rows.append({"task": task, "seed": seed, "method": method,
+                     "peak_prob_layer": int(p.layer), "peak_prob": float(p.mean_prob),
+                     "best_rank_layer": int(r.layer), "best_median_rank": float(r.median_rank),
+                     "peak_accuracy_layer": int(a.layer), "peak_lens_accuracy": float(a.lens_accuracy),
+                     "last_layer_median_rank": float(g.median_rank.iloc[-1])})
+    return pd.DataFrame(rows)
+
+
 TABLES = ("probes", "geometry", "lens", "accuracy", "extras", "angles", "norm_percentiles")
 
 
@@ -405,7 +428,8 @@ def save_counting_result(result: CountingResult, out_dir: str | Path) -> dict[st
     """Write every table of ``result`` (and the seed summary) as CSV into ``out_dir``; returns the paths."""
     from workbench.figures import write_result_tables
 
-    tables = {name: getattr(result, name) for name in TABLES} | {"accuracy_summary": result.summary()}
+    tables = {name: getattr(result, name) for name in TABLES} | {"accuracy_summary": result.summary(),
+                                                                 "lens_peaks": result.lens_peaks()}
     paths = write_result_tables(out_dir, tables, {
         "model": result.model, "weights_hash": result.weights_hash, "tied_head": result.tied_head,
         "d_model": result.d_model, "n_layers": result.n_layers, "config": result.config, "timings": result.timings,
