@@ -52,7 +52,7 @@ def main() -> None:
     args = ap.parse_args()
 
     model = wb.load_model(args.model)
-    cfg = CountingConfig(model=args.model, tasks=(args.task,), n_train=50, n_test=args.n)
+    cfg = CountingConfig(model=args.model, tasks=(args.task,), n_train=50, n_test=args.n, n_lora_train=50)
     _, _, test, digit_ids = _make_sets(model, args.task, 11, cfg)
     torch.manual_seed(0)
     head = DigitRowHead(model.module(model.arch.unembed), digit_ids)
