@@ -24,11 +24,11 @@ import time
 import torch
 
 import workbench as wb
-from workbench.counting import CountingConfig, _make_sets
-from workbench.evaluation import PromptCache, _gold_rank_prob, evaluate_answers
-from workbench.interventions import DigitRowHead, steering_edit
-from workbench.sites import layer_site
-from workbench.swap import swap_modules
+from workbench.studies.counting.study import CountingConfig, _make_sets
+from workbench.studies.counting.evaluation import PromptCache, _gold_rank_prob, evaluate_answers
+from workbench.studies.counting.interventions import DigitRowHead, steering_edit
+from workbench.core.sites import layer_site
+from workbench.core.swap import swap_modules
 
 
 def _direct_rank_prob(model, H, gold_ids, chunk=1 << 26):

@@ -21,13 +21,13 @@ def main() -> int:
         print("no CUDA device: nothing to check")
         return 0
     import workbench as wb
-    from workbench.evaluation import evaluate_answers
-    from workbench.interventions import train_lora_qv
-    from workbench.latent import LatentConfig, run_latent
-    from workbench.models import from_hf
-    from workbench.probes import residual_features
-    from workbench.reasoning import arithmetic_chains
-    from workbench.tiny import tiny_hf, tiny_model
+    from workbench.studies.counting.evaluation import evaluate_answers
+    from workbench.studies.counting.interventions import train_lora_qv
+    from workbench.methods.latent import LatentConfig, run_latent
+    from workbench.core.models import from_hf
+    from workbench.methods.probes.features import residual_features
+    from workbench.data.reasoning import arithmetic_chains
+    from workbench.testing.tiny import tiny_hf, tiny_model
 
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}")
     failures = 0

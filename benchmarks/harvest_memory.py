@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     import workbench
-    from workbench.store import Corpus, harvest
+    from workbench.data.corpus import Corpus
+    from workbench.core.store import harvest
 
     t0 = time.perf_counter()
     model = workbench.load_model(args.model or workbench.DEFAULT_MODEL, device=args.device)

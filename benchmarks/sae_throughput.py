@@ -21,10 +21,10 @@ import time
 import torch
 
 import workbench as wb
-from workbench.corpus import load_corpus
-from workbench.sae import SAETrainConfig, train_sae
-from workbench.sae_study import MIDDLE_SITE
-from workbench.store import harvest
+from workbench.data.corpus import load_corpus
+from workbench.methods.sae.train import SAETrainConfig, train_sae
+from workbench.studies.sae.study import MIDDLE_SITE
+from workbench.core.store import harvest
 
 
 def main() -> None:

@@ -7,8 +7,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import workbench  # noqa: E402
-from workbench.arch import SUPPORTED_FAMILIES  # noqa: E402
-from workbench.tiny import tiny_model  # noqa: E402
+from workbench.core.arch import SUPPORTED_FAMILIES
+from workbench.testing.tiny import tiny_model
 
 FAMILIES = sorted(SUPPORTED_FAMILIES)
 PROMPTS = ["hello world, this is a test", "hi", "the cat sat on the mat"]

@@ -59,7 +59,7 @@ def _bridge(model, tmp_path, input_ids, sites):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_resid_post_equals_nnsight(family):
-    from workbench.tiny import tiny_model
+    from workbench.testing.tiny import tiny_model
 
     m = tiny_model(family)
     enc = m.encode(PADDED)
@@ -72,7 +72,7 @@ def test_resid_post_equals_nnsight(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_resid_post_equals_transformer_lens_bridge(family, tmp_path):
-    from workbench.tiny import tiny_model
+    from workbench.testing.tiny import tiny_model
 
     m = tiny_model(family)
     enc = m.encode(EQUAL)

@@ -1,48 +1,86 @@
-"""workbench: probing, logit-lens, sparse-autoencoder and layer-replacement tools on PyTorch forward hooks."""
+"""workbench: probing, logit-lens, sparse-autoencoder and layer-replacement tools on PyTorch forward hooks.
 
-from workbench.arch import SUPPORTED_FAMILIES, ArchitectureError, ArchMap
-from workbench.lens import logit_lens
-from workbench.models import DEFAULT_MODEL, REGISTRY, Model, from_hf, load_model
-from workbench.sites import SiteError, layer_site, site_names
-from workbench.store import ActivationStore, Corpus, StoreError, harvest
-from workbench.swap import swap_modules
-from workbench.trace import (
-    HookRecord,
-    StopForward,
-    Trace,
-    active_hooks,
-    add_direction,
-    patch_from,
-    replace_with,
-    trace,
-)
+``import workbench as wb`` is cheap: the names below load their subpackage on first use (PEP 562), so
+``import workbench.core`` pulls in no study, UI or testbed code. Layout (lower layers never import higher ones):
+``io`` < ``data`` < ``core`` < ``methods`` < ``ui`` < ``studies``; ``batch`` on top; ``testbed`` and ``testing``
+beside them. See docs/index.md.
+"""
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "REGISTRY",
-    "SUPPORTED_FAMILIES",
-    "ActivationStore",
-    "ArchMap",
-    "ArchitectureError",
-    "Corpus",
-    "HookRecord",
-    "Model",
-    "SiteError",
-    "StopForward",
-    "StoreError",
-    "Trace",
-    "active_hooks",
-    "add_direction",
-    "from_hf",
-    "harvest",
-    "load_model",
-    "logit_lens",
-    "patch_from",
-    "replace_with",
-    "layer_site",
-    "site_names",
-    "swap_modules",
-    "trace",
-]
+import importlib
+import sys
+import types
+
+from workbench import compat
+from workbench.io.provenance import __version__
+
+_EXPORTS = {
+    "DEFAULT_MODEL": "workbench.core.models",
+    "Model": "workbench.core.models",
+    "from_hf": "workbench.core.models",
+    "load_model": "workbench.core.models",
+    "REGISTRY": "workbench.core.zoo",
+    "fetch_models": "workbench.core.zoo",
+    "register_model": "workbench.core.zoo",
+    "SUPPORTED_FAMILIES": "workbench.core.arch",
+    "ArchMap": "workbench.core.arch",
+    "ArchitectureError": "workbench.core.arch",
+    "SiteError": "workbench.core.sites",
+    "check_layers": "workbench.core.sites",
+    "layer_site": "workbench.core.sites",
+    "site_names": "workbench.core.sites",
+    "HookRecord": "workbench.core.trace",
+    "StopForward": "workbench.core.trace",
+    "Trace": "workbench.core.trace",
+    "active_hooks": "workbench.core.trace",
+    "add_direction": "workbench.core.trace",
+    "patch_from": "workbench.core.trace",
+    "replace_with": "workbench.core.trace",
+    "trace": "workbench.core.trace",
+    "swap_modules": "workbench.core.swap",
+    "ActivationStore": "workbench.core.store",
+    "StoreError": "workbench.core.store",
+    "harvest": "workbench.core.store",
+    "Corpus": "workbench.data.corpus",
+    "logit_lens": "workbench.methods.lens",
+    "Probe": "workbench.methods.probes.base",
+    "load_probe": "workbench.methods.probes.base",
+    "save_probe": "workbench.methods.probes.base",
+    "RidgeProbe": "workbench.methods.probes.linear",
+    "LogisticProbe": "workbench.methods.probes.linear",
+    "MLPProbe": "workbench.methods.probes.mlp",
+    "save_figure": "workbench.io.figures",
+    "save_table": "workbench.io.figures",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+compat.install()
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        # Importing an old flat module path (``import workbench.trace``) makes the import system bind the module
+        # as an attribute of this package; it must not hide the function of the same name (``wb.trace``).
+        if name in _EXPORTS and isinstance(value, compat.Forwarder):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        if name in compat.MOVED:  # `workbench.probes` as an attribute, like the old flat modules
+            return importlib.import_module(f"workbench.{name}")
+        raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

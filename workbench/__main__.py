@@ -2,7 +2,7 @@
 
 import sys
 
-from workbench.cli import main
+from workbench.batch.cli import main
 
 if __name__ == "__main__":  # guarded: Dask's worker processes re-import the main module
     sys.exit(main())

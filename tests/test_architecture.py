@@ -1,0 +1,94 @@
+"""The package's architecture: import-linter contracts, a light ``workbench.core``, the public names, the old paths."""
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+from importlinter.cli import lint_imports
+
+import workbench as wb
+from workbench.compat import MOVED
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_contracts_are_kept(monkeypatch):
+    """Layers (io < data < core < methods < testbed/testing < ui < studies < batch), no cycles at any depth, no
+    _private name across subpackages, no in-package use of the old paths, inner imports only for optional
+    libraries: the contracts in pyproject.toml, checked by import-linter itself."""
+    monkeypatch.chdir(ROOT)
+    assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0
+
+
+def test_contracts_catch_a_violation(tmp_path, monkeypatch):
+    """The contracts are not vacuous: a copy of the package in which core imports a study breaks the layers, and
+    a function-level import of the package breaks the inner-imports rule."""
+    import shutil
+
+    pkg = tmp_path / "workbench"
+    shutil.copytree(ROOT / "workbench", pkg, ignore=shutil.ignore_patterns("__pycache__", "parts"))
+    sites = pkg / "core" / "sites.py"
+    sites.write_text(sites.read_text() + "\n\ndef _bad():\n    from workbench.studies.counting import study\n"
+                     "    return study\n\nfrom workbench.studies.sae import plots as _plots  # noqa\n")
+    cfg = tmp_path / "pyproject.toml"
+    cfg.write_text((ROOT / "pyproject.toml").read_text())
+    out = subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports; "
+                          f"sys.exit(lint_imports(config_filename={str(cfg)!r}, no_cache=True))"],
+                         cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(tmp_path),
+                                                                            "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "workbench.core.sites -> workbench.studies" in out.stdout.replace("\n", " ") or \
+        "workbench.core is not allowed to import workbench.studies" in out.stdout
+    assert "imports workbench.studies.counting inside _bad()" in out.stdout
+
+
+def test_core_pulls_in_no_study_ui_or_testbed_code():
+    code = ("import sys, workbench.core.models, workbench.core.store, workbench.core.trace, workbench.data.corpus; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('workbench'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    loaded = out.stdout.split()
+    assert "workbench.core.models" in loaded
+    above = [m for m in loaded if m.split(".")[1:2] and m.split(".")[1] in
+             ("methods", "studies", "ui", "batch", "testbed", "testing")]
+    assert not above, above
+
+
+def test_every_public_name_resolves():
+    for name in wb.__all__:
+        assert getattr(wb, name) is not None, name
+    assert wb.load_model.__module__ == "workbench.core.models"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        wb.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_old_module_paths_forward_with_a_warning(old):
+    """``from workbench.<old flat module> import X`` still works (a DeprecationWarning names the new home)."""
+    sys.modules.pop(f"workbench.{old}", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = __import__(f"workbench.{old}", fromlist=["_"])
+    assert any(issubclass(w.category, DeprecationWarning) and "moved to" in str(w.message) for w in caught)
+    public = [n for n in dir(module) if not n.startswith("_")]
+    assert public, f"workbench.{old} forwards nothing"
+    for name in public[:5]:
+        assert getattr(module, name) is not None
+
+
+def test_old_names_are_the_new_objects():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from workbench.models import REGISTRY, load_model
+        from workbench.probes import RidgeProbe, residual_features
+        from workbench.store import Corpus, harvest
+    from workbench.core.models import load_model as new_load
+    from workbench.core.store import harvest as new_harvest
+    from workbench.core.zoo import REGISTRY as new_registry
+    from workbench.data.corpus import Corpus as new_corpus
+    from workbench.methods.probes.features import residual_features as new_features
+    from workbench.methods.probes.linear import RidgeProbe as new_ridge
+
+    assert (load_model, REGISTRY, RidgeProbe, residual_features, Corpus, harvest) == (
+        new_load, new_registry, new_ridge, new_features, new_corpus, new_harvest)

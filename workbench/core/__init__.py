@@ -1,0 +1,1 @@
+"""Primitives: architecture map, sites, trace, swap, VLM inputs, models and the zoo, activation store, remote."""

@@ -1,0 +1,1 @@
+"""Task and text data: counting tasks, reasoning tasks, VQA items, text corpora. No model code."""

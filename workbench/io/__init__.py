@@ -1,0 +1,1 @@
+"""Bottom layer: cache paths, atomic writes and locks, provenance, figure and table saving, manifests, gallery."""

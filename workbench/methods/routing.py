@@ -1,0 +1,224 @@
+"""Where is the visual evidence lost? Counterfactual layer replacement and image-token activation patching.
+
+* :func:`swap_layers` / :func:`layer_replacement`: decoder layers i..j of one model are replaced by those of
+  another model of the same architecture (two testbed variants; a VLM and its base language model) while a block
+  runs, restored in ``finally`` (:func:`workbench.swap.swap_modules`). The scan moves the swapped range (first N,
+  last N, sliding windows) and records answer flips, accuracy and how often the planted prior is answered.
+* :func:`image_patching`: residuals at the image-token positions of layer l (hidden-state numbering: 0 = the
+  embeddings with the projected image scattered in) are patched from the clean-image run into the corrupted
+  (blurred / blank) run — and back — and the answer is read; last-token-only patching is run alongside as the
+  comparison the paper reports to fail for VLMs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import pandas as pd
+import torch
+from PIL import Image
+
+from workbench.core.sites import layer_site
+from workbench.core.swap import swap_modules
+from workbench.core.trace import trace
+from workbench.core.vlm import image_token_mask
+from workbench.data.vqa import ANSWERS, VQAItem
+from workbench.methods.answering import answer_items, vqa_inputs
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList:
+    return model.module(model.arch.layers)
+
+
+def check_compatible(model, donor) -> None:
+    """Same family, layer count, width and per-layer parameter shapes; raises naming the difference."""
+    a, b = model.arch, donor.arch
+    for attr in ("n_layers", "d_model"):
+        if getattr(a, attr) != getattr(b, attr):
+            raise ValueError(f"cannot swap layers: {attr} {getattr(a, attr)} ({model.name}) != "
+                             f"{getattr(b, attr)} ({donor.name})")
+    la, lb = _decoder_layers(model)[0], _decoder_layers(donor)[0]
+    if type(la) is not type(lb):
+        raise ValueError(f"cannot swap layers: {type(la).__name__} ({model.name}) vs "
+                         f"{type(lb).__name__} ({donor.name})")
+    sa = {k: v.shape for k, v in la.state_dict().items()}
+    sb = {k: v.shape for k, v in lb.state_dict().items()}
+    if sa != sb:
+        diff = sorted(set(sa.items()) ^ set(sb.items()))[:4]
+        raise ValueError(f"cannot swap layers: parameter shapes differ ({diff})")
+    if next(donor.hf.parameters()).device != model.device:
+        raise ValueError(f"donor {donor.name} is on {next(donor.hf.parameters()).device}, model on {model.device}")
+
+
+def check_range(start: int, end: int, n_layers: int) -> tuple[int, int]:
+    """Decoder layers start..end inclusive, 0 <= start <= end < n_layers."""
+    for name, v in (("start", start), ("end", end)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"layer range {name} must be an int, got {v!r}")
+    if not 0 <= start <= end < n_layers:
+        raise ValueError(f"layer range {start}..{end} is not allowed: need 0 <= start <= end <= {n_layers - 1}")
+    return start, end
+
+
+@contextlib.contextmanager
+def swap_layers(model, donor, start: int, end: int) -> Iterator[None]:
+    """While the block runs, ``model``'s decoder layers start..end (inclusive) are ``donor``'s."""
+    check_compatible(model, donor)
+    start, end = check_range(start, end, model.n_layers)
+    donor_layers = _decoder_layers(donor)
+    repl = {model.arch.layer_path(i): donor_layers[i] for i in range(start, end + 1)}
+
+    with swap_modules(model, repl):
+        yield
+
+
+def replacement_windows(n_layers: int, sizes: Sequence[int] = (), window: int | None = None,
+                        stride: int = 1) -> list[tuple[str, int, int]]:
+    """(scheme, start, end) ranges: ``first`` N and ``last`` N for each N in sizes, ``window`` of width w at each
+    stride (all inclusive)."""
+    out = []
+    for n in sizes:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= n_layers:
+            raise ValueError(f"swap size {n!r} is not allowed: 1..{n_layers}")
+        out += [("first", 0, n - 1), ("last", n_layers - n, n_layers - 1)]
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= n_layers:
+            raise ValueError(f"window {window!r} is not allowed: 1..{n_layers}")
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"stride must be a positive int, got {stride!r}")
+        out += [("window", s, s + window - 1) for s in range(0, n_layers - window + 1, stride)]
+    if not out:
+        raise ValueError("no swap ranges: give sizes and/or window")
+    return out
+
+
+def layer_replacement(
+    model,
+    donor,
+    items: Sequence[VQAItem],
+    windows: Sequence[tuple[str, int, int]],
+    *,
+    candidates: Sequence[str] = ANSWERS,
+    batch_size: int = 32,
+) -> pd.DataFrame:
+    """Answers of ``model`` with each range of layers taken from ``donor``: one row per (scheme, start, end).
+
+    flip_rate: fraction of items whose answer differs from ``model``'s own; accuracy; prior_rate: fraction answering
+    the planted prior (items with a prior answer only); also the donor-free and all-swapped references.
+    """
+
+    check_compatible(model, donor)
+    for scheme, s, e in windows:
+        check_range(s, e, model.n_layers)
+    base = answer_items(model, items, candidates=candidates, batch_size=batch_size)
+    rows = [_row("none", -1, -1, base, base)]
+    for scheme, s, e in windows:
+        with swap_layers(model, donor, s, e):
+            df = answer_items(model, items, candidates=candidates, batch_size=batch_size)
+        rows.append(_row(scheme, s, e, df, base))
+    return pd.DataFrame(rows)
+
+
+def _row(scheme: str, s: int, e: int, df: pd.DataFrame, base: pd.DataFrame) -> dict:
+    has_prior = df["prior_answer"].notna()
+    return {"scheme": scheme, "start": s, "end": e, "n_swapped": 0 if s < 0 else e - s + 1,
+            "flip_rate": float((df["pred"].values != base["pred"].values).mean()),
+            "accuracy": float(df["correct"].mean()),
+            "prior_rate": float(df.loc[has_prior, "says_prior"].mean()) if has_prior.any() else float("nan"),
+            "p_gold": float(df["p_gold"].mean()), "n": len(df)}
+
+
+# -- activation patching between inputs ---------------------------------------------------------------------------
+MIN_RECOVERY_GAP = 0.05  # recovery is a ratio: below this clean-corrupt gap it is noise, reported as NaN
+def _image_mask(model, input_ids: torch.Tensor) -> torch.Tensor:
+
+    return image_token_mask(model, input_ids)
+
+
+def _capture_layers(model, items, images, layers, batch_size) -> list[dict[int, torch.Tensor]]:
+    """Per batch: {layer: residual [b, seq, d]} of the given images."""
+
+    out = []
+    sites = {layer_site(l): l for l in layers}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start: start + batch_size]
+        batch = vqa_inputs(model, list(images[start: start + batch_size]), [it.question for it in chunk])
+        with torch.no_grad(), trace(model, list(sites)) as tr:
+            model.hf(**batch, logits_to_keep=1)
+        out.append({l: tr[s] for s, l in sites.items()})
+    return out
+
+
+def image_patching(
+    model,
+    items: Sequence[VQAItem],
+    clean_images: Sequence[Image.Image],
+    corrupt_images: Sequence[Image.Image],
+    layers: Sequence[int],
+    *,
+    positions: Sequence[str] = ("image", "last"),
+    candidates: Sequence[str] = ANSWERS,
+    batch_size: int = 32,
+) -> pd.DataFrame:
+    """Patch residuals at ``layers`` between the clean and corrupted runs of the same questions.
+
+    One row per (direction, positions, layer): ``clean->corrupt`` patches clean residuals into the corrupted run
+    (how much of the clean answer comes back), ``corrupt->clean`` the reverse (how much is destroyed). positions:
+    ``image`` (every image-token position) or ``last`` (the last prompt token). ``recovery`` = (metric - corrupt) /
+    (clean - corrupt) for accuracy and p_gold, against the two unpatched runs.
+    """
+
+    items = list(items)
+    n_hidden = model.n_layers + 1
+    bad = [l for l in layers if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < n_hidden]
+    if bad or not layers:
+        raise ValueError(f"patching layers {bad or '(none)'} not allowed: hidden-state layers 0..{n_hidden - 1}")
+    wrong = [p for p in positions if p not in ("image", "last")]
+    if wrong or not positions:
+        raise ValueError(f"positions {wrong or '(none)'} not allowed: 'image', 'last'")
+    if len(clean_images) != len(items) or len(corrupt_images) != len(items):
+        raise ValueError("give one clean and one corrupted image per item")
+    clean = answer_items(model, items, images=clean_images, candidates=candidates, batch_size=batch_size)
+    corrupt = answer_items(model, items, images=corrupt_images, candidates=candidates, batch_size=batch_size)
+    refs = {"clean": clean, "corrupt": corrupt}
+    caps = {"clean": _capture_layers(model, items, clean_images, layers, batch_size),
+            "corrupt": _capture_layers(model, items, corrupt_images, layers, batch_size)}
+    rows = []
+    for direction, (src, dst) in {"clean->corrupt": ("clean", "corrupt"),
+                                  "corrupt->clean": ("corrupt", "clean")}.items():
+        dst_images = clean_images if dst == "clean" else corrupt_images
+        for pos in positions:
+            for layer in layers:
+                counter = iter(range(10**9))
+
+                def edits(batch, layer=layer, pos=pos, src=src, counter=counter):
+                    source = caps[src][next(counter)][layer]
+                    if pos == "image":
+                        mask = _image_mask(model, batch["input_ids"])
+                    else:
+                        mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+                        mask[:, -1] = True  # left padding: the last column is every row's last token
+
+                    def edit(t, source=source, mask=mask):
+                        assert t.shape == source.shape, (
+                            f"patch shapes differ: {tuple(t.shape)} vs {tuple(source.shape)}")
+                        return torch.where(mask.unsqueeze(-1), source.to(t.dtype), t)
+
+                    return {layer_site(layer): edit}
+
+                df = answer_items(model, items, images=dst_images, candidates=candidates, batch_size=batch_size,
+                                  edits=edits)
+                rows.append(_patch_row(direction, pos, layer, df, refs[src], refs[dst]))
+    return pd.DataFrame(rows)
+
+
+def _patch_row(direction: str, pos: str, layer: int, df: pd.DataFrame, src: pd.DataFrame, dst: pd.DataFrame) -> dict:
+    def rec(metric: str) -> float:
+        a, b, m = float(dst[metric].mean()), float(src[metric].mean()), float(df[metric].mean())
+        return (m - a) / (b - a) if abs(b - a) >= MIN_RECOVERY_GAP else float("nan")
+
+    return {"direction": direction, "positions": pos, "layer": layer, "accuracy": float(df["correct"].mean()),
+            "p_gold": float(df["p_gold"].mean()),
+            "agree_source": float((df["pred"].values == src["pred"].values).mean()),
+            "recovery_accuracy": rec("correct"), "recovery_p_gold": rec("p_gold"), "n": len(df)}

@@ -1,0 +1,1 @@
+"""Sparse autoencoders: training, evaluation and artifacts (train), feature scans and selection (features)."""

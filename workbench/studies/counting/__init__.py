@@ -1,0 +1,1 @@
+"""Counting readout geometry (thread 1): study driver, answer evaluation, geometry, interventions, plots, explorer."""

@@ -1,0 +1,1 @@
+"""Latent-reasoning drift (thread 3): study driver, drift metrics, plots, explorer."""

@@ -1,0 +1,203 @@
+"""Drift metrics of latent reasoning, per step (research thread 3; methods.md defines them, no paper does).
+
+From a :class:`workbench.latent.LatentRun`:
+
+- :func:`manifold_metrics`: for the vector fed in at each step, the max cosine to any token's input embedding and
+  the nearest tokens, the norm ratio to the mean embedding norm, the mean Euclidean distance to the k nearest
+  embeddings (divided by the mean embedding norm), and the cosine with the previous step's input;
+- :func:`lens_metrics`: the logit lens of every layer at every step: entropy, top-1 probability, the rank of the
+  gold intermediate result of that step (1 = top), and at the last layer the KL divergence from this step's lens
+  to the final step's;
+- :func:`fact_retention`: a ridge probe trained on the state of the step where a fact (an intermediate value) is
+  computed, evaluated on the states of later steps: R² and probe-round accuracy against the gap, next to a probe
+  refitted at each later step (is the fact still there in another direction?);
+- :func:`step_summary`: the per-step table the figures plot (median over items), mixture entropy included.
+
+Embedding-space quantities use the embeddings the model actually feeds its first block (Gemma's sqrt(d) scale
+included); the vocabulary is scanned in chunks, so a 262k-row head needs no [V, d] copy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+
+from workbench.core.models import Model
+from workbench.data.reasoning import ReasoningSet, gold_step_token_ids
+from workbench.methods.latent import LatentRun, embedding_scale
+from workbench.methods.probes.base import probe_round_accuracy, r2_score
+from workbench.methods.probes.linear import RidgeProbe
+
+_CHUNK = 1 << 25  # entries of a [rows, vocab-chunk] score matrix per matmul
+
+
+def _vocab_chunks(V: int, rows: int) -> range:
+    return range(0, V, max(1024, _CHUNK // max(rows, 1)))
+
+
+@torch.no_grad()
+def manifold_metrics(model: Model, run: LatentRun, *, knn: int = 10, n_nearest: int = 3) -> pd.DataFrame:
+    """One row per (item, step) that ran: max_cos, nearest tokens, norm_ratio, knn_dist, prev_cos."""
+    n, S, d = run.inputs.shape
+    items, steps = torch.nonzero(run.valid, as_tuple=True)
+    X = run.inputs[items, steps].double()  # [R, d]
+    if X.shape[0] == 0:
+        return pd.DataFrame(columns=["item", "step", "max_cos", "nearest", "norm_ratio", "knn_dist", "prev_cos"])
+    W = model.W_E.detach().to("cpu", torch.float64)
+    s = embedding_scale(model)
+    V = W.shape[0]
+    row_norm = W.norm(dim=-1) * s  # effective embedding norms
+    mean_norm = float(row_norm.mean())
+    Xn = X / X.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    x2 = X.square().sum(-1, keepdim=True)
+    best_cos = torch.full((X.shape[0], n_nearest), -math.inf, dtype=torch.float64)
+    best_ids = torch.zeros((X.shape[0], n_nearest), dtype=torch.long)
+    best_d2 = torch.full((X.shape[0], knn), math.inf, dtype=torch.float64)
+    for c in _vocab_chunks(V, X.shape[0]):
+        E = W[c : c + _CHUNK] * s
+        dots = X @ E.T  # [R, chunk]
+        cos = dots / (X.norm(dim=-1, keepdim=True).clamp_min(1e-30) * row_norm[c : c + E.shape[0]][None])
+        d2 = x2 + row_norm[c : c + E.shape[0]][None].square() - 2 * dots
+        cat_cos = torch.cat([best_cos, cos], 1)
+        cat_ids = torch.cat([best_ids, torch.arange(c, c + E.shape[0]).expand(X.shape[0], -1)], 1)
+        best_cos, pick = cat_cos.topk(n_nearest, dim=1)
+        best_ids = cat_ids.gather(1, pick)
+        best_d2 = torch.cat([best_d2, d2], 1).topk(knn, dim=1, largest=False).values
+    prev_cos = torch.full((X.shape[0],), math.nan, dtype=torch.float64)
+    prev = {(int(i), int(k)): r for r, (i, k) in enumerate(zip(items, steps))}
+    for r, (i, k) in enumerate(zip(items.tolist(), steps.tolist())):
+        if (i, k - 1) in prev:
+            prev_cos[r] = float(Xn[r] @ Xn[prev[(i, k - 1)]])
+    tok = model.tokenizer
+    return pd.DataFrame({
+        "item": items.numpy(),
+        "step": steps.numpy() + 1,
+        "max_cos": best_cos[:, 0].numpy(),
+        "nearest": ["|".join(tok.convert_ids_to_tokens(ids)) for ids in best_ids.tolist()],
+        "norm_ratio": (X.norm(dim=-1) / mean_norm).numpy(),
+        "knn_dist": (best_d2.clamp_min(0).sqrt().mean(-1) / mean_norm).numpy(),
+        "prev_cos": prev_cos.numpy(),
+    })
+
+
+def _gold_for_step(golds: list[int], step: int) -> int:
+    """The gold token of 1-based ``step``: the step-th intermediate, the final answer beyond the last one."""
+    return golds[min(step, len(golds)) - 1]
+
+
+@torch.no_grad()
+def lens_metrics(model: Model, run: LatentRun, rs: ReasoningSet) -> pd.DataFrame:
+    """One row per (item, step, layer): entropy, top1_prob, top1_token, gold_rank, gold_prob; plus kl_to_final at
+    the last layer (KL(lens at step k || lens at the item's final step), nats; NaN at other layers)."""
+    gold_ids = gold_step_token_ids(model.tokenizer, rs)
+    n, S, Lp1, d = run.states.shape
+    L = Lp1 - 1
+    frames = []
+    for i in range(n):
+        ks = torch.nonzero(run.valid[i], as_tuple=True)[0]
+        if len(ks) == 0:
+            continue
+        H = run.states[i, ks].reshape(-1, d).to(model.device, model.dtype)  # [k * (L+1), d]
+        logp = torch.log_softmax(model.lens_logits(H).double(), -1).cpu()  # [k*(L+1), V]
+        logp = logp.reshape(len(ks), Lp1, -1)
+        gold = torch.tensor([_gold_for_step(gold_ids[i], int(k) + 1) for k in ks])
+        p = logp.exp()
+        ent = -(p * logp).sum(-1)  # [k, L+1]
+        top_p, top_i = p.max(-1)
+        g = gold[:, None, None].expand(-1, Lp1, 1)
+        gold_lp = logp.gather(-1, g)[..., 0]
+        rank = (logp > gold_lp[..., None]).sum(-1) + 1
+        final = logp[-1, L]
+        kl = (p[:, L] * (logp[:, L] - final[None])).sum(-1)
+        kk, ll = np.meshgrid(ks.numpy() + 1, np.arange(Lp1), indexing="ij")
+        frame = pd.DataFrame({
+            "item": i, "step": kk.ravel(), "layer": ll.ravel(), "entropy": ent.numpy().ravel(),
+            "top1_prob": top_p.numpy().ravel(),
+            "top1_token": model.tokenizer.convert_ids_to_tokens(top_i.reshape(-1).tolist()),
+            "gold_rank": rank.numpy().ravel(), "gold_prob": gold_lp.exp().numpy().ravel(),
+        })
+        frame["kl_to_final"] = np.where(frame.layer == L, np.repeat(kl.numpy(), Lp1), np.nan)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def fact_retention(run: LatentRun, rs: ReasoningSet, layer: int, *, train_fraction: float = 0.5,
+                   seed: int = 0) -> pd.DataFrame:
+    """Does the state still hold the value computed at step j, k - j steps later?
+
+    For every fact step j (1..number of intermediates, numeric tasks), a :class:`RidgeProbe` is trained on the
+    states at step j of a seeded ``train_fraction`` of the items (target: the intermediate value of step j) and
+    evaluated on the other items' states at every step k >= j (same target). The control ``*_refit`` trains a
+    fresh probe at step k on the same training items: a fact that the step-j probe misses but the refit finds has
+    moved, not vanished. Rows: fact_step, eval_step, gap, layer, r2, round_acc, r2_refit, round_acc_refit,
+    n_test.
+    """
+    if rs.task != "arithmetic":
+        raise ValueError(f"fact retention needs numeric intermediates (task 'arithmetic'), got {rs.task!r}")
+    n, S, Lp1, d = run.states.shape
+    if not 0 <= layer < Lp1:
+        raise ValueError(f"layer {layer} out of range: 0..{Lp1 - 1}")
+    if not 0 < train_fraction < 1:
+        raise ValueError(f"train_fraction must lie in (0, 1), got {train_fraction!r}")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    n_tr = int(round(train_fraction * n))
+    tr, te = order[:n_tr], order[n_tr:]
+    if n_tr < 4 or len(te) < 2:
+        raise ValueError(f"fact retention needs more items: {n} give {n_tr} train / {len(te)} test")
+    values = np.array([[float(v) for v in steps] for steps in rs.steps])  # [n, hops]
+    rows = []
+    def fit(idx, step, y):
+        # alpha from a validation split when there is data for one; a fixed alpha = 1 on tiny (smoke) sets
+        probe = RidgeProbe(seed=seed, alpha=None if len(idx) >= 10 else 1.0)
+        return probe.fit(run.states[idx, step - 1, layer].double(), torch.as_tensor(y[idx]))
+
+    for j in range(1, min(values.shape[1], S) + 1):
+        ok_tr = tr[run.valid[tr, j - 1].numpy()]
+        y = values[:, j - 1]
+        if len(ok_tr) < 4 or np.ptp(y[ok_tr]) == 0:
+            continue
+        probe = fit(ok_tr, j, y)
+        for k in range(j, S + 1):
+            ok_te = te[run.valid[te, k - 1].numpy()]
+            ok_tr_k = tr[run.valid[tr, k - 1].numpy()]
+            if len(ok_te) < 2 or len(ok_tr_k) < 4:
+                continue
+            X = run.states[ok_te, k - 1, layer].double()
+            target = torch.as_tensor(y[ok_te])
+            pred = probe.predict(X)
+            refit = fit(ok_tr_k, k, y).predict(X)  # control: is the fact decodable at step k at all?
+            rows.append({"fact_step": j, "eval_step": k, "gap": k - j, "layer": layer,
+                         "r2": r2_score(pred, target), "round_acc": probe_round_accuracy(pred, target, lo=0, hi=9),
+                         "r2_refit": r2_score(refit, target),
+                         "round_acc_refit": probe_round_accuracy(refit, target, lo=0, hi=9), "n_test": len(ok_te)})
+    return pd.DataFrame(rows)
+
+
+def lens_by_step_layer(lens: pd.DataFrame) -> pd.DataFrame:
+    """The per-(item, step, layer) lens metrics of :func:`lens_metrics` summarised over items, per step and layer:
+    median_gold_rank, mean_gold_prob, median_entropy, readable (fraction of items with the gold step at rank 1)."""
+    g = lens.groupby(["step", "layer"])
+    return pd.DataFrame({
+        "median_gold_rank": g.gold_rank.median(), "mean_gold_prob": g.gold_prob.mean(),
+        "median_entropy": g.entropy.median(),
+        "readable": g.gold_rank.apply(lambda r: float((r == 1).mean())),
+    }).reset_index()
+
+
+def step_summary(manifold: pd.DataFrame, lens: pd.DataFrame, run: LatentRun) -> pd.DataFrame:
+    """Per step: medians over items of the manifold metrics and of the last layer's lens metrics, the mean
+    mixture entropy (soft), and the number of items still thinking."""
+    L = int(lens.layer.max())
+    last = lens[lens.layer == L]
+    m = manifold.groupby("step")[["max_cos", "norm_ratio", "knn_dist", "prev_cos"]].median()
+    lz = last.groupby("step")[["entropy", "top1_prob", "gold_rank", "kl_to_final"]].median()
+    out = m.join(lz, how="outer")
+    ent = run.mixture_entropy.numpy()
+    out["mixture_entropy"] = [float(np.nanmean(ent[:, k - 1])) if np.isfinite(ent[:, k - 1]).any() else np.nan
+                              for k in out.index]
+    out["n_items"] = [int(run.valid[:, k - 1].sum()) for k in out.index]
+    return out.reset_index()

@@ -1,0 +1,300 @@
+"""The SAE study behind notebook 05, and the default model's SAEs (training store, shipped SAEs, 16x benchmark).
+
+    result = run_sae_study(SAEStudyConfig(model="smollm2-135m", site="blocks.14.hook_resid_post", sae="shipped"))
+    save_sae_result(result, "figures/05_sae_features")     # tables (CSV), study.json, feature_report.html
+
+    python -m workbench.sae_study harvest        # the default model's training store (user cache, resumable)
+    python -m workbench.sae_study train KEY...   # SAEs of SPECS into saes/ (shipped) or the user cache
+
+Sites: ``blocks.14.hook_resid_post`` is the residual after decoder layer 15 of SmolLM2-135M's 30 (the middle
+layer); ``blocks.9.hook_resid_post`` is layer 10 in the probes' numbering (0 = embeddings), where the last-token
+counting probes peak (mean held-out R2 over the four tasks, ``figures/02_counting_readout/probes.csv``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from workbench.core.models import load_model
+from workbench.core.store import ActivationStore, harvest
+from workbench.data.corpus import DEFAULT_CORPUS, load_corpus
+from workbench.data.tasks import TASKS
+from workbench.io.atomic import atomic_write_text
+from workbench.io.figures import write_result_tables
+from workbench.io.paths import cache_root
+from workbench.methods.sae import features as sf
+from workbench.methods.sae.train import SAEError, SAEHandle, SAETrainConfig, evaluate_sae, load_sae, save_sae, train_sae
+
+REPO = Path(__file__).resolve().parents[1]
+SAES_DIR = REPO / "saes"
+DEFAULT_MODEL = "smollm2-135m"
+MIDDLE_SITE = "blocks.14.hook_resid_post"
+COUNTING_SITE = "blocks.9.hook_resid_post"
+STORE_TOKENS = 1_200_000  # ~3,400 ShareGPT messages; the last 65,536-token shard is held out
+STORE_CONTEXT = 128
+EVAL_SKIP_DOCUMENTS = 20_000  # evaluation text starts after this many corpus documents (the store uses ~3,400)
+
+
+@dataclass(frozen=True)
+class SAESpec:
+    site: str
+    name: str
+    config: SAETrainConfig
+    shipped: bool  # committed under saes/ (<= 20 MB) or built into the user cache on demand
+
+
+SPECS = {
+    # Shipped: 8x, stored as float16 (4,608 x 576 x 2 matrices = 10.6 MB each); the 16x one is 42 MB in float32.
+    "middle-topk-8x": SAESpec(MIDDLE_SITE, "topk-8x-k32",
+                              SAETrainConfig(architecture="topk", expansion=8, k=32, total_tokens=1_500_000,
+                                             batch_size=2048), shipped=True),
+    "counting-topk-8x": SAESpec(COUNTING_SITE, "topk-8x-k32",
+                                SAETrainConfig(architecture="topk", expansion=8, k=32, total_tokens=1_500_000,
+                                               batch_size=2048), shipped=True),
+    # The performance target: TopK, 16x, middle layer, within 30 minutes of training on 2 cores (~1,000 tokens/s
+    # on 2 cores: 1.7M tokens, 1.5 passes over the store's 1.13M training tokens).
+    "middle-topk-16x": SAESpec(MIDDLE_SITE, "topk-16x-k32",
+                               SAETrainConfig(architecture="topk", expansion=16, k=32, total_tokens=1_700_000,
+                                              batch_size=2048), shipped=False),
+    # The standard (ReLU + L1) architecture, for comparison.
+    "middle-standard-8x": SAESpec(MIDDLE_SITE, "standard-8x",
+                                  SAETrainConfig(architecture="standard", expansion=8, l1_coefficient=5.0,
+                                                 total_tokens=600_000, batch_size=2048), shipped=False),
+}
+
+
+def store_dir(model_name: str = DEFAULT_MODEL) -> Path:
+    return cache_root() / "activations" / f"{model_name}-{DEFAULT_CORPUS}-{STORE_TOKENS}"
+
+
+def sae_dir(key: str, model_name: str = DEFAULT_MODEL) -> Path:
+    spec = SPECS[key]
+    root = SAES_DIR if spec.shipped else cache_root() / "saes"
+    return root / model_name / spec.site / spec.name
+
+
+def training_store(model=None) -> ActivationStore:
+    """The default model's training store (harvested once, resumable): both sites, float32."""
+
+    path = store_dir()
+    try:
+        return ActivationStore(path)
+    except (FileNotFoundError, ValueError):
+        pass
+    model = model or load_model(DEFAULT_MODEL)
+    return harvest(model, load_corpus(DEFAULT_CORPUS), [COUNTING_SITE, MIDDLE_SITE], path, batch_size=16,
+                   context_length=STORE_CONTEXT, max_tokens=STORE_TOKENS)
+
+
+def build_sae(key: str, model=None, *, half: bool | None = None):
+    """Train one SAE of :data:`SPECS` on the training store and save it (shipped ones as float16)."""
+
+    if key not in SPECS:
+        raise ValueError(f"unknown SAE {key!r}; known: {sorted(SPECS)}")
+    spec = SPECS[key]
+    model = model or load_model(DEFAULT_MODEL)
+    store = training_store(model)
+    out = sae_dir(key)
+    result = train_sae(store, spec.site, spec.config, model=model, out_dir=out, corpus_name=DEFAULT_CORPUS)
+    if spec.shipped if half is None else half:
+        handle = load_sae(out, model)
+        handle.sae.to(dtype=__import__("torch").float16)
+        handle.sae.cfg.dtype = "float16"
+        card = dict(result.card, stored_dtype="float16")
+        save_sae(handle, out, card)
+    return result
+
+
+SAE_CHOICES = ("shipped", "train")  # or a folder path
+
+
+@dataclass
+class SAEStudyConfig:
+    model: str = DEFAULT_MODEL
+    site: str = MIDDLE_SITE
+    sae: str = "shipped"  # "shipped": the one SAE under saes/<model>/<site>/; "train": harvest + train here; a path
+    corpus: str = DEFAULT_CORPUS
+    features: tuple[int, ...] | None = None  # features for the report; None = 6 picked at random by density
+    n_eval_tokens: int = 32_768  # fresh corpus text for FVU / L0 / CE (after EVAL_SKIP_DOCUMENTS documents)
+    n_scan_tokens: int = 65_536  # text scanned for top contexts and densities
+    eval_skip_documents: int = EVAL_SKIP_DOCUMENTS  # evaluate on documents the training store never saw
+    count_tasks: tuple[str, ...] = ("entity", "character", "addition", "list_length")
+    n_count_prompts: int = 400  # per task; half train, half test for the probes on SAE codes
+    n_select_per_source: int = 60  # data-selection pool: per source (3 counting tasks, 2 reasoning tasks, 2x corpus)
+    train_tokens: int = 300_000  # sae="train": tokens harvested for training
+    train: SAETrainConfig = field(default_factory=lambda: SAETrainConfig(expansion=8, k=32, total_tokens=600_000,
+                                                                          batch_size=2048))
+    seed: int = 0
+    smoke: bool = False
+
+    def __post_init__(self):
+
+        if not isinstance(self.sae, str) or not self.sae:
+            raise SAEError(f"sae must be one of {list(SAE_CHOICES)} or an SAE folder path, got {self.sae!r}")
+        if self.sae not in SAE_CHOICES and not Path(self.sae).expanduser().is_dir():
+            raise SAEError(f"sae {self.sae!r} is neither one of {list(SAE_CHOICES)} nor an existing folder")
+        bad = [t for t in self.count_tasks if t not in TASKS]
+        if bad:
+            raise ValueError(f"unknown counting task(s) {bad}; valid: {list(TASKS)}")
+        for name in ("n_eval_tokens", "n_scan_tokens", "n_count_prompts", "n_select_per_source", "train_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 8:
+                raise ValueError(f"{name} must be an int >= 8, got {v!r}")
+        if self.features is not None:
+            self.features = tuple(self.features)
+        if isinstance(self.train, dict):
+            self.train = SAETrainConfig(**self.train)
+        self.train.validate()
+
+    @classmethod
+    def smoke_config(cls, **overrides) -> SAEStudyConfig:
+        base = dict(n_eval_tokens=1024, n_scan_tokens=2048, count_tasks=("entity",), n_count_prompts=60,
+                    n_select_per_source=8, train_tokens=20_000,
+                    train=SAETrainConfig(expansion=2, k=16, total_tokens=20_000, batch_size=1024), smoke=True)
+        return cls(**(base | overrides))
+
+
+@dataclass
+class SAEStudyResult:
+    config: dict
+    model: str
+    weights_hash: str
+    sae_path: str
+    metrics: pd.DataFrame  # one row: FVU, L0, dead, dense, CE clean / SAE / SAE+error / zero, loss recovered
+    density: pd.DataFrame  # one row per feature: freq, max and mean activation, dead / dense
+    report_features: pd.DataFrame  # feature, freq, max_act, top promoted / suppressed tokens
+    count_features: pd.DataFrame  # per task: features ranked by |corr| with the count
+    count_probes: pd.DataFrame  # per task: ridge R2 on SAE codes / top features / raw residual
+    selection: pd.DataFrame  # AUROC and precision per representation x similarity
+    selection_scores: pd.DataFrame  # the pool with each method's score
+    report_html: str
+    handle: SAEHandle | None = None
+    scan: object = None
+    timings: dict = field(default_factory=dict)
+
+
+TABLES = ("metrics", "density", "report_features", "count_features", "count_probes", "selection",
+          "selection_scores")
+
+
+def _resolve_sae(cfg: SAEStudyConfig, model) -> SAEHandle:
+    if cfg.sae == "shipped":
+        folder = SAES_DIR / model.name / cfg.site
+        found = sorted(p for p in folder.glob("*") if p.is_dir()) if folder.is_dir() else []
+        if len(found) != 1:
+            keys = [k for k, s in SPECS.items() if s.shipped]
+            raise SAEError(f"sae='shipped' needs exactly one SAE under {folder}, found {len(found)} "
+                           f"({[p.name for p in found]}); pass a folder, sae='train', or build one with "
+                           f"`python -m workbench.sae_study train {' '.join(keys)}`")
+        return load_sae(found[0], model)
+    if cfg.sae == "train":
+        tag = f"{model.name}-{cfg.corpus}-{cfg.site}-{cfg.train_tokens}"
+        store = harvest(model, load_corpus(cfg.corpus), cfg.site, cache_root() / "activations" / tag, batch_size=16,
+                        context_length=STORE_CONTEXT, max_tokens=cfg.train_tokens, shard_tokens=16_384)
+        t = cfg.train
+        name = f"{t.architecture}-{t.expansion}x" + (f"-k{t.k}" if t.architecture == "topk" else "")
+        name += f"-{t.total_tokens}tok-seed{t.seed}"
+        out = cache_root() / "saes" / model.name / cfg.site / name
+        try:
+            return load_sae(out, model)
+        except SAEError:
+            pass
+        train_sae(store, cfg.site, t, model=model, out_dir=out, corpus_name=cfg.corpus)
+        return load_sae(out, model)
+    return load_sae(cfg.sae, model)
+
+
+def run_sae_study(cfg: SAEStudyConfig | None = None, *, model=None) -> SAEStudyResult:
+    """Evaluate an SAE, scan and report its features, and link it to counting and data selection."""
+
+    cfg = cfg or SAEStudyConfig()
+    model = model or load_model(cfg.model)
+    timings = {}
+    t = time.perf_counter()
+    handle = _resolve_sae(cfg, model)
+    timings["sae"] = time.perf_counter() - t
+    corpus = load_corpus(cfg.corpus)
+
+    t = time.perf_counter()
+    ev = evaluate_sae(model, handle, corpus, n_tokens=cfg.n_eval_tokens, skip_documents=cfg.eval_skip_documents)
+    ev.pop("feature_freq")
+    metrics = pd.DataFrame([{"model": model.name, "site": handle.site, "architecture": handle.architecture,
+                             "d_in": handle.d_in, "d_sae": handle.d_sae, **ev}])
+    timings["evaluate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    scan = sf.scan_features(model, handle, corpus, n_tokens=cfg.n_scan_tokens)
+    features = list(cfg.features) if cfg.features is not None else sf.top_features_by_density(scan, seed=cfg.seed)
+    features = sf.check_features(features, handle.d_sae)
+    density = scan.summary()
+    rows = []
+    for f in features:
+        eff = sf.logit_effects(model, handle, f, k=5)
+        rows.append({"feature": f, "freq": float(scan.freq[f]), "max_act": float(scan.top_values[f, 0]),
+                     "promoted": " ".join(repr(tk) for tk, _ in eff["promoted"]),
+                     "suppressed": " ".join(repr(tk) for tk, _ in eff["suppressed"])})
+    report = sf.feature_report_html(model, handle, scan, features)
+    timings["features"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    count_tables, probe_tables = [], []
+    for task in cfg.count_tasks:
+        cf = sf.count_features(model, handle, task, n=cfg.n_count_prompts, seed=cfg.seed)
+        count_tables.append(cf.table)
+        probe_tables.append(cf.probes)
+    timings["counting"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    selection, scores = sf.data_selection_benchmark(model, handle, n_per_source=cfg.n_select_per_source,
+                                                    seed=cfg.seed, corpus=corpus)
+    timings["selection"] = time.perf_counter() - t
+    return SAEStudyResult(
+        config=asdict(cfg), model=model.name, weights_hash=model.weights_hash, sae_path=str(handle.path),
+        metrics=metrics, density=density, report_features=pd.DataFrame(rows),
+        count_features=pd.concat(count_tables, ignore_index=True), count_probes=pd.concat(probe_tables,
+                                                                                            ignore_index=True),
+        selection=selection, selection_scores=scores, report_html=report, handle=handle, scan=scan, timings=timings,
+    )
+
+
+def save_sae_result(result: SAEStudyResult, out_dir: str | Path) -> dict[str, Path]:
+    """Every table as CSV, ``study.json`` (model, SAE, card, config, timings) and ``feature_report.html``."""
+
+    paths = write_result_tables(out_dir, {name: getattr(result, name) for name in TABLES}, {
+        "model": result.model, "weights_hash": result.weights_hash, "sae_path": result.sae_path,
+        "sae_card": result.handle.card if result.handle else None, "config": result.config,
+        "timings": result.timings})
+    paths["report"] = Path(out_dir) / "feature_report.html"
+    atomic_write_text(paths["report"], result.report_html)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workbench.sae_study")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("harvest")
+    tr = sub.add_parser("train")
+    tr.add_argument("keys", nargs="+", choices=sorted(SPECS))
+    args = parser.parse_args(argv)
+    if args.cmd == "harvest":
+        t = time.perf_counter()
+        store = training_store()
+        print(json.dumps({"store": str(store.path), "n_tokens": store.n_tokens, "seconds": time.perf_counter() - t}))
+        return 0
+    for key in args.keys:
+        t = time.perf_counter()
+        result = build_sae(key)
+        print(json.dumps({"sae": key, "path": str(result.path), "seconds": time.perf_counter() - t,
+                          **{k: v for k, v in result.metrics.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Visual-ignorance routing (thread 2): study driver, plots, explorer."""
