@@ -92,3 +92,13 @@ def test_old_names_are_the_new_objects():
 
     assert (load_model, REGISTRY, RidgeProbe, residual_features, Corpus, harvest) == (
         new_load, new_registry, new_ridge, new_features, new_corpus, new_harvest)
+
+
+def test_the_testbed_registers_with_the_zoo_through_its_entry_point():
+    """The zoo never imports the testbed: its names arrive through the ``workbench.models`` entry point, read on
+    the first look-up (and a source checkout without the installed entry point says how to fix it)."""
+    code = ("import sys; from workbench.core import zoo; before = 'workbench.testbed.model' in sys.modules; "
+            "names = zoo.registry_names(); print(before, 'vlm-testbed' in names, 'vlm-testbed-balanced' in names, "
+            "zoo.ENTRY_POINT_GROUP)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split() == ["False", "True", "True", "workbench.models"]

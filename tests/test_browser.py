@@ -31,8 +31,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 EXPLORER = ".workbench-lens-explorer"
 NOTEBOOK_SOURCE = """\
-from workbench.tiny import tiny_model
-from workbench.widgets import lens_explorer
+from workbench.testing.tiny import tiny_model
+from workbench.ui.lens import lens_explorer
 
 lens_explorer({"tiny-llama": tiny_model("llama"), "tiny-gpt2": tiny_model("gpt2")}, "hello world")
 """

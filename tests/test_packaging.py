@@ -167,3 +167,17 @@ def test_lock_says_how_to_regenerate_it():
         head = path.read_text().splitlines()[:3]
         assert "make lock" in head[0]
         assert head[2].lstrip("# ").startswith("uv pip compile --generate-hashes")
+
+
+def test_one_version_and_the_entry_points():
+    """The package version has one source (``workbench.io.provenance.__version__``, what every card and manifest
+    records) and pyproject agrees; the console script and the testbed's zoo plugin point at existing functions."""
+    import importlib
+
+    from workbench.io.provenance import __version__
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["version"] == __version__
+    for target in (project["scripts"]["workbench"], project["entry-points"]["workbench.models"]["testbed"]):
+        module, _, func = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), func)), target

@@ -1,4 +1,4 @@
-"""``python -m workbench``: the ``workbench`` command line (see :mod:`workbench.cli`)."""
+"""``python -m workbench``: the ``workbench`` command line (see :mod:`workbench.batch.cli`)."""
 
 import sys
 

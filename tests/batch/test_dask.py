@@ -14,7 +14,7 @@ from workbench.io.manifest import read_manifest
 BODY = """\
 import json, os
 import plotly.graph_objects as go
-from workbench.figures import save_figure
+from workbench.io.figures import save_figure
 assert n != 2, "cell n=2 fails on purpose"
 os.makedirs(output_dir, exist_ok=True)
 json.dump({"kernel_parent": os.getppid(), "n": n}, open(os.path.join(output_dir, "kernel.json"), "w"))

@@ -1,6 +1,7 @@
 """The papermill runner: every notebook at smoke size, and bad input rejected before any kernel starts."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -65,7 +66,8 @@ def test_notebook_runs_at_smoke_size(stem, tmp_path):
     executed = nbformat.read(result.executed, as_version=4)
     assert _errors(executed) == []
     for cell in executed.cells:  # explorers render static figures under the runner: a figure, never a widget
-        if cell.cell_type == "code" and "from workbench.widgets import" in cell.source:
+        if cell.cell_type == "code" and re.search(r"^(lens_explorer|probe_explorer|latent_scrubber|blur_explorer)\(",
+                                                  cell.source, re.M):
             data = {k: v for o in cell.outputs for k, v in o.get("data", {}).items()}
             assert "application/vnd.plotly.v1+json" in data and data["application/vnd.plotly.v1+json"]["data"]
             assert "application/vnd.jupyter.widget-view+json" not in data
@@ -143,7 +145,7 @@ FAILING = "x = 1 / 0"
 CHECKING = """\
 import json, os, sys
 import workbench  # importable without `pip install -e`: the runner puts the repository on PYTHONPATH
-from workbench.figures import save_figure
+from workbench.io.figures import save_figure
 import plotly.graph_objects as go
 os.makedirs(output_dir, exist_ok=True)
 json.dump({"executable": sys.executable, "cwd": os.getcwd(), "workbench": workbench.__file__},

@@ -60,7 +60,7 @@ def test_bad_device_or_dtype_fails_before_loading(kwargs, match, monkeypatch):
     def must_not_load(*a, **k):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    monkeypatch.setattr("workbench.models.ensure_packaged", must_not_load)
+    monkeypatch.setattr("workbench.core.models.ensure_packaged", must_not_load)
     with pytest.raises(ValueError, match=match):
         wb.load_model("smollm2-135m", **kwargs)
 

@@ -1,4 +1,4 @@
-"""workbench.remote offline: the request is built and inspectable, nnsight's local simulation of the remote path
+"""workbench.core.remote offline: the request is built and inspectable, nnsight's local simulation of the remote path
 equals a local trace, and without a reachable host the call fails fast with a message naming it."""
 
 import json

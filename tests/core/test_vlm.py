@@ -1,7 +1,7 @@
 """Vision-language models in the core: the arch map, VLM sites, trace/lens equivalence with HF, multimodal inputs.
 
 Every family of SUPPORTED_VLM_FAMILIES runs as a tiny random model (3 decoder layers and 3 vision layers: the two
-lists have the same length on purpose), offline, with processor-free inputs from workbench.tiny; the processor
+lists have the same length on purpose), offline, with processor-free inputs from workbench.testing.tiny; the processor
 paths run where this environment can build the family's processor.
 """
 

@@ -1,4 +1,4 @@
-"""workbench.figures (save_figure, manifest, static export, gallery) and workbench.plots on a tiny model's lens."""
+"""workbench.io.figures (save_figure, manifest, static export, gallery) and workbench.methods.plots on a tiny model's lens."""
 
 import json
 import re

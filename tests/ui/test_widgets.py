@@ -1,4 +1,4 @@
-"""workbench.widgets: explorer structure, view changes that never re-run the model, the static (headless) rule."""
+"""workbench.ui: explorer structure, view changes that never re-run the model, the static (headless) rule."""
 
 import contextlib
 import json

@@ -20,7 +20,7 @@ Kernel and imports
     working directory is the repository root, and ``PYTHONPATH`` starts with the repository root, so
     ``import workbench`` works without ``pip install -e``. ``output_dir`` is passed relative to the repository
     root when inside it (as in the committed notebook defaults), else absolute; ``$WORKBENCH_NOTEBOOK`` holds the
-    notebook stem (recorded by :func:`workbench.figures.save_figure`), and progress-bar widgets are switched off
+    notebook stem (recorded by :func:`workbench.io.figures.save_figure`), and progress-bar widgets are switched off
     (``HF_HUB_DISABLE_PROGRESS_BARS=1``) so executed notebooks stay readable.
 
 A failing notebook does not stop the others: its :class:`Result` carries the error, and its executed copy (with
@@ -116,40 +116,33 @@ def resolve_names(names: Sequence[str] | str | None, available: dict[str, Path])
     return chosen
 
 
-def _parameters_cell(nb) -> tuple[int, str]:
-    for i, cell in enumerate(nb.cells):
-        if cell.cell_type == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
-            return i, cell.source
-    raise LookupError("no code cell tagged 'parameters'")
+def _has_parameters_cell(nb) -> bool:
+    return any(cell.cell_type == "code" and "parameters" in cell.get("metadata", {}).get("tags", [])
+               for cell in nb.cells)
 
 
 def notebook_parameters(path: str | os.PathLike) -> dict[str, object]:
     """The parameters a notebook defines: ``{name: default}`` from its cell tagged ``parameters``.
 
-    Read with ``ast`` (no kernel): every top-level assignment is a parameter; a default that is not a literal is
-    reported as its source text.
+    Read by papermill's own ``inspect_notebook`` (no kernel); each default is evaluated as a Python literal, and one
+    that is not a literal is kept as its source text (an :class:`Expression`).
     """
-
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
+    if not _has_parameters_cell(nb):
+        raise ValueError(f"notebook {path.name} has no code cell tagged 'parameters'; the runner needs one "
+                         f"defining {list(RUNNER_PARAMETERS)}")
     try:
-        _, source = _parameters_cell(nb)
-    except LookupError as e:
-        raise ValueError(f"notebook {path.name} has {e}; the runner needs one defining {list(RUNNER_PARAMETERS)}") from e
-    try:
-        tree = ast.parse(source)
-    except SyntaxError as e:
-        raise ValueError(f"notebook {path.name}: its parameters cell is not valid Python: {e}") from e
+        inspected = papermill.inspect_notebook(str(path))
+    except Exception as e:  # noqa: BLE001 - papermill's parse errors carry no file name
+        raise ValueError(f"notebook {path.name}: papermill cannot read its parameters cell: {e}") from e
     params: dict[str, object] = {}
-    for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        value = getattr(node, "value", None)
-        for target in targets:
-            if isinstance(target, ast.Name):
-                try:
-                    params[target.id] = ast.literal_eval(value) if value is not None else None
-                except ValueError:
-                    params[target.id] = Expression(ast.get_source_segment(source, value))
+    for name, spec in inspected.items():
+        source = spec["default"]
+        try:
+            params[name] = ast.literal_eval(source)
+        except (ValueError, SyntaxError):
+            params[name] = Expression(source)
     return params
 
 
@@ -240,7 +233,7 @@ def _kernel_environment(stem: str, kernel_name: str | None, figures_root: Path) 
     """Environment for the kernel: repo on PYTHONPATH, the notebook stem, and (if ``kernel_name``) a private
     kernelspec of that name running this interpreter, found first through ``JUPYTER_PATH``."""
     root = str(repo_root())
-    # headless: no progress-bar widgets, and the explorers of workbench.widgets render static figures
+    # headless: no progress-bar widgets, and the explorers of workbench.ui render static figures
     quiet = {"PYDEVD_DISABLE_FILE_VALIDATION": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", HEADLESS_ENV: "1",
              FIGURES_ROOT_ENV: str(figures_root)}  # one shared plotly.min.js at the root of the figures tree
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", NOTEBOOK_ENV, "JUPYTER_PATH", *quiet)}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-# model_type -> human family name. Each of these is covered by a tiny random model in ``workbench.tiny`` and by
+# model_type -> human family name. Each of these is covered by a tiny random model in ``workbench.testing.tiny`` and by
 # the equivalence tests (captures == ``output_hidden_states``, last-layer lens == logits).
 SUPPORTED_FAMILIES: dict[str, str] = {
     "llama": "Llama",
@@ -31,7 +31,7 @@ SUPPORTED_FAMILIES: dict[str, str] = {
     "gpt_neox": "GPT-NeoX / Pythia",
 }
 
-# Vision-language families (model_type -> name), each covered by a tiny random model in ``workbench.tiny`` and the
+# Vision-language families (model_type -> name), each covered by a tiny random model in ``workbench.testing.tiny`` and the
 # same equivalence tests. Their language part is mapped like a text model; none of their heads soft-caps the logits
 # (Gemma 3's text config may name a cap, but ``Gemma3ForConditionalGeneration`` does not apply it).
 SUPPORTED_VLM_FAMILIES: dict[str, str] = {

@@ -164,10 +164,13 @@ def _check_name(name_or_path) -> str:
         return name
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists():
         return name  # a hub id
+    hint = "" if plugin_models() else (
+        "; no plugin model is registered (the VLM testbed's names come from the 'workbench.models' entry point of "
+        "an installed workbench: run `pip install -e .` in the checkout)")
     raise ValueError(
         f"unknown model {name!r}: not a registry name ({', '.join(registry_names())}), "
         "not a local folder, "
-        "and not a hub id of the form 'org/name'"
+        f"and not a hub id of the form 'org/name'{hint}"
     )
 
 
@@ -255,7 +258,7 @@ def from_hf(
 ) -> Model:
     """Wrap an already-built transformers model (e.g. a tiny random one) as a :class:`Model`.
 
-    processor: a VLM's transformers processor (optional; ``workbench.vlm.encode_multimodal`` needs it). A text
+    processor: a VLM's transformers processor (optional; ``workbench.core.vlm.encode_multimodal`` needs it). A text
     model takes none.
     """
     arch = resolve_arch(hf)  # raises before anything else is touched

@@ -1,11 +1,11 @@
 """Remote execution for models too large for this machine: workbench's trace request run on NDIF through nnsight.
 
-    from workbench.remote import remote_trace
+    from workbench.core.remote import remote_trace
     out = remote_trace("meta-llama/Llama-3.1-70B", ["The capital of France is"],
                        ["blocks.40.hook_resid_post", "ln_final.hook_normalized"])
     out["blocks.40.hook_resid_post"]                 # [1, d_model], the last position of each prompt
 
-The request is the one :func:`workbench.trace` takes: a model, prompts and workbench site names (``hook_embed``,
+The request is the one :func:`workbench.core.trace` takes: a model, prompts and workbench site names (``hook_embed``,
 ``blocks.{i}.hook_resid_pre|attn_out|mlp_out|resid_post``, ``ln_final.hook_normalized``, a dotted module path,
 ``path:input``), plus ``positions`` (``-1``, the last token of every prompt, by default; ``None`` for every position
 of the left-padded batch). Sites are mapped onto the Hugging Face modules by the same architecture map as local

@@ -38,12 +38,12 @@ written, then ``"complete"``; ``versions`` (python, torch, transformers, safeten
 ``updated_at`` timestamps. A hidden ``.harvest.lock`` serialises harvests into the same folder.
 
 Vision-language models: ``harvest(vlm, prompts, sites, out, images=[...])`` runs each prompt with its image(s)
-(``workbench.vlm.encode_multimodal``: every prompt carries the image placeholder once per image); the stored
+(``workbench.core.vlm.encode_multimodal``: every prompt carries the image placeholder once per image); the stored
 ``token_ids`` hold the image token at image positions, so ``store.tokens()["token_ids"] == image_token_id`` selects
 them. The data hash covers the images' pixels. Without ``images`` the data is text only and a VLM's language model
 runs on it without images (exactly what the VLM computes for a text-only prompt). Vision-tower sites (``vision.*``,
 ``projector.hook_out``) hold one vector per image patch, not per token, and are refused with a ValueError;
-capture those with :func:`workbench.trace` on ``encode_multimodal`` batches.
+capture those with :func:`workbench.core.trace` on ``encode_multimodal`` batches.
 
 Activations are moved to the CPU as float32 by default (``dtype="bfloat16"``/``"float16"`` halve the disk; ``None``
 keeps the model's dtype). A harvest holds at most about ``shard_tokens + batch_size * context_length`` tokens of
@@ -267,7 +267,7 @@ def _check_sites(model, sites, images: bool = False) -> list[str]:
                "harvest feeds text only here (no images=), so they would never fire")
         raise ValueError(
             f"sites {vision} are in the vision tower of {getattr(model, 'name', 'the model')}: {why}; harvest a VLM's "
-            "language-model sites (blocks.*, hook_embed, ln_final.*), or capture vision sites with workbench.trace "
+            "language-model sites (blocks.*, hook_embed, ln_final.*), or capture vision sites with workbench.core.trace "
             "on encode_multimodal batches"
         )
     return site_list
@@ -385,7 +385,7 @@ def harvest(
 ) -> ActivationStore:
     """Run ``data`` through ``model`` and store the activations at ``sites`` in ``out_dir`` (see the module doc).
 
-    model: a workbench :class:`~workbench.models.Model`.
+    model: a workbench :class:`~workbench.core.models.Model`.
     data: a list of prompts (one row each), a :class:`Corpus` (fixed ``context_length`` windows, one row each), or
         the path of a local text file (= ``Corpus(path)``).
     sites: one site name or a list (``workbench.site_names(model.arch)``, or raw module paths); every name is
@@ -401,7 +401,7 @@ def harvest(
     progress: show a tqdm bar (tokens). resume: continue an interrupted harvest into ``out_dir`` (arguments must
         match the existing manifest, else :class:`StoreError`); ``resume=False`` deletes an existing store there.
     images: for a VLM with a processor, one entry per prompt (an image or a list of images; see
-        ``workbench.vlm.encode_multimodal``); ``data`` must then be a list of prompts. Checked before any forward.
+        ``workbench.core.vlm.encode_multimodal``); ``data`` must then be a list of prompts. Checked before any forward.
 
     Returns the :class:`ActivationStore` of ``out_dir``.
     """

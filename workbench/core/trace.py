@@ -1,6 +1,6 @@
 """The hook primitive: one context manager that captures and edits tensors at named sites.
 
-    with workbench.trace(model, ["blocks.3.hook_resid_post"], positions=-1) as tr:
+    with workbench.core.trace(model, ["blocks.3.hook_resid_post"], positions=-1) as tr:
         model.hf(**batch)
     h = tr["blocks.3.hook_resid_post"]          # [batch, d_model]
 

@@ -1,11 +1,11 @@
 """Multimodal inputs for vision-language models: checked images, image-token positions, and processor batches.
 
     batch = encode_multimodal(model, [img_a, img_b], ["<image>\\nWhat colour is it?", "<image>\\nHow many?"])
-    with workbench.trace(model, ["blocks.3.hook_resid_post", "projector.hook_out"]) as tr:
+    with workbench.core.trace(model, ["blocks.3.hook_resid_post", "projector.hook_out"]) as tr:
         model.hf(**batch)
     img = image_token_mask(model, batch["input_ids"])          # [batch, seq] bool: where the image features went
 
-A VLM :class:`~workbench.models.Model` (``model.arch.is_vlm``) carries its transformers processor in
+A VLM :class:`~workbench.core.models.Model` (``model.arch.is_vlm``) carries its transformers processor in
 ``model.processor`` (``load_model`` sets it for a folder or hub id of a supported VLM family). Its prompts name
 where each image goes with the processor's placeholder string (:func:`image_placeholder`: ``"<image>"`` for LLaVA,
 Idefics3 and SmolVLM, ``"<|image_pad|>"`` for Qwen2-VL / Qwen2.5-VL, ``"<start_of_image>"`` for Gemma 3); the

@@ -247,7 +247,7 @@ def _jsonl_reader(path: Path, text_field: str):
 
 def load_corpus(source=DEFAULT_CORPUS, *, text_field: str = "text", split: str = "paragraph",
                 max_documents: int | None = None) -> Corpus:
-    """A :class:`~workbench.store.Corpus` from a registry name, a ``.txt`` / ``.jsonl`` file, a ``datasets``
+    """A :class:`~workbench.core.store.Corpus` from a registry name, a ``.txt`` / ``.jsonl`` file, a ``datasets``
     dataset (its ``text_field`` column) or a list of strings. ``max_documents`` keeps only the first documents."""
     if max_documents is not None and (not isinstance(max_documents, int) or max_documents < 1):
         raise ValueError(f"max_documents must be a positive int or None, got {max_documents!r}")

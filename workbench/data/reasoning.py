@@ -1,7 +1,7 @@
 """Multi-step reasoning tasks with a gold intermediate result at every step (research thread 3, methods.md).
 
 Each generator returns a :class:`ReasoningSet`: prompts, final answers, and per item the list of gold intermediate
-results (one per reasoning step), so that every latent step of :mod:`workbench.latent` can be scored against
+results (one per reasoning step), so that every latent step of :mod:`workbench.methods.latent` can be scored against
 what the model *should* hold at that point. All generators are seeded and deterministic.
 
 - ``arithmetic``: variable chains ``a=3; b=a+4; c=b*2; c=?``; every intermediate value is a single digit 0-9

@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -365,6 +366,33 @@ def save_table(
         record["timestamp"] = now()
         update_manifest(out_dir, name, record)
     return record
+
+
+def save_figures(
+    figures: Mapping[str, go.Figure],
+    out_dir: str | os.PathLike,
+    *,
+    tables: Mapping[str, pd.DataFrame] | None = None,
+    **provenance,
+) -> dict[str, dict]:
+    """:func:`save_figure` for each of ``figures`` and :func:`save_table` for each of ``tables`` (name -> object),
+    with the same provenance (``model``, ``params``, ``seed``, ``notebook``, ``wall_time_s``). Every name is
+    checked before anything is written. Returns ``{name: manifest record}``; prints one line per figure (its files
+    and static-export status) so an executed notebook shows what it wrote."""
+    tables = dict(tables or {})
+    both = sorted(set(figures) & set(tables))
+    if both:
+        raise ValueError(f"names {both} are given as both a figure and a table")
+    for name in [*figures, *tables]:
+        _check_name(name)
+    records = {}
+    for name, df in tables.items():
+        records[name] = save_table(df, name, out_dir, **provenance)
+    for name, fig in figures.items():
+        records[name] = save_figure(fig, name, out_dir, **provenance)
+        print(f"{name}: {', '.join(sorted(records[name]['files']))} (static export: "
+              f"{records[name]['static_export']})")
+    return records
 
 
 def write_result_tables(out_dir: str | os.PathLike, tables: dict, meta: dict) -> dict[str, Path]:

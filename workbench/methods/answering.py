@@ -2,7 +2,7 @@
 
 For each item the answer is read three ways from one prompt:
 
-* ``pred``: the candidate answer (default :data:`workbench.vqa.ANSWERS`) whose first token has the highest logit
+* ``pred``: the candidate answer (default :data:`workbench.data.vqa.ANSWERS`) whose first token has the highest logit
   at the last prompt position (a forced choice; candidates' first tokens must be distinct);
 * ``top_token``: the full-vocabulary argmax token at that position (``full_correct``: it is the gold answer's first
   token);
@@ -11,8 +11,8 @@ For each item the answer is read three ways from one prompt:
 
 ``p_gold`` / ``p_prior`` are full-vocabulary probabilities of the gold / prior answer's first token.
 Images may be replaced per call (``images=``: blurred, blank, noise), forward edits applied (``edits=``: site ->
-function, through :func:`workbench.trace.trace`), so every intervention in :mod:`workbench.routing` and
-:mod:`workbench.blur` reads answers the same way.
+function, through :func:`workbench.core.trace.trace`), so every intervention in :mod:`workbench.methods.routing` and
+:mod:`workbench.methods.blur` reads answers the same way.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def candidate_token_ids(tokenizer, candidates: Sequence[str]) -> list[int]:
 
 
 def vqa_inputs(model, images: Sequence[Image.Image], questions: Sequence[str]) -> dict[str, torch.Tensor]:
-    """A left-padded multimodal batch (one image per question) through :func:`workbench.vlm.encode_multimodal`."""
+    """A left-padded multimodal batch (one image per question) through :func:`workbench.core.vlm.encode_multimodal`."""
 
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images for {len(questions)} questions: give one image per question")

@@ -10,8 +10,8 @@ BORDER_REFLECT_101) and the question is asked again at every level. Metrics (met
 * per item: the answer at every level, ``invariant``, and ``answerable_without_seeing`` (invariant and correct at
   the strongest blur: the question is answered without the visual evidence).
 
-Works on any list of :class:`workbench.vqa.VQAItem` (or (image, question, answer) triples through
-:func:`workbench.vqa.from_triples`) and any supported VLM; all levels of a batch of items are answered together.
+Works on any list of :class:`workbench.data.vqa.VQAItem` (or (image, question, answer) triples through
+:func:`workbench.data.vqa.from_triples`) and any supported VLM; all levels of a batch of items are answered together.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ One loop serves four modes that differ only in what is fed back as the next inpu
 Sequence: ``prompt + marker`` (``bot`` for the latent modes, the task's CoT cue for ``cot``), ``n_steps`` thinking
 steps with the KV cache, then ``eot`` (latent modes) and the task's answer cue, then greedy decoding of the answer
 for ``answer_tokens`` tokens, parsed by the task's rule. Step k (1..n) is the position whose last-layer output
-becomes input k; its residual at every layer is captured through :func:`workbench.trace.trace` (one trace per
+becomes input k; its residual at every layer is captured through :func:`workbench.core.trace.trace` (one trace per
 forward, so a loop that raises leaves no hook behind). Prompts are batched (left padding, explicit position ids);
 Cold Stop ends items at different steps, so it runs one prompt at a time. Deterministic for a given seed.
 """
@@ -88,7 +88,7 @@ class LatentConfig:
 
 @dataclass
 class LatentRun:
-    """Everything one run produced; :mod:`workbench.drift` turns it into metrics."""
+    """Everything one run produced; :mod:`workbench.studies.drift.metrics` turns it into metrics."""
 
     config: dict
     items: pd.DataFrame  # item, n_latent, answer_text, parsed, gold, correct, thought_text (cot)

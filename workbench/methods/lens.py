@@ -5,7 +5,7 @@ block 0), layer l is the residual after l decoder blocks, layer L is the last bl
 applied exactly once, so layer L of the lens equals the model's own logits.
 
 Vision-language models: the lens reads the language model's residual stream. Give ``images`` with the prompts
-(batched through ``workbench.vlm.encode_multimodal``), or a prepared left-padded batch as ``inputs``; ``positions``
+(batched through ``workbench.core.vlm.encode_multimodal``), or a prepared left-padded batch as ``inputs``; ``positions``
 can then pick the image-token positions (``"image"``), the text positions (``"text"``) or any boolean mask.
 """
 
@@ -124,7 +124,7 @@ def _check_inputs(model: Model, inputs) -> dict:
     if not isinstance(inputs, Mapping) or "input_ids" not in inputs or "attention_mask" not in inputs:
         raise ValueError(
             "inputs must be a dict with at least input_ids and attention_mask (e.g. from model.encode or "
-            f"workbench.vlm.encode_multimodal), got {type(inputs).__name__}"
+            f"workbench.core.vlm.encode_multimodal), got {type(inputs).__name__}"
         )
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     tensors = isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor)
@@ -161,7 +161,7 @@ def logit_lens(
     """Top-k tokens and target-token probability/rank per prompt x layer x position, as a tidy long frame.
 
     prompts: non-empty list of strings. images: for a VLM, one entry per prompt (an image or a list of images; see
-    ``workbench.vlm.encode_multimodal``). inputs: instead of prompts, one prepared left-padded batch (a dict with
+    ``workbench.core.vlm.encode_multimodal``). inputs: instead of prompts, one prepared left-padded batch (a dict with
     input_ids, attention_mask and whatever the model takes, e.g. pixel_values), run as a single forward;
     ``prompt_idx`` is then the row. layers: hidden-state indices 0..L (None = all). positions: in-prompt positions
     (negative from the end; default the last token), "all", "image" (a VLM's image-token positions), "text" (every

@@ -2,7 +2,7 @@
 
 * :func:`swap_layers` / :func:`layer_replacement`: decoder layers i..j of one model are replaced by those of
   another model of the same architecture (two testbed variants; a VLM and its base language model) while a block
-  runs, restored in ``finally`` (:func:`workbench.swap.swap_modules`). The scan moves the swapped range (first N,
+  runs, restored in ``finally`` (:func:`workbench.core.swap.swap_modules`). The scan moves the swapped range (first N,
   last N, sliding windows) and records answer flips, accuracy and how often the planted prior is answered.
 * :func:`image_patching`: residuals at the image-token positions of layer l (hidden-state numbering: 0 = the
   embeddings with the projected image scattered in) are patched from the clean-image run into the corrupted
@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from workbench.core.sites import layer_site
+from workbench.core.sites import check_layers, layer_site
 from workbench.core.swap import swap_modules
 from workbench.core.trace import trace
 from workbench.core.vlm import image_token_mask
@@ -170,10 +170,7 @@ def image_patching(
     """
 
     items = list(items)
-    n_hidden = model.n_layers + 1
-    bad = [l for l in layers if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < n_hidden]
-    if bad or not layers:
-        raise ValueError(f"patching layers {bad or '(none)'} not allowed: hidden-state layers 0..{n_hidden - 1}")
+    layers = check_layers(layers, model.n_layers, name="patching layers")
     wrong = [p for p in positions if p not in ("image", "last")]
     if wrong or not positions:
         raise ValueError(f"positions {wrong or '(none)'} not allowed: 'image', 'last'")

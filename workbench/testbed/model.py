@@ -6,7 +6,7 @@
 * Language model: the real SmolLM2-135M-Instruct of the registry (frozen; LoRA r=8 on ``q_proj``/``v_proj``).
 * Projector: LLaVA's two-layer GELU MLP, 384 -> 576 -> 576, trained here.
 
-Two variants differ only in their training mix (``workbench.vqa``): ``biased`` carries the planted prior (90 % of
+Two variants differ only in their training mix (``workbench.data.vqa``): ``biased`` carries the planted prior (90 % of
 "what color is the circle?" items are red circles), ``balanced`` does not. Everything else — seed, steps, images
 per kind — is identical, so differences between them are the prior's doing.
 
@@ -78,7 +78,7 @@ def prompt_for(question: str) -> str:
 
 @dataclass(frozen=True)
 class TestbedConfig:
-    variant: str = "biased"  # which training mix (workbench.vqa.VARIANTS)
+    variant: str = "biased"  # which training mix (workbench.data.vqa.VARIANTS)
     n_train: int = 6400  # training items, one pass: 800 steps of 8 at ~1.0 s, ~14 min per variant on 2 cores
     batch_size: int = 8
     image_px: int = 56  # 16 image tokens; 112 px (64 tokens) costs 2.2x per step
@@ -317,7 +317,7 @@ def ensure_testbed(name: str) -> Path:
 
 
 def load_testbed(name: str = "vlm-testbed", device=None, dtype=None):
-    """``workbench.load_model`` for the testbed names: a :class:`workbench.models.Model` with a processor."""
+    """``workbench.load_model`` for the testbed names: a :class:`workbench.core.models.Model` with a processor."""
 
 
     dev, dt = resolve_device(device), resolve_dtype(dtype)

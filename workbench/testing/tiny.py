@@ -4,7 +4,7 @@ Each has 3 layers, width 64 and a byte-level tokenizer (256 byte tokens plus <pa
 milliseconds and exercise the same code paths as the real models: tied and untied heads, grouped-query attention,
 scaled embeddings (Gemma), logit soft-capping (Gemma 2), learned positions (GPT-2), partial rotary (NeoX).
 
-Vision-language families (``workbench.arch.SUPPORTED_VLM_FAMILIES``) get the same 3-layer, width-64 language model
+Vision-language families (``workbench.core.arch.SUPPORTED_VLM_FAMILIES``) get the same 3-layer, width-64 language model
 behind a width-32 vision tower (:func:`tiny_vlm`), a byte tokenizer with the family's image tokens (the image token
 is always id 259), a real transformers processor built offline where this environment allows it
 (:func:`tiny_vlm_processor`), and processor-free inputs of the exact shapes each family needs
@@ -57,7 +57,7 @@ def byte_tokenizer(extra_tokens: tuple[str, ...] = (), named: dict[str, str] | N
 
 
 def tiny_config(family: str):
-    """A small config of ``family`` (a ``model_type`` from ``workbench.arch.SUPPORTED_FAMILIES``)."""
+    """A small config of ``family`` (a ``model_type`` from ``workbench.core.arch.SUPPORTED_FAMILIES``)."""
 
     common = dict(vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
     decoder = dict(

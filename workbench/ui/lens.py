@@ -73,7 +73,7 @@ class LensData:
 
 def lens_figure(frame: pd.DataFrame, *, model_name: str, prompt: str, layers: tuple[int, int],
                 positions: tuple[int, int], value: str = "prob") -> go.Figure:
-    """The explorer's view: :func:`workbench.plots.lens_heatmap` of the chosen layer and position ranges."""
+    """The explorer's view: :func:`workbench.methods.plots.lens_heatmap` of the chosen layer and position ranges."""
     sub = frame[frame.layer.between(*layers) & frame.position.between(*positions)]
     if sub.empty:
         raise ValueError(f"no lens rows for layers {layers} and positions {positions}")

@@ -70,7 +70,7 @@ def residual_features(
     layers: hidden-state indices 0..L (0 = embedding output, l = after block l-1; None = all; negative from the
         end). positions: "last" (the last real token), an int (that position in every prompt; negative from its
         end), or one list of token positions per prompt, averaged (e.g. the entity mentions from
-        :meth:`workbench.tasks.TaskSet.mention_token_positions`). Positions index the unpadded tokenised prompt,
+        :meth:`workbench.data.tasks.TaskSet.mention_token_positions`). Positions index the unpadded tokenised prompt,
         special tokens included. The forward stops after the deepest requested layer; prompts are batched by
         length (the rows come back in the order of ``prompts``).
     """

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from workbench.core.trace import trace
 from workbench.data.corpus import DEFAULT_CORPUS, Corpus, load_corpus
@@ -90,11 +91,13 @@ def scan_features(
     context_length: int = 128,
     batch_size: int = 8,
     n_top: int = 20,
+    progress: bool = True,
 ) -> FeatureScan:
     """Run ``n_tokens`` of ``corpus`` (BOS + stream windows) through the model up to the SAE's site and keep, for
     every feature, its ``n_top`` largest activations with their (window, position), its firing frequency, mean
     activation and a histogram. Two passes over the activations: the first finds each feature's max (histogram
-    range), the second bins; the model runs once (site activations of the scan are kept in memory, float32)."""
+    range), the second bins; the model runs once (site activations of the scan are kept in memory, float32).
+    ``progress``: a tqdm bar over the windows."""
     if not isinstance(n_top, int) or n_top < 1:
         raise SAEError(f"n_top must be a positive int, got {n_top!r}")
     ids = corpus_token_windows(model, corpus, n_tokens, context_length)
@@ -106,7 +109,7 @@ def scan_features(
     sums = torch.zeros(d_sae, dtype=torch.float64)
     acts_kept: list[Tensor] = []  # sparse (index, value) per batch for the histogram pass
     n = 0
-    for s in range(0, len(ids), batch_size):
+    for s in tqdm(range(0, len(ids), batch_size), desc=f"scan {handle.site}", unit="batch", disable=not progress):
         batch = ids[s : s + batch_size]
         with trace(model, handle.site, stop=True) as tr:
             model.hf(input_ids=batch.to(model.device))

@@ -41,6 +41,7 @@ from jaxtyping import Float
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from workbench.core.store import ActivationStore
 from workbench.core.trace import seq_index, trace
@@ -527,6 +528,7 @@ def evaluate_sae(
     context_length: int = 128,
     batch_size: int = 8,
     skip_documents: int = 0,
+    progress: bool = True,
 ) -> dict:
     """Reconstruction and downstream metrics of ``handle`` on fresh windows of ``corpus`` (BOS + stream tokens).
 
@@ -534,7 +536,7 @@ def evaluate_sae(
     (mean over predicted tokens, position 0's prediction included) of the clean model, with the SAE spliced in at
     every position, with the SAE + error term (must equal clean), and with the site zero-ablated, plus
     ``ce_loss_recovered = (ce_zero - ce_sae) / (ce_zero - ce_clean)``. ``skip_documents`` skips the first
-    documents (to evaluate on text the training store did not see).
+    documents (to evaluate on text the training store did not see). ``progress``: a tqdm bar over the windows.
     """
     if skip_documents:
         base = corpus.documents if isinstance(corpus, Corpus) else (lambda: iter(corpus))
@@ -552,7 +554,7 @@ def evaluate_sae(
     xs = []
     n_pred = 0
     loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
-    for s in range(0, len(ids), batch_size):
+    for s in tqdm(range(0, len(ids), batch_size), desc=f"evaluate {handle.site}", unit="batch", disable=not progress):
         batch = ids[s : s + batch_size].to(device)
         targets = batch[:, 1:].reshape(-1)
 

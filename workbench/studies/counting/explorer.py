@@ -22,6 +22,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from workbench.core.models import Model, load_model
+from workbench.core.sites import check_layers
 from workbench.data.tasks import TASKS
 from workbench.io.figures import PAPER_COLORWAY, apply_theme
 from workbench.studies.counting.study import CountingConfig, CountingResult, task_probes
@@ -32,7 +33,7 @@ class ProbeData:
     """Curves (held-out R², |cos| with the digit rows) per task and seed, and held-out predictions per layer.
 
     Saved results give the curves; the predictions need the model (one feature pass per task and seed, cached).
-    A live source computes both with :func:`workbench.counting.task_probes`.
+    A live source computes both with :func:`workbench.studies.counting.study.task_probes`.
     """
 
     def __init__(self, *, model, cfg, tables: dict | None, weights_hash: str | None):
@@ -53,7 +54,7 @@ class ProbeData:
             self.tasks = list(cfg.tasks)
             self.seeds = list(cfg.seeds)
             L = model.n_layers
-            self.layers = sorted({int(x) for x in cfg.layers}) if cfg.layers is not None else list(range(L + 1))
+            self.layers = check_layers(cfg.layers, L)
 
     @property
     def has_predictions(self) -> bool:
@@ -66,7 +67,7 @@ class ProbeData:
             raise ValueError(f"unknown seed {seed!r}; this explorer has {self.seeds}")
 
     def live(self, task: str, seed: int):
-        """:class:`workbench.counting.TaskProbes` of (task, seed), computed once."""
+        """:class:`workbench.studies.counting.study.TaskProbes` of (task, seed), computed once."""
 
         self._check(task, seed)
         if self.model is None:
@@ -214,7 +215,7 @@ def probe_explorer(source, *, model=None, task: str | None = None, seed: int | N
                    n_test: int = 60, display: str = "auto"):
     """Probe explorer: task and seed choice, layer slider, held-out R² and |cos| curves, predicted against true.
 
-    source: a :class:`workbench.counting.CountingResult`, a folder written by ``save_counting_result`` (e.g.
+    source: a :class:`workbench.studies.counting.study.CountingResult`, a folder written by ``save_counting_result`` (e.g.
     ``figures/02_counting_readout``), or a model / model name for a live run (``tasks``, one ``seed`` (default 11),
     ``n_train`` + ``n_test`` prompts per task). For saved results, ``model`` (the same weights) adds the
     predicted-against-true panel; its probes are refitted on the study's own prompts and split, so they equal the

@@ -173,7 +173,7 @@ def permutation_test(
 ) -> PermutationResult:
     """Is the ridge probe's mean |cos| with the digit rows larger than what shuffled counts give?
 
-    The probe is fitted as :class:`workbench.probes.RidgeProbe` does on all of X (standardised, intercept free) with
+    The probe is fitted as :class:`workbench.methods.probes.RidgeProbe` does on all of X (standardised, intercept free) with
     ``alpha`` (None: chosen once by :class:`RidgeProbe` on the real targets, then kept fixed for every permutation,
     so the null differs from the real fit only in the labels). One SVD serves all ``n_perm`` permutations.
     """

@@ -5,7 +5,7 @@ Each returns something that can be *applied* to a model without touching its sto
 - :func:`train_digit_rows` -> :class:`DigitRowRepair`; ``with repair.applied(model): ...`` swaps the output head
   for one whose digit rows carry a trained delta (only ``n_digits x d_model`` parameters). For a tied head the
   embedding is left untouched: the delta lives in the head only.
-- :func:`train_lora_qv` -> a new :class:`~workbench.models.Model` with the LoRA update merged into a copy of the
+- :func:`train_lora_qv` -> a new :class:`~workbench.core.models.Model` with the LoRA update merged into a copy of the
   weights (the original model is not modified).
 - :func:`steering_edit` -> a ``trace`` edit that adds ``alpha * direction`` at one site.
 """

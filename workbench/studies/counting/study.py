@@ -26,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
 from workbench.core.models import DEFAULT_MODEL, Model, load_model
-from workbench.core.sites import layer_site
+from workbench.core.sites import check_layers, layer_site
 from workbench.data.tasks import (
     DEFAULT_ANSWER_PREFIX,
     TASKS,
@@ -44,6 +45,7 @@ from workbench.io.figures import write_result_tables
 from workbench.methods.probes.base import probe_dir, save_probe
 from workbench.methods.probes.features import residual_features_many
 from workbench.methods.probes.layerwise import layerwise_logistic, layerwise_ridge
+from workbench.studies.counting import plots
 from workbench.studies.counting.evaluation import PromptCache, evaluate_answers
 from workbench.studies.counting.geometry import (
     geometry_table,
@@ -53,6 +55,7 @@ from workbench.studies.counting.geometry import (
     row_norm_percentiles,
 )
 from workbench.studies.counting.interventions import steering_edit, train_digit_rows, train_lora_qv
+from workbench.studies.notebook import NotebookConfig
 
 METHODS = ("baseline", "probe_round", "digit_rows", "lora_qv", "steering")
 INTERVENTIONS = ("digit_rows", "lora_qv", "steering")
@@ -60,7 +63,13 @@ LORA_SCOPES = ("joint", "per_task")
 
 
 @dataclass
-class CountingConfig:
+class CountingConfig(NotebookConfig):
+    # notebook 02's parameters -> fields (see workbench.studies.notebook); a smoke run sizes the last four itself
+    NOTEBOOK = {"model": "model", "tasks": "tasks", "layers": "layers", "interventions": "interventions",
+                "lora_scope": "lora_scope", "n_prompts": "n_test", "n_train": "n_train", "seeds": "seeds",
+                "save_probes": ("probes_root", lambda save: "." if save else None)}
+    SMOKE_SIZED = ("n_prompts", "n_train", "seeds", "save_probes")
+
     model: str = DEFAULT_MODEL
     tasks: tuple[str, ...] = tuple(TASKS)
     seeds: tuple[int, ...] = (11, 77, 42)  # the paper's seeds; each seed draws its own prompts and trains anew
@@ -142,6 +151,19 @@ class CountingResult:
         mean, sd = g.mean(), g.std(ddof=1)
         out = mean.add_suffix("_mean").join(sd.add_suffix("_sd")).reset_index()
         return out
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """The tables a notebook records in its manifest (the full tables go to CSV by ``save_counting_result``)."""
+        return {"accuracy_table": self.summary()}
+
+    def figures(self) -> dict[str, go.Figure]:
+        """The study's figures, by name: probe R², |cos| with the digit rows, lens ranks, accuracy."""
+        return {
+            "r2_by_layer": plots.probe_r2_by_layer(self.probes),
+            "cos_by_layer": plots.cos_by_layer(self.geometry),
+            "lens_rank_by_layer": plots.lens_rank_by_layer(self.lens),
+            "accuracy": plots.accuracy_bars(self.summary()),
+        }
 
 
 def _answer_setup(model: Model, task: str, probe_prompt: str) -> tuple[str, str]:
@@ -236,15 +258,10 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
     t_start = time.perf_counter()
     model = model or load_model(cfg.model)
     L = model.n_layers
-    if cfg.layers is not None:
-        layers = sorted({int(x) for x in cfg.layers})
-    elif cfg.smoke:
+    if cfg.layers is None and cfg.smoke:
         layers = sorted(set(range(0, L + 1, max(1, L // 6))) | {L})  # a handful of layers: seconds, not minutes
     else:
-        layers = list(range(L + 1))
-    bad = [x for x in layers if not 0 <= x <= L]
-    if bad:
-        raise ValueError(f"layers {bad} out of range: probe layers are 0..{L} (0 = embeddings)")
+        layers = check_layers(cfg.layers, L)
     if L not in layers:
         layers.append(L)  # the last layer feeds the digit-row repair
     W_U = model.W_U.detach()

@@ -169,8 +169,8 @@ def latent_scrubber(source, *, model=None, reasoning=None, latent_mode: str | No
                     lens_value: str = "mean_gold_prob", display: str = "auto"):
     """Latent-step scrubber: step slider; the lens at that step by layer and the drift metrics, marked at it.
 
-    source: a :class:`workbench.drift_study.DriftResult`, a folder written by ``save_drift_result`` (e.g.
-    ``figures/04_latent_drift``), a :class:`workbench.latent.LatentRun` or ``{mode: LatentRun}`` (then ``model``
+    source: a :class:`workbench.studies.drift.study.DriftResult`, a folder written by ``save_drift_result`` (e.g.
+    ``figures/04_latent_drift``), a :class:`workbench.methods.latent.LatentRun` or ``{mode: LatentRun}`` (then ``model``
     and ``reasoning``, the ReasoningSet the runs answered, are needed: the drift metrics are computed once here).
     latent_mode: the loop mode shown first (default: the first with latent steps). lens_value: one of
     ``SCRUB_LENS_VALUES``. Returns the widget, or a :class:`StaticFigure` when ``display`` resolves to static.

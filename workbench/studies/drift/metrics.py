@@ -1,6 +1,6 @@
 """Drift metrics of latent reasoning, per step (research thread 3; methods.md defines them, no paper does).
 
-From a :class:`workbench.latent.LatentRun`:
+From a :class:`workbench.methods.latent.LatentRun`:
 
 - :func:`manifold_metrics`: for the vector fed in at each step, the max cosine to any token's input embedding and
   the nearest tokens, the norm ratio to the mean embedding norm, the mean Euclidean distance to the k nearest

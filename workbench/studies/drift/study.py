@@ -2,8 +2,8 @@
 
 :func:`run_drift_study` runs, for one model and task:
 
-1. every mode of :mod:`workbench.latent` at ``n_steps`` (``direct`` with none), instrumented at every layer;
-2. the drift metrics of :mod:`workbench.drift` per step, the lens as a step x layer table, fact retention;
+1. every mode of :mod:`workbench.methods.latent` at ``n_steps`` (``direct`` with none), instrumented at every layer;
+2. the drift metrics of :mod:`workbench.studies.drift.metrics` per step, the lens as a step x layer table, fact retention;
 3. accuracy against the number of steps, for each thinking mode at every value of ``steps_grid``.
 
 Results are small dataframes in :class:`DriftResult`; :func:`save_drift_result` writes them as CSV.
@@ -17,11 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import plotly.graph_objects as go
+from tqdm.auto import tqdm
 
 from workbench.core.models import DEFAULT_MODEL, Model, load_model
 from workbench.data.reasoning import REASONING_TASKS, make_reasoning_task
 from workbench.io.figures import write_result_tables
 from workbench.methods.latent import MAX_STEPS, MODES, LatentConfig, run_latent
+from workbench.studies.drift import plots
 from workbench.studies.drift.metrics import (
     fact_retention,
     lens_by_step_layer,
@@ -29,10 +32,16 @@ from workbench.studies.drift.metrics import (
     manifold_metrics,
     step_summary,
 )
+from workbench.studies.notebook import NotebookConfig
 
 
 @dataclass
-class DriftConfig:
+class DriftConfig(NotebookConfig):
+    # notebook 04's parameters -> fields (see workbench.studies.notebook); a smoke run sizes the last three itself
+    NOTEBOOK = {"model": "model", "modes": "modes", "task": "task", "n_hops": "n_hops", "soft": "soft",
+                "seed": "seed", "n_steps": "n_steps", "steps_grid": "steps_grid", "n_items": "n_items"}
+    SMOKE_SIZED = ("n_steps", "steps_grid", "n_items")
+
     model: str = DEFAULT_MODEL
     task: str = "arithmetic"
     modes: tuple[str, ...] = MODES
@@ -81,8 +90,29 @@ class DriftResult:
     items: pd.DataFrame  # mode, item, answer text, parsed, correct, thought text
     timings: dict = field(default_factory=dict)
 
+    def summary(self) -> pd.DataFrame:
+        """Accuracy as a mode x n_steps table (``direct`` in the 0 column)."""
+        return accuracy_table(self)
 
-def run_drift_study(cfg: DriftConfig | None = None, *, model: Model | None = None) -> DriftResult:
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """The tables a notebook records in its manifest (all tables go to CSV by ``save_drift_result``)."""
+        return {"accuracy_table": self.summary().reset_index(), "drift_by_step_table": self.steps}
+
+    def figures(self) -> dict[str, go.Figure]:
+        """Drift metrics by step, the lens by step and layer, accuracy by steps, and retention if measured."""
+        figures = {
+            "drift_by_step": plots.drift_by_step(self.steps),
+            "lens_step_layer": plots.lens_step_layer(self.lens),
+            "accuracy_by_steps": plots.accuracy_by_steps(self.accuracy),
+        }
+        if not self.retention.empty:
+            figures["retention_by_gap"] = plots.retention_by_gap(self.retention)
+        return figures
+
+
+def run_drift_study(cfg: DriftConfig | None = None, *, model: Model | None = None, progress: bool = True) -> DriftResult:
+    """Every loop mode on the same items, instrumented at ``n_steps``, then accuracy over ``steps_grid``.
+    ``progress``: a tqdm bar over the runs (one per mode, then one per extra step count)."""
     cfg = cfg or DriftConfig()
     t_start = time.perf_counter()
     model = model or load_model(cfg.model)
@@ -98,7 +128,10 @@ def run_drift_study(cfg: DriftConfig | None = None, *, model: Model | None = Non
         return LatentConfig(mode=mode, n_steps=0 if mode == "direct" else n, seed=cfg.seed,
                             batch_size=cfg.batch_size, **extra)
 
+    grid = [(mode, n) for mode in cfg.modes if mode != "direct" for n in cfg.steps_grid if n != cfg.n_steps]
+    bar = tqdm(total=len(cfg.modes) + len(grid), desc=f"drift {model.name}", unit="run", disable=not progress)
     for mode in cfg.modes:
+        bar.set_postfix_str(f"{mode}, {cfg.n_steps} steps, instrumented")
         t0 = time.perf_counter()
         run = run_latent(model, rs, config(mode, cfg.n_steps))
         n = 0 if mode == "direct" else cfg.n_steps
@@ -113,15 +146,14 @@ def run_drift_study(cfg: DriftConfig | None = None, *, model: Model | None = Non
             if cfg.task == "arithmetic":
                 retention.append(fact_retention(run, rs, layer, seed=cfg.seed).assign(mode=mode))
         timings[f"run_{mode}"] = round(time.perf_counter() - t0, 2)
+        bar.update()
     t0 = time.perf_counter()
-    for mode in cfg.modes:
-        if mode == "direct":
-            continue
-        for n in cfg.steps_grid:
-            if n == cfg.n_steps:
-                continue  # measured above
-            run = run_latent(model, rs, config(mode, n))
-            accuracy.append({"mode": mode, "n_steps": n, "accuracy": run.accuracy, "n_items": len(rs)})
+    for mode, n in grid:  # n_steps itself was measured above
+        bar.set_postfix_str(f"{mode}, {n} steps")
+        run = run_latent(model, rs, config(mode, n))
+        accuracy.append({"mode": mode, "n_steps": n, "accuracy": run.accuracy, "n_items": len(rs)})
+        bar.update()
+    bar.close()
     timings["steps_grid"] = round(time.perf_counter() - t0, 2)
     timings["total"] = round(time.perf_counter() - t_start, 2)
 

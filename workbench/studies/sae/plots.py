@@ -70,7 +70,7 @@ def sae_data_selection(selection: pd.DataFrame, *, title: str | None = None) -> 
 
 
 def sae_feature_histograms(scan, features: Sequence[int], *, title: str | None = None) -> go.Figure:
-    """Activation histograms (non-zero activations) of ``features`` from a :class:`~workbench.sae_features.FeatureScan`."""
+    """Activation histograms (non-zero activations) of ``features`` from a :class:`~workbench.methods.sae.features.FeatureScan`."""
     features = list(features)
     if not features:
         raise ValueError("sae_feature_histograms needs at least one feature")

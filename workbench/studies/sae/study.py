@@ -3,8 +3,8 @@
     result = run_sae_study(SAEStudyConfig(model="smollm2-135m", site="blocks.14.hook_resid_post", sae="shipped"))
     save_sae_result(result, "figures/05_sae_features")     # tables (CSV), study.json, feature_report.html
 
-    python -m workbench.sae_study harvest        # the default model's training store (user cache, resumable)
-    python -m workbench.sae_study train KEY...   # SAEs of SPECS into saes/ (shipped) or the user cache
+    python -m workbench.studies.sae.study harvest        # the default model's training store (user cache, resumable)
+    python -m workbench.studies.sae.study train KEY...   # SAEs of SPECS into saes/ (shipped) or the user cache
 
 Sites: ``blocks.14.hook_resid_post`` is the residual after decoder layer 15 of SmolLM2-135M's 30 (the middle
 layer); ``blocks.9.hook_resid_post`` is layer 10 in the probes' numbering (0 = embeddings), where the last-token
@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import plotly.graph_objects as go
+from tqdm.auto import tqdm
 
 from workbench.core.models import load_model
 from workbench.core.store import ActivationStore, harvest
@@ -28,11 +30,13 @@ from workbench.data.corpus import DEFAULT_CORPUS, load_corpus
 from workbench.data.tasks import TASKS
 from workbench.io.atomic import atomic_write_text
 from workbench.io.figures import write_result_tables
-from workbench.io.paths import cache_root
+from workbench.io.paths import cache_root, repo_root
 from workbench.methods.sae import features as sf
 from workbench.methods.sae.train import SAEError, SAEHandle, SAETrainConfig, evaluate_sae, load_sae, save_sae, train_sae
+from workbench.studies.notebook import NotebookConfig
+from workbench.studies.sae import plots
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = repo_root()
 SAES_DIR = REPO / "saes"
 DEFAULT_MODEL = "smollm2-135m"
 MIDDLE_SITE = "blocks.14.hook_resid_post"
@@ -116,7 +120,13 @@ SAE_CHOICES = ("shipped", "train")  # or a folder path
 
 
 @dataclass
-class SAEStudyConfig:
+class SAEStudyConfig(NotebookConfig):
+    # notebook 05's parameters -> fields (see workbench.studies.notebook); a smoke run sizes the last three itself
+    NOTEBOOK = {"model": "model", "site": "site", "sae": "sae", "features": "features", "seed": "seed",
+                "n_eval_tokens": "n_eval_tokens", "n_scan_tokens": "n_scan_tokens",
+                "n_count_prompts": "n_count_prompts"}
+    SMOKE_SIZED = ("n_eval_tokens", "n_scan_tokens", "n_count_prompts")
+
     model: str = DEFAULT_MODEL
     site: str = MIDDLE_SITE
     sae: str = "shipped"  # "shipped": the one SAE under saes/<model>/<site>/; "train": harvest + train here; a path
@@ -179,6 +189,27 @@ class SAEStudyResult:
     scan: object = None
     timings: dict = field(default_factory=dict)
 
+    def summary(self) -> pd.DataFrame:
+        """The core metrics: FVU, L0, dead and dense features, CE clean / with the SAE / loss recovered."""
+        cols = ["fvu", "l0", "n_dead", "n_dense", "ce_clean", "ce_sae", "ce_sae_with_error", "ce_zero_ablation",
+                "ce_loss_recovered"]
+        return self.metrics[[c for c in cols if c in self.metrics.columns]]
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """The tables a notebook records in its manifest (all tables go to CSV by ``save_sae_result``)."""
+        return {"metrics_table": self.metrics, "count_probes_table": self.count_probes,
+                "selection_table": self.selection}
+
+    def figures(self) -> dict[str, go.Figure]:
+        """CE and FVU, feature density, the report features' histograms, count features, data selection."""
+        return {
+            "sae_ce": plots.sae_ce(self.metrics),
+            "sae_density": plots.sae_density(self.density),
+            "sae_feature_histograms": plots.sae_feature_histograms(self.scan, self.report_features.feature.tolist()),
+            "sae_count_features": plots.sae_count_features(self.count_features),
+            "sae_data_selection": plots.sae_data_selection(self.selection),
+        }
+
 
 TABLES = ("metrics", "density", "report_features", "count_features", "count_probes", "selection",
           "selection_scores")
@@ -192,7 +223,7 @@ def _resolve_sae(cfg: SAEStudyConfig, model) -> SAEHandle:
             keys = [k for k, s in SPECS.items() if s.shipped]
             raise SAEError(f"sae='shipped' needs exactly one SAE under {folder}, found {len(found)} "
                            f"({[p.name for p in found]}); pass a folder, sae='train', or build one with "
-                           f"`python -m workbench.sae_study train {' '.join(keys)}`")
+                           f"`python -m workbench.studies.sae.study train {' '.join(keys)}`")
         return load_sae(found[0], model)
     if cfg.sae == "train":
         tag = f"{model.name}-{cfg.corpus}-{cfg.site}-{cfg.train_tokens}"
@@ -211,26 +242,34 @@ def _resolve_sae(cfg: SAEStudyConfig, model) -> SAEHandle:
     return load_sae(cfg.sae, model)
 
 
-def run_sae_study(cfg: SAEStudyConfig | None = None, *, model=None) -> SAEStudyResult:
-    """Evaluate an SAE, scan and report its features, and link it to counting and data selection."""
+def run_sae_study(cfg: SAEStudyConfig | None = None, *, model=None, progress: bool = True) -> SAEStudyResult:
+    """Evaluate an SAE, scan and report its features, and link it to counting and data selection. ``progress``:
+    a tqdm bar over the parts (and the scans' own bars)."""
 
     cfg = cfg or SAEStudyConfig()
     model = model or load_model(cfg.model)
     timings = {}
+    bar = tqdm(total=4 + len(cfg.count_tasks), desc=f"sae study {model.name}", unit="part", disable=not progress)
+    bar.set_postfix_str("SAE")
     t = time.perf_counter()
     handle = _resolve_sae(cfg, model)
     timings["sae"] = time.perf_counter() - t
+    bar.update()
     corpus = load_corpus(cfg.corpus)
 
     t = time.perf_counter()
-    ev = evaluate_sae(model, handle, corpus, n_tokens=cfg.n_eval_tokens, skip_documents=cfg.eval_skip_documents)
+    bar.set_postfix_str("evaluate")
+    ev = evaluate_sae(model, handle, corpus, n_tokens=cfg.n_eval_tokens, skip_documents=cfg.eval_skip_documents,
+                      progress=progress)
     ev.pop("feature_freq")
     metrics = pd.DataFrame([{"model": model.name, "site": handle.site, "architecture": handle.architecture,
                              "d_in": handle.d_in, "d_sae": handle.d_sae, **ev}])
     timings["evaluate"] = time.perf_counter() - t
+    bar.update()
+    bar.set_postfix_str("features")
 
     t = time.perf_counter()
-    scan = sf.scan_features(model, handle, corpus, n_tokens=cfg.n_scan_tokens)
+    scan = sf.scan_features(model, handle, corpus, n_tokens=cfg.n_scan_tokens, progress=progress)
     features = list(cfg.features) if cfg.features is not None else sf.top_features_by_density(scan, seed=cfg.seed)
     features = sf.check_features(features, handle.d_sae)
     density = scan.summary()
@@ -242,19 +281,25 @@ def run_sae_study(cfg: SAEStudyConfig | None = None, *, model=None) -> SAEStudyR
                      "suppressed": " ".join(repr(tk) for tk, _ in eff["suppressed"])})
     report = sf.feature_report_html(model, handle, scan, features)
     timings["features"] = time.perf_counter() - t
+    bar.update()
 
     t = time.perf_counter()
     count_tables, probe_tables = [], []
     for task in cfg.count_tasks:
+        bar.set_postfix_str(f"counting: {task}")
         cf = sf.count_features(model, handle, task, n=cfg.n_count_prompts, seed=cfg.seed)
         count_tables.append(cf.table)
         probe_tables.append(cf.probes)
+        bar.update()
     timings["counting"] = time.perf_counter() - t
 
+    bar.set_postfix_str("data selection")
     t = time.perf_counter()
     selection, scores = sf.data_selection_benchmark(model, handle, n_per_source=cfg.n_select_per_source,
                                                     seed=cfg.seed, corpus=corpus)
     timings["selection"] = time.perf_counter() - t
+    bar.update()
+    bar.close()
     return SAEStudyResult(
         config=asdict(cfg), model=model.name, weights_hash=model.weights_hash, sae_path=str(handle.path),
         metrics=metrics, density=density, report_features=pd.DataFrame(rows),
@@ -277,7 +322,7 @@ def save_sae_result(result: SAEStudyResult, out_dir: str | Path) -> dict[str, Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workbench.sae_study")
+    parser = argparse.ArgumentParser(prog="python -m workbench.studies.sae.study")
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("harvest")
     tr = sub.add_parser("train")

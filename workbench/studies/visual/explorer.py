@@ -159,10 +159,10 @@ def blur_explorer(model, probes=None, *, items=None, kernels=None, item: int = 0
     """Blur explorer: pick an item, move the blur; the blurred image, the answer's probabilities over the
     candidates (gold green, prior orange) and the MLP probes' P(ground truth) and P(prior) by layer update.
 
-    model: a VLM :class:`workbench.models.Model`. probes: a :class:`workbench.visual_study.VisualResult` (its probes
+    model: a VLM :class:`workbench.core.models.Model`. probes: a :class:`workbench.studies.visual.study.VisualResult` (its probes
     of this model) or a ``{(target, layer): MLPProbe}`` mapping, or None (no probe panel). items: VQA items (default:
     four prior-violating and four prior-consistent held-out items). kernels: blur levels (default
-    ``workbench.blur.KERNELS``). One forward per (item, level), cached. Returns the widget, or a
+    ``workbench.methods.blur.KERNELS``). One forward per (item, level), cached. Returns the widget, or a
     :class:`StaticFigure` when ``display`` resolves to static.
     """
 

@@ -27,10 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import torch
+from tqdm.auto import tqdm
 
 from workbench.core.models import load_model
-from workbench.core.sites import layer_site
+from workbench.core.sites import check_layers, layer_site
 from workbench.core.trace import trace
 from workbench.data.vqa import (
     COLOURS,
@@ -51,6 +53,8 @@ from workbench.methods.blur import KERNELS, blur_decay, check_kernels, gaussian_
 from workbench.methods.probes.base import probe_dir, save_probe
 from workbench.methods.probes.mlp import layerwise_mlp
 from workbench.methods.routing import image_patching, layer_replacement, replacement_windows
+from workbench.studies.notebook import NotebookConfig
+from workbench.studies.visual import plots
 
 DEFAULT_VLM = "vlm-testbed"
 DEFAULT_DONOR = "vlm-testbed-balanced"
@@ -61,11 +65,21 @@ TESTBED_DECAY_SPLITS = ("prior_violating", "prior_consistent", "shape", "count",
 
 
 @dataclass
-class VisualConfig:
+class VisualConfig(NotebookConfig):
+    # notebook 03's parameters -> fields (see workbench.studies.notebook); a smoke run sizes all but the first five
+    # itself; save_probes is the notebook's own (it saves the best-layer probes after the run)
+    NOTEBOOK = {"model": "model", "donor": "donor", "base_lm": "base_lm", "dataset": "dataset", "seed": "seed",
+                "n_items": "n_items", "n_decay_items": "n_decay_items", "n_patch_items": "n_patch_items",
+                "patch_split": "patch_split", "blur_levels": "blur_levels", "decay_splits": "decay_splits",
+                "layers": "layers", "patch_layers": "patch_layers", "swap_sizes": "swap_sizes",
+                "swap_window": "swap_window", "corruptions": "corruptions", "save_probes": None}
+    SMOKE_SIZED = ("n_items", "n_decay_items", "n_patch_items", "patch_split", "blur_levels", "decay_splits",
+                   "layers", "patch_layers", "swap_sizes", "swap_window", "corruptions")
+
     model: str = DEFAULT_VLM
     donor: str | None = DEFAULT_DONOR  # same architecture, different prior reliance; None skips replacement
     base_lm: str | None = DEFAULT_BASE_LM  # the VLM's base language model (layer replacement VLM <- LM)
-    dataset: str = "testbed"  # "testbed": the held-out splits of workbench.vqa; "easy-vqa": its test questions
+    dataset: str = "testbed"  # "testbed": the held-out splits of workbench.data.vqa; "easy-vqa": its test questions
     n_items: int = 100  # items per held-out split (accuracy, probes' test items, layer replacement)
     n_probe_train: int = 480  # colour questions on training images for the probes
     n_decay_items: int = 50  # items per split for the blur decay (8 levels each: the costliest part per item)
@@ -134,6 +148,29 @@ class VisualResult:
     timings: dict = field(default_factory=dict)
     probe_objects: dict = field(default_factory=dict, repr=False)  # (model, target, layer) -> MLPProbe
 
+    def summary(self) -> pd.DataFrame:
+        """Accuracy by model and condition (rows) and held-out split (columns)."""
+        return self.accuracy.pivot_table(index=["model", "condition"], columns="split", values="correct")
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """The tables a notebook records in its manifest (all tables go to CSV by ``save_visual_result``)."""
+        return {"accuracy_table": self.accuracy, "decay_summary_table": self.decay_summary,
+                "replacement_table": self.replacement, "probes_table": self.probes}
+
+    def figures(self) -> dict[str, go.Figure]:
+        """Accuracy, probe curves, blur decay; layer replacement and patching where they ran."""
+        figures = {
+            "accuracy": plots.vqa_accuracy_bars(self.accuracy),
+            "probe_curves": plots.visual_probe_curves(self.probes),
+            "decay_curve": plots.decay_curve(self.decay, self.decay_summary),
+        }
+        if not self.replacement.empty:
+            figures["replacement_prior_rate"] = plots.replacement_heatmap(self.replacement, "prior_rate")
+            figures["replacement_accuracy"] = plots.replacement_heatmap(self.replacement, "accuracy")
+        if not self.patching.empty:
+            figures["patching_curves"] = plots.patching_curves(self.patching)
+        return figures
+
 
 def _eval_splits(cfg: VisualConfig) -> dict[str, list[VQAItem]]:
     if cfg.dataset == "testbed":
@@ -171,16 +208,6 @@ def probe_training_items(n: int, seed: int = 0) -> list[VQAItem]:
     return items
 
 
-def _layers(layers, model, name: str = "layers") -> list[int]:
-    n_hidden = model.n_layers + 1
-    if layers is None:
-        return list(range(n_hidden))
-    bad = [v for v in layers if v >= n_hidden]
-    if bad:
-        raise ValueError(f"{name} {bad} out of range for {model.name}: hidden-state layers 0..{n_hidden - 1}")
-    return list(layers)
-
-
 def last_token_features(model, items: Sequence[VQAItem], layers: Sequence[int], batch_size: int = 32,
                         images=None) -> dict[int, torch.Tensor]:
     """{layer: [n, d]} last-prompt-token residuals (hidden-state numbering) of the items."""
@@ -199,7 +226,8 @@ def last_token_features(model, items: Sequence[VQAItem], layers: Sequence[int], 
     return {l: torch.cat(v) for l, v in out.items()}
 
 
-def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None, base_lm=None) -> VisualResult:
+def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None, base_lm=None,
+                     progress: bool = True) -> VisualResult:
 
     cfg = cfg or VisualConfig()
     t_start = time.perf_counter()
@@ -207,8 +235,8 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
     model = model or load_model(cfg.model)
     if not getattr(model.arch, "is_vlm", False):
         raise ValueError(f"model {model.name!r} is not a vision-language model; the visual study needs one")
-    layers = _layers(cfg.layers, model)  # validated before any forward
-    patch_layers = _layers(cfg.patch_layers, model, "patch_layers")
+    layers = check_layers(cfg.layers, model.n_layers)  # validated before any forward
+    patch_layers = check_layers(cfg.patch_layers, model.n_layers, name="patch_layers")
     if donor is None and cfg.donor:
         donor = load_model(cfg.donor)
     if base_lm is None and cfg.base_lm:
@@ -226,6 +254,8 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
         raise ValueError(f"patch_split {patch_split!r} unknown; this dataset's splits: {sorted(splits)}")
 
     # 1. accuracy with the image and blind baselines
+    bar = tqdm(total=5, desc=f"visual {model.name}", unit="part", disable=not progress)
+    bar.set_postfix_str("accuracy")
     t0 = time.perf_counter()
     acc_rows, item_frames = [], []
     for role, m in models.items():
@@ -244,8 +274,10 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
                         row[col] = float(df[col].mean())
                 acc_rows.append(row)
     timings["accuracy"] = round(time.perf_counter() - t0, 1)
+    bar.update()
 
     # 2. counterfactual layer replacement
+    bar.set_postfix_str("replacement")
     t0 = time.perf_counter()
     repl = []
     swap_items = splits.get("prior_violating", [])
@@ -259,8 +291,10 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
         for label, m, d in pairs:
             repl.append(layer_replacement(m, d, swap_items, windows, batch_size=cfg.batch_size).assign(pair=label))
     timings["replacement"] = round(time.perf_counter() - t0, 1)
+    bar.update()
 
     # 3. image-token activation patching on the prior-violating items (or all items of the first split)
+    bar.set_postfix_str("patching")
     t0 = time.perf_counter()
     patch_items = splits[patch_split][: cfg.n_patch_items]
     clean = [it.image for it in patch_items]
@@ -272,8 +306,10 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
             df = image_patching(m, patch_items, clean, corrupt, patch_layers, batch_size=cfg.batch_size)
             patch.append(df.assign(model=m.name, role=role, corruption=corruption))
     timings["patching"] = round(time.perf_counter() - t0, 1)
+    bar.update()
 
     # 4. layer-wise MLP probes: ground truth vs the prior answer (the blank-image answer)
+    bar.set_postfix_str("probes")
     t0 = time.perf_counter()
     probe_rows, probe_objects = [], {}
     test_items = [it for it in prior_items] + list(splits.get("colour", []))
@@ -307,8 +343,10 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
                 probe_objects[(m.name, "ground_truth", layer)] = pg
                 probe_objects[(m.name, "prior", layer)] = pp
     timings["probes"] = round(time.perf_counter() - t0, 1)
+    bar.update()
 
     # 5. progressive-blur decay
+    bar.set_postfix_str("decay")
     t0 = time.perf_counter()
     decay, decay_summary, decay_items = [], [], []
     pool = dict(splits)
@@ -322,6 +360,8 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
             decay_summary.append({"model": m.name, "role": role, "split": split, **res.summary()})
             decay_items.append(res.items.assign(model=m.name, role=role, split=split))
     timings["decay"] = round(time.perf_counter() - t0, 1)
+    bar.update()
+    bar.close()
     timings["total"] = round(time.perf_counter() - t_start, 1)
 
     def cat(frames, first):
