@@ -52,7 +52,7 @@ from workbench.io.figures import FIGURES_ROOT_ENV, HEADLESS_ENV, NOTEBOOK_ENV
 from workbench.io.gallery import write_gallery
 from workbench.io.manifest import annotate_records, read_manifest
 from workbench.io.paths import repo_root
-from workbench.io.provenance import git_info
+from workbench.io.provenance import git_info, json_roundtrip
 
 RUNNER_PARAMETERS = ("smoke", "output_dir")  # set by the runner; every notebook's parameters cell must define them
 SMOKE_DIR = "_smoke"
@@ -415,7 +415,7 @@ def _completed(out_dir: Path, params: dict) -> bool:
         record = json.loads((out_dir / RUN_RECORD).read_text())
     except (OSError, ValueError):
         return False
-    return record.get("status") == "ok" and record.get("parameters") == json.loads(json.dumps(params))
+    return record.get("status") == "ok" and record.get("parameters") == json_roundtrip(params, strict=False)
 
 
 def _timestamp(iso: str | None) -> int:

@@ -52,6 +52,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from workbench.io.provenance import jsonable
+
 TASKS = ("entity", "character", "addition", "list_length")
 ALL_COUNTS = tuple(range(1, 10))
 
@@ -298,12 +300,6 @@ def _check_options(task: str, counts: list[int], options: dict) -> dict:
     return opt
 
 
-def _jsonable(value):
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def balanced_counts(n: int, counts: Sequence[int], rng: np.random.Generator) -> np.ndarray:
     """``n`` counts, each of ``counts`` equally often (the n % k extra ones drawn without repeats), shuffled."""
     counts = np.asarray(counts, dtype=np.int64)
@@ -366,7 +362,7 @@ def make_task(
         "n": int(n),
         "seed": int(seed),
         "counts": count_list,
-        "options": {k: _jsonable(v) for k, v in sorted(opt.items())},
+        "options": jsonable(dict(sorted(opt.items()))),
     }
     return TaskSet(
         task=name,
