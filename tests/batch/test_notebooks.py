@@ -198,10 +198,12 @@ def test_unknown_kernel_is_rejected(no_kernel, tmp_path):
 
 def test_parameter_settings_get_their_own_folder(tmp_path):
     assert nbs.output_dir_for("02_x", tmp_path, False) == tmp_path / "02_x"
-    assert nbs.output_dir_for("02_x", tmp_path, False, {"model": "gemma-3-270m"}) == tmp_path / "02_x" / "model-gemma-3-270m"
-    assert (nbs.output_dir_for("02_x", tmp_path, True, {"seeds": [11, 42], "model": "qwen2.5-0.5b"})
-            == tmp_path / "02_x" / "model-qwen2.5-0.5b__seeds-11+42" / "_smoke")
-    assert nbs.parameter_slug({"interventions": [], "model": "m", "layers": None}) == "model-m__interventions-none__layers-None"
+    assert nbs.output_dir_for("02_x", tmp_path, False, {"model": "gemma-3-270m"}) == (
+        tmp_path / "02_x" / "model-gemma-3-270m__a33410130b")  # the committed grid folder of that setting
+    out = nbs.output_dir_for("02_x", tmp_path, True, {"seeds": [11, 42], "model": "qwen2.5-0.5b"})
+    assert out.parent.name.startswith("model-qwen2.5-0.5b__seeds-11+42__") and out.name == "_smoke"
+    assert nbs.parameter_slug({"interventions": [], "model": "m", "layers": None}).startswith(
+        "model-m__interventions-none__layers-None__")
 
 
 # -- grids --------------------------------------------------------------------------------------------------------
@@ -221,7 +223,8 @@ def test_expand_grid_is_a_product_and_nested_lists_are_one_value():
 def _param_notebook(folder, name="01_demo"):
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell("model = 'm'\nn_items = 10\nscale = 1.0\nlayers = None\nsmoke = False\n"
+    nb.cells = [nbformat.v4.new_code_cell("from typing import Optional\nmodel = 'smollm2-135m'\nn_items = 10\nscale = 1.0\n"
+                                          "layers: Optional[list[int]] = None\nsmoke = False\n"
                                           "output_dir = 'x'", metadata={"tags": ["parameters"]})]
     nbformat.write(nb, folder / f"{name}.ipynb")
 
@@ -230,7 +233,7 @@ def test_grid_cells_are_type_checked_before_any_kernel(no_kernel, tmp_path):
     src = tmp_path / "nbs"
     src.mkdir()
     _param_notebook(src)
-    grid = {"01_demo": {"model": ["a", "b"], "n_items": [5, "many"]}}
+    grid = {"01_demo": {"model": ["smollm2-135m", "gemma-3-270m"], "n_items": [5, "many"]}}
     with pytest.raises(ValueError, match=r"n_items='many' is a str, but its default 10 is a int"):
         nbgrid.run_grid(grid, notebooks=src, figures_dir=tmp_path / "figs")
     with pytest.raises(ValueError, match="unknown parameter"):
@@ -238,8 +241,11 @@ def test_grid_cells_are_type_checked_before_any_kernel(no_kernel, tmp_path):
     with pytest.raises(ValueError, match="unknown notebook"):
         nbgrid.run_grid({"07_nothing": {}}, notebooks=src, figures_dir=tmp_path / "figs")
     assert not (tmp_path / "figs").exists()
-    # ints pass for a float default, None passes anywhere, a bool is not an int
-    nbs.check_parameters("01_demo", src / "01_demo.ipynb", {"scale": 2, "layers": [1, 2], "model": None})
+    # ints pass for a float default, None only where the cell declares Optional, a bool is not an int
+    nbs.check_parameters("01_demo", src / "01_demo.ipynb", {"scale": 2, "layers": [1, 2]})
+    nbs.check_parameters("01_demo", src / "01_demo.ipynb", {"layers": None})
+    with pytest.raises(ValueError, match="model=None is a NoneType"):
+        nbs.check_parameters("01_demo", src / "01_demo.ipynb", {"model": None})
     with pytest.raises(ValueError, match="is a bool"):
         nbs.check_parameters("01_demo", src / "01_demo.ipynb", {"n_items": True})
 
@@ -249,13 +255,13 @@ def test_completed_grid_cells_are_skipped_unless_forced(no_kernel, tmp_path):
     src.mkdir()
     _param_notebook(src)
     figs = tmp_path / "figs"
-    for model in ("a", "b"):
+    for model in ("smollm2-135m", "gemma-3-270m"):
         out = nbs.output_dir_for("01_demo", figs, False, {"model": model})
         out.mkdir(parents=True)
         params = {"smoke": False, "output_dir": nbs.relative_to_root(out), "model": model}
         (out / nbs.RUN_RECORD).write_text(json.dumps({"status": "ok", "parameters": params}))
     grid = tmp_path / "grid.yaml"
-    grid.write_text("01_demo:\n  model: [a, b]\n")
+    grid.write_text("01_demo:\n  model: [smollm2-135m, gemma-3-270m]\n")
     results = nbgrid.run_grid(grid, notebooks=src, figures_dir=figs)
     assert [r.skipped for r in results] == [True, True] and all(r.ok for r in results)
     forced = nbgrid.run_grid(grid, notebooks=src, figures_dir=figs, force=True)  # forced: it really tries to run

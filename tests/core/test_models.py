@@ -9,8 +9,8 @@ import torch
 
 import workbench as wb
 from workbench.core.arch import ArchitectureError, resolve_arch
-from workbench.io.atomic import COMPLETE_MARKER, build_once, sha256_file
 from workbench.core.zoo import REGISTRY
+from workbench.io.atomic import COMPLETE_MARKER, build_once, sha256_file
 from workbench.testing.tiny import byte_tokenizer, tiny_config, tiny_hf, tiny_model
 
 TIED = {"llama": True, "qwen2": True, "gemma2": True, "gemma3_text": True, "gpt2": True,
@@ -90,9 +90,15 @@ def test_hub_ids_use_the_same_path(monkeypatch):
         seen.append(("model", name, kw.get("dtype")))
         return tiny_hf("llama")
 
+    def fake_info(name, timeout=None):  # the one look-up the name check makes: the hub answers
+        seen.append(("info", name, timeout))
+        return object()
+
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", fake_tok)
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", fake_model)
+    monkeypatch.setattr("workbench.core.models.model_info", fake_info)
     m = wb.load_model("some-org/some-model", device="cpu", dtype="float32")
+    assert seen.pop(0) == ("info", "some-org/some-model", 10)
     assert seen == [("tok", "some-org/some-model"), ("model", "some-org/some-model", torch.float32)]
     assert m.name == "some-org/some-model" and m.source["hub_id"] == "some-org/some-model"
 

@@ -12,8 +12,8 @@ import torch
 import workbench as wb
 from workbench.core.arch import SUPPORTED_VLM_FAMILIES, ArchitectureError, resolve_arch
 from workbench.core.sites import SiteError, site_names
-from workbench.testing.tiny import IMAGE, image_tokens_per_image, tiny_model, tiny_vlm, tiny_vlm_inputs
 from workbench.core.vlm import check_image, check_multimodal, encode_multimodal, image_placeholder, image_token_mask
+from workbench.testing.tiny import IMAGE, image_tokens_per_image, tiny_model, tiny_vlm, tiny_vlm_inputs
 
 VLM_FAMILIES = sorted(SUPPORTED_VLM_FAMILIES)
 _CACHE: dict[str, wb.Model] = {}
@@ -502,6 +502,8 @@ def test_load_model_of_a_cached_vlm_hub_id(monkeypatch):
         raise AssertionError("a VLM must not go through AutoModelForCausalLM")
 
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_causal_lm)
+    # in the Hugging Face cache: the name check finds it there and asks the hub nothing
+    monkeypatch.setattr("workbench.core.models.try_to_load_from_cache", lambda name, f: f"/cache/{name}/{f}")
     loaded = wb.load_model("some-org/some-vlm", device="cpu")
     assert seen == [("config", True)]  # the cache only: no network before the model's own files
     assert loaded.processor is m.processor and loaded.arch.is_vlm and loaded.source["hub_id"] == "some-org/some-vlm"

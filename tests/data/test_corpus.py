@@ -8,8 +8,7 @@ import json
 import pytest
 
 import workbench.data.corpus as corpus_mod
-from workbench.data.corpus import load_corpus
-from workbench.data.corpus import Corpus
+from workbench.data.corpus import Corpus, load_corpus
 
 
 def test_json_array_items_drop_only_a_cut_off_tail():

@@ -7,7 +7,17 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from workbench.data.tasks import TASKS, TaskSet, check_single_token_answers, choose_answer_prefix, digit_token_ids, make_task, mention_token_positions, split, split_indices
+from workbench.data.tasks import (
+    TASKS,
+    TaskSet,
+    check_single_token_answers,
+    choose_answer_prefix,
+    digit_token_ids,
+    make_task,
+    mention_token_positions,
+    split,
+    split_indices,
+)
 from workbench.testing.tiny import byte_tokenizer
 
 

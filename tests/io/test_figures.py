@@ -10,10 +10,10 @@ import plotly.graph_objects as go
 import pytest
 
 from workbench import logit_lens
-from workbench.io.figures import PAPER_TEMPLATE, StaticExportError, apply_theme, find_browser, save_figure, save_table
-from workbench.io.manifest import read_manifest
 from workbench.io.atomic import sha256_file
+from workbench.io.figures import PAPER_TEMPLATE, StaticExportError, apply_theme, find_browser, save_figure, save_table
 from workbench.io.gallery import write_gallery
+from workbench.io.manifest import read_manifest
 from workbench.methods.plots import lens_heatmap, lens_target_curve, lens_target_summary
 from workbench.testing.tiny import tiny_model
 

@@ -7,9 +7,9 @@ import torch
 
 import workbench as wb
 import workbench.methods.latent as latent
-from workbench.studies.drift.metrics import fact_retention, lens_metrics, manifold_metrics, step_summary
-from workbench.methods.latent import LatentConfig, embedding_scale, input_embeddings, run_latent, soft_weights
 from workbench.data.reasoning import arithmetic_chains, gold_step_token_ids, graph_reachability, make_reasoning_task
+from workbench.methods.latent import LatentConfig, embedding_scale, input_embeddings, run_latent, soft_weights
+from workbench.studies.drift.metrics import fact_retention, lens_metrics, manifold_metrics, step_summary
 from workbench.testing.tiny import tiny_model
 
 

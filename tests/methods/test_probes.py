@@ -9,13 +9,21 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.io.atomic import sha256_file
-from workbench.methods.probes.linear import ALPHAS, LogisticProbe, fit_softmax_regression, RidgeProbe
-from workbench.methods.probes.base import PROBE_CARD_FILE, PROBE_WEIGHTS_FILE, load_probe, probe_dir, probe_round_accuracy, save_probe
-from workbench.methods.probes.layerwise import layerwise_logistic, layerwise_ridge
 from workbench.core.sites import layer_site
-from workbench.methods.probes.features import residual_features
 from workbench.data.tasks import make_task
+from workbench.io.atomic import sha256_file
+from workbench.io.owned import OWNER_FILE
+from workbench.methods.probes.base import (
+    PROBE_CARD_FILE,
+    PROBE_WEIGHTS_FILE,
+    load_probe,
+    probe_dir,
+    probe_round_accuracy,
+    save_probe,
+)
+from workbench.methods.probes.features import residual_features
+from workbench.methods.probes.layerwise import layerwise_logistic, layerwise_ridge
+from workbench.methods.probes.linear import ALPHAS, LogisticProbe, RidgeProbe, fit_softmax_regression
 from workbench.testing.tiny import tiny_model
 
 
@@ -176,7 +184,7 @@ def test_save_load_roundtrip_bit_identical(tmp_path, model):
     ts = make_task("entity", 10, seed=0)
     save_probe(probe, folder, model=model, site=layer_site(2), layer=2, task="entity",
                generator_params=ts.params, seed=0, metrics={"r2_test": probe.r2(X[300:], y[300:])})
-    assert sorted(p.name for p in folder.iterdir()) == sorted([PROBE_CARD_FILE, PROBE_WEIGHTS_FILE])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([PROBE_CARD_FILE, PROBE_WEIGHTS_FILE, OWNER_FILE])
     card = json.loads((folder / PROBE_CARD_FILE).read_text())
     assert card["weights_sha256"] == sha256_file(folder / PROBE_WEIGHTS_FILE)
     assert card["model"]["name"] == "tiny-llama" and card["model"]["weights_hash"] == model.weights_hash

@@ -12,12 +12,24 @@ import torch
 
 import workbench
 import workbench.methods.sae.features as sf
-from workbench.methods.sae.train import CARD_FILE, SAE_CFG_FILE, SAE_WEIGHTS_FILE, SAEError, SAEHandle, SAETrainConfig, evaluate_sae, load_sae, reconstruction_metrics, splice_sae, train_sae
 from workbench.core.sites import SiteError
-from workbench.data.corpus import Corpus
 from workbench.core.store import harvest
-from workbench.testing.tiny import tiny_model
 from workbench.core.trace import trace
+from workbench.data.corpus import Corpus
+from workbench.methods.sae.train import (
+    CARD_FILE,
+    SAE_CFG_FILE,
+    SAE_WEIGHTS_FILE,
+    SAEError,
+    SAEHandle,
+    SAETrainConfig,
+    evaluate_sae,
+    load_sae,
+    reconstruction_metrics,
+    splice_sae,
+    train_sae,
+)
+from workbench.testing.tiny import tiny_model
 
 SITE = "blocks.1.hook_resid_post"
 DOCS = [f"Document {i}: the quick brown fox jumps over {i % 7} lazy dogs and counts {i * 3} sheep." for i in range(300)]
@@ -152,7 +164,7 @@ def test_a_corrupted_folder_is_refused(trained, tmp_path):
     data = bytearray((bad / SAE_WEIGHTS_FILE).read_bytes())
     data[-5] ^= 0xFF
     (bad / SAE_WEIGHTS_FILE).write_bytes(bytes(data))
-    with pytest.raises(SAEError, match="does not match its card"):
+    with pytest.raises(SAEError, match="does not match its record"):
         load_sae(bad)
 
 

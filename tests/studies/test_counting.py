@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import workbench as wb
+from workbench.core.swap import swap_modules
 from workbench.data.tasks import DEFAULT_ANSWER_PREFIX
 from workbench.methods.probes.base import load_probe
-from workbench.studies.counting.study import CountingConfig, run_counting_study, save_counting_result
 from workbench.studies.counting.evaluation import PromptCache, evaluate_answers, parse_answer
 from workbench.studies.counting.interventions import DigitRowHead, steering_edit, train_digit_rows, train_lora_qv
-from workbench.core.swap import swap_modules
+from workbench.studies.counting.study import CountingConfig, run_counting_study, save_counting_result
 from workbench.testing.tiny import tiny_model
 
 DIGITS = [ord(str(d)) for d in range(1, 10)]  # the byte tokenizer: token id == byte value

@@ -6,8 +6,17 @@ import math
 import pytest
 import torch
 
-from workbench.studies.counting.geometry import cosine_summary, digit_row_cosines, geometry_table, permutation_test, principal_angles, random_baseline, random_direction_cosines, row_norm_percentiles
 from workbench.methods.probes.linear import RidgeProbe
+from workbench.studies.counting.geometry import (
+    cosine_summary,
+    digit_row_cosines,
+    geometry_table,
+    permutation_test,
+    principal_angles,
+    random_baseline,
+    random_direction_cosines,
+    row_norm_percentiles,
+)
 
 
 def _rand(*shape, seed=0):

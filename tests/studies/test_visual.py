@@ -12,8 +12,8 @@ from PIL import Image
 import workbench.data.vqa as vqa
 from workbench.methods.answering import answer_items, blank_image, candidate_token_ids, parse_generated
 from workbench.methods.blur import KERNELS, blur_decay, check_kernels, gaussian_blur, gaussian_kernel_1d, opencv_sigma
-from workbench.methods.probes.mlp import MLPProbe, layerwise_mlp
 from workbench.methods.probes.base import load_probe, save_probe
+from workbench.methods.probes.mlp import MLPProbe, layerwise_mlp
 from workbench.methods.routing import image_patching, layer_replacement, replacement_windows, swap_layers
 from workbench.testing.tiny import tiny_vlm
 
@@ -353,8 +353,8 @@ def test_harvest_with_images_equals_trace_and_marks_image_tokens(vlm, tmp_path):
 
 def test_harvest_with_images_bad_input(vlm, tmp_path):
     from workbench.core.store import harvest
-    from workbench.testing.tiny import tiny_model
     from workbench.core.vlm import image_placeholder
+    from workbench.testing.tiny import tiny_model
 
     ph = image_placeholder(vlm)
     img = _items(1)[0].image

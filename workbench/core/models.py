@@ -15,16 +15,16 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import torch
+from huggingface_hub import model_info, try_to_load_from_cache
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from workbench.core.arch import SUPPORTED_VLM_FAMILIES, ArchMap, resolve_arch
 from workbench.core.zoo import REGISTRY, ensure_packaged, plugin_models, registry_names
-from workbench.io.atomic import read_marker, sha256_file_cached
+from workbench.io.atomic import combined_sha256, read_marker, sha256_file_cached, verify_files
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -111,22 +111,43 @@ class Model:
         }
 
     # -- provenance ------------------------------------------------------------------------------------------
-    @cached_property
+    # (identity, fingerprint) set by a loader right after reading the weights from files; see bind_weights_files
+    _weights_binding: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _weights_memo: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    def _fingerprint(self) -> tuple:
+        """Which tensors the model holds now: a tensor replaced, moved, cast or changed in place (its version
+        counter) changes this, so a stale identity can never be served."""
+        return tuple((k, t.data_ptr(), t._version, t.dtype, tuple(t.shape), str(t.device))
+                     for k, t in self.hf.state_dict(keep_vars=True).items())
+
+    def bind_weights_files(self, files_sha256: str) -> None:
+        """For loaders: the tensors were just read from files whose (combined) sha256 is ``files_sha256``. Until a
+        tensor changes, that is the weights identity (cheap); a load in another dtype than float32 gets an identity
+        derived from it and the dtype (the values differ from a float32 load)."""
+        if not isinstance(files_sha256, str) or len(files_sha256) != 64:
+            raise ValueError(f"files_sha256 must be a sha256 hex digest, got {files_sha256!r}")
+        ident = files_sha256 if self.dtype == torch.float32 else hashlib.sha256(
+            f"{files_sha256}|{self.dtype}".encode()).hexdigest()
+        self._weights_binding = (ident, self._fingerprint())
+
+    @property
     def weights_hash(self) -> str:
-        """sha256 of the weights: of the safetensors files when loaded from disk, else of the tensors' bytes."""
-        if self.source.get("weights_sha256"):
-            return self.source["weights_sha256"]
-        folder = self.source.get("path")
-        files = sorted(Path(folder).glob("*.safetensors")) if folder else []
-        if files:
-            if len(files) == 1:
-                return sha256_file_cached(files[0])
-            return hashlib.sha256("".join(sha256_file_cached(f) for f in files).encode()).hexdigest()
-        h = hashlib.sha256()
-        for key, tensor in sorted(self.hf.state_dict().items()):
-            h.update(key.encode())
-            h.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        """The identity of the weights as they are now, derived and never copied: the sha256 of the files they were
+        loaded from while every tensor is as the loader left it (see :meth:`bind_weights_files`), else the sha256
+        of the tensors themselves (names, dtypes, shapes, bytes; memoised until a tensor changes). A merged LoRA, an
+        edited module or a cast therefore never reports the weights it came from."""
+        fp = self._fingerprint()
+        if self._weights_binding is not None and self._weights_binding[1] == fp:
+            return self._weights_binding[0]
+        if self._weights_memo is None or self._weights_memo[0] != fp:
+            h = hashlib.sha256()
+            for key, tensor in sorted(self.hf.state_dict().items()):
+                t = tensor.detach()
+                h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+                h.update(t.to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+            self._weights_memo = (fp, h.hexdigest())
+        return self._weights_memo[1]
 
 
 def resolve_device(device) -> torch.device:
@@ -156,22 +177,47 @@ def resolve_dtype(dtype) -> torch.dtype:
     raise ValueError(f"dtype {dtype!r} is not supported; allowed: {sorted(DTYPES)} (or the torch dtypes)")
 
 
-def _check_name(name_or_path) -> str:
+HUB_TIMEOUT_S = 10  # one look-up of a hub id that is neither a folder nor cached; no retries
+
+
+def _looks_like_path(name: str) -> bool:
+    return (name.startswith(("/", "./", "../", "~", ".\\")) or name.endswith(("/", os.sep)) or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name) or Path(name).suffix in (".gguf", ".safetensors", ".bin"))
+
+
+def check_model_name(name_or_path) -> str:
+    """Check a model name before anything heavy: a registry name, an existing local folder, or a hub id that is
+    cached or that the hub answers for (one look-up, ``HUB_TIMEOUT_S``, no retries; with ``HF_HUB_OFFLINE`` only
+    the cache counts). A path-like name whose folder is missing fails at once, naming the folder and the registry
+    names, instead of being sent to the hub."""
     if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
         raise ValueError(f"model must be a registry name, a local folder or a hub id; got {name_or_path!r}")
     name = str(name_or_path)
     if name in REGISTRY or name in plugin_models() or Path(name).expanduser().is_dir():
         return name
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists():
-        return name  # a hub id
     hint = "" if plugin_models() else (
         "; no plugin model is registered (the VLM testbed's names come from the 'workbench.models' entry point of "
         "an installed workbench: run `pip install -e .` in the checkout)")
-    raise ValueError(
-        f"unknown model {name!r}: not a registry name ({', '.join(registry_names())}), "
-        "not a local folder, "
-        f"and not a hub id of the form 'org/name'{hint}"
-    )
+    known = f"registry names: {', '.join(registry_names())}{hint}"
+    folder = Path(name).expanduser().resolve()
+    if _looks_like_path(name) or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise ValueError(f"unknown model {name!r}: no folder {folder} exists, and it is not a registry name "
+                         f"({known})")
+    if folder.parent.is_dir() and folder.parent != Path.cwd().resolve():
+        raise ValueError(f"unknown model {name!r}: the folder {folder} does not exist (its parent does, so this looks "
+                         f"like a local path, not a hub id); {known}")
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return name  # a hub id in the local cache
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        raise ValueError(f"unknown model {name!r}: not a local folder ({folder}), not in the Hugging Face cache, "
+                         f"and HF_HUB_OFFLINE is set; {known}")
+    try:
+        model_info(name, timeout=HUB_TIMEOUT_S)
+    except Exception as e:  # noqa: BLE001 - any failure of the one look-up ends here, named
+        raise ValueError(f"unknown model {name!r}: not a local folder ({folder}), not in the Hugging Face cache, and "
+                         f"the hub did not confirm it within {HUB_TIMEOUT_S} s ({type(e).__name__}: "
+                         f"{str(e)[:200]}); {known}") from None
+    return name
 
 
 def _config_model_type(target: str, *, hub: bool) -> str | None:
@@ -201,27 +247,34 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device=None, dty
     A folder or hub id whose config is a supported vision-language family loads with
     ``AutoModelForImageTextToText`` and ``AutoProcessor``; the model's ``processor`` is then set.
     """
-    name = _check_name(name_or_path)
+    name = check_model_name(name_or_path)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     plugins = plugin_models()
     if name in plugins:
         return plugins[name].load(dev, dt)
     source: dict = {}
+    files_sha = None
     if name in REGISTRY:
         folder = ensure_packaged(name)
         marker = read_marker(folder)
         files = marker["weights_files"]
+        verify_files(folder, files)  # the cached conversion must still be what was recorded (size, mtime, sha256)
+        files_sha = combined_sha256(files)
         source = {
             "registry": name,
             "path": str(folder),
             "hub_id": marker["hub_id"],
             "source_sha256": marker["source_sha256"],
-            "weights_sha256": next(iter(files.values())) if len(files) == 1 else None,
+            "weights_files": files,
         }
         target = str(folder)
     elif Path(name).expanduser().is_dir():
         target = str(Path(name).expanduser().resolve())
         source = {"path": target}
+        found = sorted(Path(target).glob("*.safetensors"))
+        if found:
+            files = {f.name: sha256_file_cached(f) for f in found}
+            files_sha, source["weights_files"] = combined_sha256(files), files
     else:
         target = name
         source = {"hub_id": name}
@@ -249,7 +302,10 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device=None, dty
                       f"{', '.join(sorted(REGISTRY))}): {e}") from e
     if "path" not in source:
         source["path"] = getattr(hf.config, "_name_or_path", None)
-    return from_hf(hf, tok, name=name, device=dev, source=source, processor=processor)
+    model = from_hf(hf, tok, name=name, device=dev, source=source, processor=processor)
+    if files_sha is not None:
+        model.bind_weights_files(files_sha)
+    return model
 
 
 def from_hf(

@@ -76,7 +76,7 @@ from workbench.core.sites import resolve_site
 from workbench.core.trace import trace
 from workbench.core.vlm import check_multimodal, encode_multimodal
 from workbench.data.corpus import Corpus
-from workbench.io.atomic import atomic_write_json, file_lock, sha256_file
+from workbench.io.atomic import atomic_write_json, file_lock, remember_sha256, sha256_file, sha256_file_cached
 from workbench.io.provenance import now, package_versions
 
 FORMAT = "workbench.activation_store/1"
@@ -293,6 +293,7 @@ def _write_shard(path: Path, tensors: dict[str, Tensor]) -> tuple[str, int]:
             os.fsync(f.fileno())
         digest, size = sha256_file(tmp), tmp.stat().st_size
         os.replace(tmp, path)
+        remember_sha256(path, digest)  # opening or resuming the store checks the shard without reading it again
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -348,12 +349,17 @@ def _prepare(out: Path, spec: dict, resume: bool) -> dict | None:
             + "\n  ".join(diff)
             + "\npass resume=False to delete it and start over, or choose another out_dir"
         )
-    # Keep the listed shards that are present with the recorded size; rebuild from the first that is not.
+    # Keep the listed shards that are present with the recorded size and sha256 (read again only when the file
+    # changed since it was written); rebuild from the first that is not.
     kept = []
     for rec in old["shards"]:
         p = out / rec["file"]
         if not p.is_file() or p.stat().st_size != rec["bytes"]:
             warnings.warn(f"shard {rec['file']} is missing or truncated; harvesting again from row {rec['first_row']}")
+            break
+        if sha256_file_cached(p) != rec["sha256"]:
+            warnings.warn(f"shard {rec['file']} does not match its recorded sha256 (damaged); harvesting again from "
+                          f"row {rec['first_row']}")
             break
         kept.append(rec)
     if len(kept) < len(old["shards"]):
@@ -628,7 +634,9 @@ class ActivationStore:
 
     ``ActivationStore(path)`` raises :class:`FileNotFoundError` when ``path`` holds no manifest and
     :class:`StoreError` when the harvest did not finish (``allow_partial=True`` opens its written shards) or a
-    listed shard file is missing or has the wrong size. :meth:`verify` re-hashes every shard.
+    listed shard file is missing, has the wrong size, or has changed since it was written (its sha256 is checked
+    against the manifest, reading a shard again only when its size or mtime changed). :meth:`verify` re-hashes
+    every shard and checks every tensor shape.
     """
 
     def __init__(self, path: str | os.PathLike, *, allow_partial: bool = False):
@@ -655,8 +663,11 @@ class ActivationStore:
                 bad.append(f"{rec['file']} (missing)")
             elif p.stat().st_size != rec["bytes"]:
                 bad.append(f"{rec['file']} ({p.stat().st_size} bytes, manifest says {rec['bytes']})")
+            elif sha256_file_cached(p) != rec["sha256"]:  # cheap unless the file changed since it was hashed
+                bad.append(f"{rec['file']} (sha256 differs from the manifest's)")
         if bad:
-            raise StoreError(f"the store at {str(self.path)!r} is damaged: {', '.join(bad)}")
+            raise StoreError(f"the store at {str(self.path)!r} is damaged: {', '.join(bad)}; harvest again with the "
+                             "same arguments to rebuild the damaged shards")
 
     # -- description --------------------------------------------------------------------------------------------
     @property

@@ -27,7 +27,12 @@ Positions = None | int | Sequence[int] | slice | torch.Tensor
 
 
 class StopForward(Exception):
-    """Raised inside the forward once every requested site has fired (``stop=True``); swallowed by the trace."""
+    """Raised inside the forward once every requested site of a ``stop=True`` trace has fired; swallowed by that
+    trace alone (``trace_id``), so an outer trace's stop passes through an inner trace's block."""
+
+    def __init__(self, site: str, trace_id: int | None = None):
+        super().__init__(site)
+        self.site, self.trace_id = site, trace_id
 
 
 @dataclass(frozen=True)
@@ -196,7 +201,7 @@ class Trace:
             self._fired.add(site_name)
             if self._fired >= self._wanted:
                 self._fired.clear()
-                raise StopForward(site_name)
+                raise StopForward(site_name, self.id)
 
     def _make_output_hook(self, site_names: list[str], field: str | None):
         def hook(module, args, output):
@@ -265,7 +270,7 @@ class Trace:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._remove()
-        return exc_type is not None and issubclass(exc_type, StopForward)
+        return isinstance(exc, StopForward) and exc.trace_id == self.id
 
 
 def trace(

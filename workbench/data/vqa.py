@@ -97,7 +97,8 @@ def _palette() -> dict[str, np.ndarray]:
         if a in COLOURS and len(seen[a]) < 20:
             seen[a].append(_dominant(np.asarray(Image.open(paths[i]).convert("RGB"))))
     missing = [c for c, v in seen.items() if not v]
-    assert not missing, f"easy-VQA names no image of colour(s) {missing}"
+    if not (not missing):
+        raise ValueError(f"easy-VQA names no image of colour(s) {missing}")
     return {c: np.median(np.stack(v), axis=0) for c, v in seen.items()}
 
 
@@ -128,7 +129,8 @@ def _shapes_from_questions(split: str) -> dict[int, str]:
         m = _NAMES_SHAPE.match(q)
         s = a if a in SHAPES else m.group(1) if m else None
         if s is not None:
-            assert shapes.get(i, s) == s, f"easy-VQA image {i} is named both {shapes[i]} and {s}"
+            if not (shapes.get(i, s) == s):
+                raise ValueError(f"easy-VQA image {i} is named both {shapes[i]} and {s}")
             shapes[i] = s
     return shapes
 

@@ -42,7 +42,7 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from workbench.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, file_lock, sha256_file
-from workbench.io.manifest import MANIFEST_NAME, manifest_lock, update_manifest
+from workbench.io.manifest import MANIFEST_NAME, check_record, manifest_lock, update_manifest
 from workbench.io.provenance import git_info, jsonable, model_info, now, package_versions
 
 DEFAULT_BROWSER = "/usr/bin/chromium"
@@ -314,6 +314,7 @@ def save_figure(
         "files": {},
     }
     with manifest_lock(out_dir):
+        check_record(out_dir, name, record)  # before any file is replaced
         stale = [f"{name}.{fmt}" for fmt in STATIC_FORMATS if f"{name}.{fmt}" not in payload]
         for fname in stale:  # an old PNG/SVG would no longer match the HTML
             (out_dir / fname).unlink(missing_ok=True)
@@ -361,6 +362,7 @@ def save_table(
         "files": {},
     }
     with manifest_lock(out_dir):
+        check_record(out_dir, name, record)
         atomic_write_bytes(out_dir / fname, data)
         record["files"][fname] = {"sha256": sha256_file(out_dir / fname), "bytes": len(data)}
         record["timestamp"] = now()
@@ -397,8 +399,13 @@ def save_figures(
 
 def write_result_tables(out_dir: str | os.PathLike, tables: dict, meta: dict) -> dict[str, Path]:
     """A study's tables as ``<name>.csv`` plus ``study.json`` (``meta``: model, config, timings, ...), written
-    atomically into ``out_dir``; returns {name: path} with ``meta`` for the JSON file."""
+    atomically into ``out_dir``; returns {name: path} with ``meta`` for the JSON file. A smoke study
+    (``meta["config"]["smoke"]``) is refused in a folder whose manifest holds full-size records, and vice versa."""
     out = Path(out_dir)
+    smoke = (meta.get("config") or {}).get("smoke") if isinstance(meta.get("config"), dict) else None
+    if isinstance(smoke, bool):
+        with manifest_lock(out):
+            check_record(out, "study", {"params": {"smoke": smoke}})
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, frame in tables.items():

@@ -44,6 +44,30 @@ def read_manifest(out_dir_or_file: str | os.PathLike) -> dict:
     return data
 
 
+def _refuse_mixing(data: dict, folder: Path, key: str, record: dict) -> None:
+    smoke = (record.get("params") or {}).get("smoke")
+    if not isinstance(smoke, bool):
+        return
+    other = sorted(k for k, r in data["records"].items()
+                   if isinstance((r.get("params") or {}).get("smoke"), bool) and r["params"]["smoke"] != smoke)
+    if other:
+        kind = "a smoke" if smoke else "a full-size"
+        raise ValueError(f"refusing to write {kind} record {key!r} into {folder}: its manifest holds "
+                         f"{'full-size' if smoke else 'smoke'} records ({other[:3]}); smoke runs write into "
+                         "<output_dir>/_smoke/ (workbench.io.paths.run_output_dir)")
+
+
+def check_record(out_dir: str | os.PathLike, key: str, record: dict) -> None:
+    """Raise before anything is written if ``record`` may not join the manifest of ``out_dir``: a folder never
+    mixes smoke and full-size records (``params["smoke"]``). The caller holds :func:`manifest_lock`."""
+    path = manifest_path(out_dir)
+    try:
+        data = read_manifest(path)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # update_manifest sets a broken manifest aside
+    _refuse_mixing(data, path.parent, key, record)
+
+
 def update_manifest(out_dir: str | os.PathLike, key: str, record: dict) -> None:
     """Replace ``key`` in the manifest. The caller holds :func:`manifest_lock`."""
     path = manifest_path(out_dir)
@@ -55,6 +79,7 @@ def update_manifest(out_dir: str | os.PathLike, key: str, record: dict) -> None:
         warnings.warn(f"manifest {path} was not valid JSON ({e}); moved it to {aside.name} and started a new one",
                       stacklevel=3)
         data = {"schema": MANIFEST_SCHEMA, "records": {}}
+    _refuse_mixing(data, path.parent, key, record)
     data["schema"] = MANIFEST_SCHEMA
     data["records"][key] = record
     data["updated"] = record["timestamp"]

@@ -198,8 +198,8 @@ def image_patching(
                         mask[:, -1] = True  # left padding: the last column is every row's last token
 
                     def edit(t, source=source, mask=mask):
-                        assert t.shape == source.shape, (
-                            f"patch shapes differ: {tuple(t.shape)} vs {tuple(source.shape)}")
+                        if t.shape != source.shape:
+                            raise ValueError(f"patch shapes differ: {tuple(t.shape)} vs {tuple(source.shape)}")
                         return torch.where(mask.unsqueeze(-1), source.to(t.dtype), t)
 
                     return {layer_site(layer): edit}

@@ -51,9 +51,11 @@ from workbench.io.atomic import (
     atomic_write_bytes,
     atomic_write_json,
     build_once,
+    combined_sha256,
     read_marker,
     sha256_file,
     sha256_file_cached,
+    verify_files,
 )
 from workbench.io.paths import cache_root
 from workbench.io.provenance import package_versions
@@ -167,9 +169,11 @@ def vision_from_onnx(path: str | Path | None = None):
     model = Dinov2Model(_dinov2_config())
     sd = vision_state_dict_from_onnx(path)
     expected = model.state_dict()
-    assert set(sd) == set(expected), f"missing {set(expected) - set(sd)}, unexpected {set(sd) - set(expected)}"
+    if not (set(sd) == set(expected)):
+        raise ValueError(f"missing {set(expected) - set(sd)}, unexpected {set(sd) - set(expected)}")
     for k, t in sd.items():
-        assert t.shape == expected[k].shape, f"{k}: onnx {tuple(t.shape)} vs Dinov2Model {tuple(expected[k].shape)}"
+        if not (t.shape == expected[k].shape):
+            raise ValueError(f"{k}: onnx {tuple(t.shape)} vs Dinov2Model {tuple(expected[k].shape)}")
     model.load_state_dict(sd, strict=True)
     return model.eval()
 
@@ -215,7 +219,8 @@ def assemble(image_px: int = 56, *, lm_folder: str | Path | None = None, seed: i
     with torch.no_grad():  # new rows (<image>, padding) = the mean embedding: deterministic, draws no random numbers
         emb = model.get_input_embeddings().weight
         emb[n_old:] = emb[:n_old].mean(0)
-    assert model.lm_head.weight.data_ptr() == emb.data_ptr(), "the testbed's head must stay tied to its embedding"
+    if not (model.lm_head.weight.data_ptr() == emb.data_ptr()):
+        raise ValueError("the testbed's head must stay tied to its embedding")
     processor = LlavaProcessor(
         image_processor=image_processor(image_px), tokenizer=tok, patch_size=PATCH,
         vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token=IMAGE_TOKEN,
@@ -259,25 +264,42 @@ def parts_folder(variant: str) -> Path:
 
 
 def apply_parts(model, parts: dict[str, torch.Tensor], card: dict) -> None:
-    """Load the projector and merge the LoRA factors into the decoder (shapes asserted)."""
+    """Load the projector and merge the LoRA factors into the decoder. Every shape and key is checked before any
+    weight changes (``ValueError`` naming the part), and the checks hold under ``python -O``."""
     proj = model.model.multi_modal_projector
+    r = card["config"]["lora_r"]
+    targets = _lora_targets(model)
+    problems = []
     for key, t in parts.items():
         if key.startswith("projector."):
-            target = proj.get_parameter(key[len("projector."):])
-            assert target.shape == t.shape, f"{key}: parts {tuple(t.shape)} vs model {tuple(target.shape)}"
-            with torch.no_grad():
-                target.copy_(t)
-    scale = card["config"]["lora_alpha"] / card["config"]["lora_r"]
-    n = 0
-    for path, linear in _lora_targets(model):
+            try:
+                target = proj.get_parameter(key[len("projector."):])
+            except AttributeError:
+                problems.append(f"{key}: the projector has no such parameter")
+                continue
+            if target.shape != t.shape:
+                problems.append(f"{key}: parts {tuple(t.shape)} vs model {tuple(target.shape)}")
+        elif not key.startswith("lora."):
+            problems.append(f"{key}: neither a projector nor a LoRA part")
+    for path, linear in targets:
         a, b = parts.get(f"lora.{path}.A"), parts.get(f"lora.{path}.B")
-        assert a is not None and b is not None, f"LoRA factors for {path} are missing"
-        r = card["config"]["lora_r"]
-        assert a.shape == (r, linear.in_features) and b.shape == (linear.out_features, r), f"{path}: LoRA shapes"
-        with torch.no_grad():
-            linear.weight += scale * (b @ a)
-        n += 1
-    assert n == 2 * model.config.text_config.num_hidden_layers
+        if a is None or b is None:
+            problems.append(f"LoRA factors for {path} are missing")
+        elif a.shape != (r, linear.in_features) or b.shape != (linear.out_features, r):
+            problems.append(f"{path}: LoRA shapes A {tuple(a.shape)}, B {tuple(b.shape)}; expected "
+                            f"{(r, linear.in_features)}, {(linear.out_features, r)}")
+    expected = 2 * model.config.text_config.num_hidden_layers
+    if len(targets) != expected:
+        problems.append(f"{len(targets)} LoRA target layers in the model, expected {expected} (q and v per layer)")
+    if problems:
+        raise ValueError("testbed parts do not fit the assembled model: " + "; ".join(problems[:5]))
+    scale = card["config"]["lora_alpha"] / r
+    with torch.no_grad():
+        for key, t in parts.items():
+            if key.startswith("projector."):
+                proj.get_parameter(key[len("projector."):]).copy_(t)
+        for path, linear in targets:
+            linear.weight += scale * (parts[f"lora.{path}.B"] @ parts[f"lora.{path}.A"])
 
 
 def load_parts(variant: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -318,19 +340,19 @@ def ensure_testbed(name: str) -> Path:
 
 def load_testbed(name: str = "vlm-testbed", device=None, dtype=None):
     """``workbench.load_model`` for the testbed names: a :class:`workbench.core.models.Model` with a processor."""
-
-
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     folder = ensure_testbed(name)
     marker = read_marker(folder)
+    files = marker["weights_files"]
+    verify_files(folder, files)  # the cached assembly must still be what was recorded
     hf = AutoModelForImageTextToText.from_pretrained(folder, dtype=dt)
     processor = AutoProcessor.from_pretrained(folder)
-    files = marker["weights_files"]
     source = {"registry": name, "path": str(folder), "hub_id": None, "variant": marker["variant"],
-              "parts_sha256": marker["parts_sha256"],
-              "weights_sha256": next(iter(files.values())) if len(files) == 1 else None}
-    return from_hf(hf, processor.tokenizer, name=name, device=dev, source=source, processor=processor,
-                   prompt_template=PROMPT)
+              "parts_sha256": marker["parts_sha256"], "weights_files": files}
+    model = from_hf(hf, processor.tokenizer, name=name, device=dev, source=source, processor=processor,
+                    prompt_template=PROMPT)
+    model.bind_weights_files(combined_sha256(files))
+    return model
 
 
 # -- training ----------------------------------------------------------------------------------------------------
@@ -398,7 +420,8 @@ def train_testbed(config: TestbedConfig, *, progress: bool = True, max_steps: in
         first.setdefault(it.source, it.image)
     feats = image_features(model, processor, [first[s] for s in sources])
     t_setup = time.perf_counter() - t0
-    assert feats.shape[1] == config.image_tokens, f"{feats.shape[1]} image tokens, expected {config.image_tokens}"
+    if not (feats.shape[1] == config.image_tokens):
+        raise ValueError(f"{feats.shape[1]} image tokens, expected {config.image_tokens}")
 
     gen = torch.Generator().manual_seed(config.seed)
     loras = {}

@@ -41,7 +41,8 @@ def byte_tokenizer(extra_tokens: tuple[str, ...] = (), named: dict[str, str] | N
     byte_chars = pre_tokenizers.ByteLevel.alphabet()
     b2u = bytes_to_unicode()
     vocab = {b2u[i]: i for i in range(256)}
-    assert set(vocab) == set(byte_chars)
+    if not (set(vocab) == set(byte_chars)):
+        raise RuntimeError("the byte tokenizer's vocabulary is not the 256 byte characters")
     vocab.update({"<pad>": PAD, "<bos>": BOS, "<eos>": EOS})
     vocab.update({t: VOCAB + j for j, t in enumerate(extra_tokens)})
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))

@@ -17,7 +17,6 @@ import abc
 import hashlib
 import json
 import math
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,6 +27,8 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save
 
 from workbench.io.atomic import atomic_write_bytes, atomic_write_json, sha256_file
+from workbench.io.owned import claim_folder, mark_owned
+from workbench.io.paths import safe_segment
 from workbench.io.provenance import json_roundtrip, now, package_versions
 
 PROBE_WEIGHTS_FILE = "probe.safetensors"
@@ -197,14 +198,10 @@ def _card_json(obj):
         raise ValueError(f"card fields must be JSON-serialisable: {e}") from e
 
 
-def _safe_name(part: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(part)).strip("._") or "_"
-
-
 def probe_dir(model: str, task: str, site_or_layer: str | int, root: str | Path = ".") -> Path:
     """The default folder ``<root>/probes/<model>/<task>/<site or layer_NN>/`` (names made path-safe)."""
-    name = f"layer_{site_or_layer:02d}" if isinstance(site_or_layer, int) else _safe_name(site_or_layer)
-    return Path(root) / "probes" / _safe_name(model) / _safe_name(task) / name
+    name = f"layer_{site_or_layer:02d}" if isinstance(site_or_layer, int) else safe_segment(site_or_layer)
+    return Path(root) / "probes" / safe_segment(model) / safe_segment(task) / name
 
 
 def _model_card(model) -> dict[str, Any]:
@@ -239,6 +236,7 @@ def save_probe(
     generator_params: Mapping[str, Any] | None,
     seed: int | None,
     metrics: Mapping[str, Any],
+    overwrite: bool = False,
 ) -> Path:
     """Write ``folder/probe.safetensors`` then ``folder/card.json``, each atomically; return the folder.
 
@@ -279,17 +277,26 @@ def save_probe(
     card["weights_file"] = PROBE_WEIGHTS_FILE
     card["weights_sha256"] = hashlib.sha256(data).hexdigest()
     folder = Path(folder)
+    claim_folder(folder, "probe", overwrite=overwrite, legacy=lambda f: (f / PROBE_CARD_FILE).is_file())
     atomic_write_bytes(folder / PROBE_WEIGHTS_FILE, data)
     atomic_write_json(folder / PROBE_CARD_FILE, card)
+    mark_owned(folder, "probe")
     return folder
 
 
 def read_card(folder: str | Path) -> dict[str, Any]:
-    """The card of a saved probe (no hash check; :func:`load_probe` checks)."""
+    """The card of a saved probe (no hash check; :func:`load_probe` checks). A card that is not a JSON object raises
+    ``ValueError`` naming the file."""
     path = Path(folder) / PROBE_CARD_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no probe card {PROBE_CARD_FILE} in {folder}")
-    return json.loads(path.read_text())
+    try:
+        card = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"probe card {path} is not valid JSON ({e}); the folder is damaged") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"probe card {path} is a JSON {type(card).__name__}, not an object; the folder is damaged")
+    return card
 
 
 def load_probe(folder: str | Path):
@@ -300,7 +307,11 @@ def load_probe(folder: str | Path):
     """
     folder = Path(folder)
     card = read_card(folder)
-    weights = folder / card.get("weights_file", PROBE_WEIGHTS_FILE)
+    name = card.get("weights_file", PROBE_WEIGHTS_FILE)
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise ValueError(f"probe card in {folder} names weights_file {name!r}: it must be a file name inside the "
+                         f"probe's folder (e.g. {PROBE_WEIGHTS_FILE!r})")
+    weights = folder / name
     if not weights.is_file():
         raise FileNotFoundError(f"probe card in {folder} names {weights.name}, which does not exist")
     expected = card.get("weights_sha256")
@@ -312,9 +323,16 @@ def load_probe(folder: str | Path):
     if ptype not in PROBE_TYPES:
         raise ValueError(f"probe card in {folder} has probe_type {ptype!r}; known types: {sorted(PROBE_TYPES)}")
     tensors = load_file(str(weights))
-    declared = set(card.get("tensors", {}))
-    if declared and declared != set(tensors):
+    declared = card.get("tensors")
+    if not isinstance(declared, dict) or not declared:
+        raise ValueError(f"probe card in {folder} declares no tensors; refusing an unchecked probe")
+    if set(declared) != set(tensors):
         raise ValueError(f"{weights.name} holds tensors {sorted(tensors)} but the card lists {sorted(declared)}")
+    for key, spec in declared.items():
+        got = {"shape": list(tensors[key].shape), "dtype": str(tensors[key].dtype).removeprefix("torch.")}
+        if {"shape": spec.get("shape"), "dtype": spec.get("dtype")} != got:
+            raise ValueError(f"{weights.name}: tensor {key!r} is {got['dtype']} {got['shape']} but the card declares "
+                             f"{spec.get('dtype')} {spec.get('shape')}")
     probe = PROBE_TYPES[ptype].from_state(tensors, card["hyperparams"])
     probe.card = card
     return probe

@@ -132,7 +132,8 @@ class MLPProbe(Probe):
         net = probe._build(probe.mean.shape[0], len(probe.classes))
         state = {k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")}
         for k, v in net.state_dict().items():
-            assert state[k].shape == v.shape, f"{k}: saved {tuple(state[k].shape)} vs {tuple(v.shape)}"
+            if not (state[k].shape == v.shape):
+                raise ValueError(f"{k}: saved {tuple(state[k].shape)} vs {tuple(v.shape)}")
         net.load_state_dict(state, strict=True)
         probe.net, probe.best_epoch, probe.n_train = net.eval(), hyper.get("best_epoch"), hyper.get("n_train")
         return probe

@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 from workbench.core.store import ActivationStore
 from workbench.core.trace import seq_index, trace
 from workbench.data.corpus import Corpus
-from workbench.io.atomic import atomic_write_json, sha256_file
+from workbench.io.atomic import IntegrityError, atomic_write_json, sha256_file, usual_permissions, verify_files
+from workbench.io.owned import claim_folder, mark_owned
 from workbench.io.provenance import package_versions
 
 SAE_CFG_FILE = "cfg.json"  # sae_lens.constants.SAE_CFG_FILENAME
@@ -254,17 +255,22 @@ def train_sae(
     *,
     model=None,
     out_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
     corpus_name: str | None = None,
     device: str | torch.device | None = None,
 ) -> TrainResult:
     """Train an SAE on ``site`` of an activation store with sae-lens's ``SAETrainer``; optionally save it.
 
     model: the model the store was harvested from (checked by weights hash; recorded in the card). Optional.
-    out_dir: where to write the SAE folder (replaced atomically if it exists). corpus_name: recorded in the card
-        (default: the store's data source). device: where to train (default: CUDA if available, else CPU).
+    out_dir: where to write the SAE folder: a new or empty folder, or (``overwrite=True``) one that holds an SAE
+        this package wrote, replaced atomically; anything else is refused before training starts.
+        corpus_name: recorded in the card (default: the store's data source). device: where to train (default:
+        CUDA if available, else CPU).
     """
     cfg = cfg or SAETrainConfig()
     cfg.validate()
+    if out_dir is not None:
+        claim_folder(Path(out_dir).expanduser(), "sae", overwrite=overwrite, legacy=_is_sae_folder)
     store = store if isinstance(store, ActivationStore) else ActivationStore(store)
     if site not in store.sites:
         raise SAEError(f"site {site!r} is not in the store at {str(store.path)!r}; stored sites: {store.sites}")
@@ -357,12 +363,19 @@ def _sae_lens_version() -> str:
 FREQ_FILE = "feature_freq.safetensors"  # held-out firing frequency of every feature (for density plots)
 
 
+def _is_sae_folder(folder: Path) -> bool:
+    """An SAE folder written before owner markers existed: its SAELens files are there."""
+    return (folder / SAE_CFG_FILE).is_file() and (folder / SAE_WEIGHTS_FILE).is_file()
+
+
 def _finish_folder(staging: Path, out: Path, card: dict, freq: Tensor | None) -> None:
 
     if freq is not None:
         save_file({"feature_freq": freq.contiguous()}, str(staging / FREQ_FILE))
     card["files"] = {name: sha256_file(staging / name) for name in (SAE_CFG_FILE, SAE_WEIGHTS_FILE)}
     atomic_write_json(staging / CARD_FILE, card)
+    mark_owned(staging, "sae")
+    usual_permissions(staging)
     out.parent.mkdir(parents=True, exist_ok=True)
     old = None
     if out.exists():
@@ -373,9 +386,12 @@ def _finish_folder(staging: Path, out: Path, card: dict, freq: Tensor | None) ->
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_sae(handle: SAEHandle, out_dir: str | os.PathLike, card: dict | None = None) -> Path:
-    """Write ``handle`` as an SAE folder (SAELens files + our card), atomically."""
+def save_sae(handle: SAEHandle, out_dir: str | os.PathLike, card: dict | None = None, *,
+             overwrite: bool = False) -> Path:
+    """Write ``handle`` as an SAE folder (SAELens files + our card), atomically: into a new or empty folder, or
+    (``overwrite=True``) replacing an SAE folder this package wrote; any other folder is refused untouched."""
     out = Path(out_dir).expanduser()
+    claim_folder(out, "sae", overwrite=overwrite, legacy=_is_sae_folder)
     staging = out.parent / f".tmp-sae-{uuid.uuid4().hex[:8]}"
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -426,11 +442,15 @@ def load_sae(path: str | os.PathLike, model=None, *, site: str | None = None, de
             card = json.loads((folder / CARD_FILE).read_text())
         except json.JSONDecodeError as e:
             raise SAEError(f"{folder / CARD_FILE} is not valid JSON: {e}") from e
-        for name, digest in card.get("files", {}).items():
-            actual = sha256_file(folder / name)
-            if actual != digest:
-                raise SAEError(f"{folder / name} does not match its card (sha256 {actual[:12]}..., card says "
-                               f"{digest[:12]}...): the folder is corrupted or was edited; refusing to load it")
+        files = card.get("files")
+        need = {SAE_CFG_FILE, SAE_WEIGHTS_FILE}
+        if not isinstance(files, dict) or not need <= set(files):
+            raise SAEError(f"{folder / CARD_FILE} records no sha256 of {sorted(need - set(files or {}))}: a card "
+                           "must cover the SAE's files; refusing to load an unchecked SAE")
+        try:
+            verify_files(folder, files)
+        except IntegrityError as e:
+            raise SAEError(f"refusing to load the SAE in {folder}: {e}") from None
     site = site or card.get("site") or (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
     if not site:
         raise SAEError(f"{folder}: no site recorded (card or cfg.json metadata.hook_name); pass site=...")

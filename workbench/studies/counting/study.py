@@ -18,7 +18,10 @@ The best layer is chosen by validation R² (never by test data). Results are sma
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,6 +31,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from workbench.core.models import DEFAULT_MODEL, Model, load_model
@@ -41,7 +45,11 @@ from workbench.data.tasks import (
     make_task,
     split,
 )
+from workbench.io.atomic import atomic_write_bytes, atomic_write_json, sha256_file
 from workbench.io.figures import write_result_tables
+from workbench.io.owned import FolderOwnershipError, claim_folder, folder_kind, mark_owned
+from workbench.io.paths import cache_root, model_key, safe_segment
+from workbench.io.provenance import json_roundtrip, jsonable
 from workbench.methods.probes.base import probe_dir, save_probe
 from workbench.methods.probes.features import residual_features_many
 from workbench.methods.probes.layerwise import layerwise_logistic, layerwise_ridge
@@ -55,7 +63,7 @@ from workbench.studies.counting.geometry import (
     row_norm_percentiles,
 )
 from workbench.studies.counting.interventions import steering_edit, train_digit_rows, train_lora_qv
-from workbench.studies.notebook import NotebookConfig
+from workbench.studies.notebook import NotebookConfig, checkout_root
 
 METHODS = ("baseline", "probe_round", "digit_rows", "lora_qv", "steering")
 INTERVENTIONS = ("digit_rows", "lora_qv", "steering")
@@ -67,7 +75,7 @@ class CountingConfig(NotebookConfig):
     # notebook 02's parameters -> fields (see workbench.studies.notebook); a smoke run sizes the last four itself
     NOTEBOOK = {"model": "model", "tasks": "tasks", "layers": "layers", "interventions": "interventions",
                 "lora_scope": "lora_scope", "n_prompts": "n_test", "n_train": "n_train", "seeds": "seeds",
-                "save_probes": ("probes_root", lambda save: "." if save else None)}
+                "save_probes": ("probes_root", lambda save: checkout_root() if save else None)}
     SMOKE_SIZED = ("n_prompts", "n_train", "seeds", "save_probes")
 
     model: str = DEFAULT_MODEL
@@ -251,9 +259,74 @@ def task_probes(model: Model, task: str, seed: int, cfg: CountingConfig, layers:
     return TaskProbes(task=task, seed=seed, table=lw.table, geometry=geo, y_test=counts[te_idx], predictions=preds)
 
 
+def checkpoint_dir(model: Model, cfg: CountingConfig, layers: Sequence[int]) -> Path:
+    """The default checkpoint folder of a study: in the user cache, keyed by the model's weights and the
+    canonical config, so a resume can only ever continue the same study."""
+    spec = json.dumps(jsonable({"config": asdict(cfg), "layers": list(layers), "weights": model.weights_hash}),
+                      sort_keys=True)
+    return cache_root() / "checkpoints" / "counting" / f"{model_key(model)}-{hashlib.sha256(spec.encode()).hexdigest()[:16]}"
+
+
+class _Checkpoint:
+    """One file per finished (seed, task) unit: its table rows (JSON) and count direction (safetensors), written
+    atomically, the JSON last. ``spec`` must match the folder's or the folder is refused."""
+
+    KIND = "counting-checkpoint"
+
+    def __init__(self, folder: Path, spec: dict):
+        self.folder = Path(folder)
+        self.spec = json_roundtrip(spec, strict=False)
+        spec_file = self.folder / "spec.json"
+        if spec_file.is_file():
+            if folder_kind(self.folder) != self.KIND:
+                raise FolderOwnershipError(f"{self.folder} is not a workbench counting checkpoint")
+            old = json.loads(spec_file.read_text())
+            if old != self.spec:
+                raise ValueError(f"the checkpoint in {self.folder} belongs to another study (other config, layers or "
+                                 "weights); choose another checkpoint folder or delete this one")
+        else:
+            claim_folder(self.folder, self.KIND, overwrite=False)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            mark_owned(self.folder, self.KIND)
+            atomic_write_json(spec_file, self.spec)
+
+    def _paths(self, seed: int, task: str) -> tuple[Path, Path]:
+        stem = f"unit-seed{seed}-{safe_segment(task)}"
+        return self.folder / f"{stem}.json", self.folder / f"{stem}.safetensors"
+
+    def load(self, seed: int, task: str, rows: dict, directions: dict) -> bool:
+        meta, tensors = self._paths(seed, task)
+        if not meta.is_file():
+            return False
+        unit = json.loads(meta.read_text())
+        if not tensors.is_file() or sha256_file(tensors) != unit["direction_sha256"]:
+            return False  # damaged: the unit runs again
+        for name, new in unit["rows"].items():  # order-preserving forms: JSON files are written with sorted keys
+            rows[name].extend(pd.DataFrame(r["data"], columns=r["columns"]) if name in _FRAME_ROWS else dict(r)
+                              for r in new)
+        directions.setdefault(seed, {})[task] = load_file(str(tensors))["direction"]
+        return True
+
+    def save(self, seed: int, task: str, rows: dict, marks: dict, direction: torch.Tensor) -> None:
+        meta, tensors = self._paths(seed, task)
+        data = save({"direction": direction.detach().cpu().contiguous()})
+        atomic_write_bytes(tensors, data)
+        new = {name: [{"columns": list(r.columns), "data": r.to_numpy().tolist()} if name in _FRAME_ROWS
+                      else list(r.items()) for r in v[marks[name]:]] for name, v in rows.items()}
+        atomic_write_json(meta, {"seed": seed, "task": task, "rows": jsonable(new),
+                                 "direction_sha256": hashlib.sha256(data).hexdigest()})
+
+
+_FRAME_ROWS = ("probes", "geometry", "lens")  # rows kept as DataFrames (the others are dicts)
+
+
 def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None = None,
-                       progress: bool = True) -> CountingResult:
-    """Run the counting protocol on one model (see module docstring). ``model`` overrides ``cfg.model``."""
+                       progress: bool = True, checkpoint: bool | str | os.PathLike = False) -> CountingResult:
+    """Run the counting protocol on one model (see module docstring). ``model`` overrides ``cfg.model``.
+
+    checkpoint: ``True`` keeps each finished (seed, task) unit in the user cache (:func:`checkpoint_dir`), a path
+    keeps them there; a rerun of the same study (same config, layers and weights) loads the finished units and runs
+    only the rest, with identical results. ``False`` (default): nothing is kept."""
     cfg = cfg or CountingConfig()
     t_start = time.perf_counter()
     model = model or load_model(cfg.model)
@@ -278,10 +351,21 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
     directions_by_seed: dict[int, dict[str, torch.Tensor]] = {}
     lora_cache: dict = {}  # (seed, tasks) -> the trained adapter, so a joint adapter is trained once per seed
     digit_ids_any = None
+    rows = {"probes": probe_rows, "geometry": geo_rows, "lens": lens_rows, "accuracy": acc_rows,
+            "extras": extra_rows}
+    ckpt = None
+    if checkpoint:
+        folder = checkpoint_dir(model, cfg, layers) if checkpoint is True else Path(checkpoint)
+        ckpt = _Checkpoint(folder, {"config": asdict(cfg), "layers": layers, "weights_sha256": model.weights_hash})
     bar = tqdm(jobs, desc=f"counting {model.name}", disable=not progress)
     for seed, task in bar:
         bar.set_postfix(task=task, seed=seed)
         ts, train, test, digit_ids = _make_sets(model, task, seed, cfg)
+        if ckpt is not None and ckpt.load(seed, task, rows, directions_by_seed):
+            digit_ids_any = digit_ids
+            timings["resumed_units"] = timings.get("resumed_units", 0) + 1
+            continue  # this (seed, task) finished in an earlier, interrupted run
+        marks = {name: len(v) for name, v in rows.items()}
         digit_ids_any = digit_ids
         everything = train.prompts + test.prompts
         counts = np.concatenate([train.counts, test.counts])
@@ -334,7 +418,8 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
         if cfg.probes_root:
             save_probe(best_probe, probe_dir(model.name, task, f"seed{seed}_layer{best}", cfg.probes_root),
                        model=model, site=layer_site(best), layer=best, task=task, generator_params=ts.params,
-                       seed=seed, metrics=main.table.set_index("layer").loc[best].to_dict())
+                       seed=seed, metrics=main.table.set_index("layer").loc[best].to_dict(),
+                       overwrite=True)  # the study was asked to save: it refreshes its own probe folders
 
         def evaluate(method, m=model, edits=None):
             t1 = time.perf_counter()
@@ -380,19 +465,20 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
                            key | {"key": "lora_pool_tasks", "value": len(scope_tasks)}]
             evaluate("lora_qv", m=lora.model)
 
-        if "steering" not in cfg.interventions:
-            continue
-        t0 = time.perf_counter()
-        site = layer_site(best)
-        scale = float(feats[best][tr_idx].norm(dim=-1).mean())
-        n_sel = min(cfg.steer_select_n, len(train))
-        alpha, curve = _select_steering_alpha(model, site, best_probe.direction_raw, scale,
-                                              train.prompts[:n_sel], train.counts[:n_sel], digit_ids, cfg)
-        tick("select_steering", t0)
-        extra_rows += [key | {"key": "steer_alpha_rel", "value": alpha},
-                       key | {"key": "steer_alpha_abs", "value": alpha * scale}]
-        extra_rows += [key | {"key": f"steer_train_acc@{a}", "value": v} for a, v in curve.items()]
-        evaluate("steering", edits={site: steering_edit(best_probe.direction_raw, alpha * scale)})
+        if "steering" in cfg.interventions:
+            t0 = time.perf_counter()
+            site = layer_site(best)
+            scale = float(feats[best][tr_idx].norm(dim=-1).mean())
+            n_sel = min(cfg.steer_select_n, len(train))
+            alpha, curve = _select_steering_alpha(model, site, best_probe.direction_raw, scale,
+                                                  train.prompts[:n_sel], train.counts[:n_sel], digit_ids, cfg)
+            tick("select_steering", t0)
+            extra_rows += [key | {"key": "steer_alpha_rel", "value": alpha},
+                           key | {"key": "steer_alpha_abs", "value": alpha * scale}]
+            extra_rows += [key | {"key": f"steer_train_acc@{a}", "value": v} for a, v in curve.items()]
+            evaluate("steering", edits={site: steering_edit(best_probe.direction_raw, alpha * scale)})
+        if ckpt is not None:
+            ckpt.save(seed, task, rows, marks, directions_by_seed[seed][task])
 
     # Principal angles between the span of the count directions (all tasks, best layers) and the digit rows.
     digit_rows = W_U[digit_ids_any].detach().double().T.cpu()  # [d, 9]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
+import torch
 from tqdm.auto import tqdm
 
 from workbench.core.models import load_model
@@ -30,7 +31,7 @@ from workbench.data.corpus import DEFAULT_CORPUS, load_corpus
 from workbench.data.tasks import TASKS
 from workbench.io.atomic import atomic_write_text
 from workbench.io.figures import write_result_tables
-from workbench.io.paths import cache_root, repo_root
+from workbench.io.paths import cache_root, model_key, repo_root, safe_segment
 from workbench.methods.sae import features as sf
 from workbench.methods.sae.train import SAEError, SAEHandle, SAETrainConfig, evaluate_sae, load_sae, save_sae, train_sae
 from workbench.studies.notebook import NotebookConfig
@@ -75,13 +76,13 @@ SPECS = {
 
 
 def store_dir(model_name: str = DEFAULT_MODEL) -> Path:
-    return cache_root() / "activations" / f"{model_name}-{DEFAULT_CORPUS}-{STORE_TOKENS}"
+    return cache_root() / "activations" / safe_segment(f"{model_name}-{DEFAULT_CORPUS}-{STORE_TOKENS}")
 
 
 def sae_dir(key: str, model_name: str = DEFAULT_MODEL) -> Path:
     spec = SPECS[key]
     root = SAES_DIR if spec.shipped else cache_root() / "saes"
-    return root / model_name / spec.site / spec.name
+    return root / safe_segment(model_name) / safe_segment(spec.site) / safe_segment(spec.name)
 
 
 def training_store(model=None) -> ActivationStore:
@@ -106,13 +107,14 @@ def build_sae(key: str, model=None, *, half: bool | None = None):
     model = model or load_model(DEFAULT_MODEL)
     store = training_store(model)
     out = sae_dir(key)
-    result = train_sae(store, spec.site, spec.config, model=model, out_dir=out, corpus_name=DEFAULT_CORPUS)
+    result = train_sae(store, spec.site, spec.config, model=model, out_dir=out, overwrite=True,
+                       corpus_name=DEFAULT_CORPUS)
     if spec.shipped if half is None else half:
         handle = load_sae(out, model)
-        handle.sae.to(dtype=__import__("torch").float16)
+        handle.sae.to(dtype=torch.float16)
         handle.sae.cfg.dtype = "float16"
         card = dict(result.card, stored_dtype="float16")
-        save_sae(handle, out, card)
+        save_sae(handle, out, card, overwrite=True)
     return result
 
 
@@ -215,9 +217,20 @@ TABLES = ("metrics", "density", "report_features", "count_features", "count_prob
           "selection_scores")
 
 
+def train_cache_paths(model, cfg: SAEStudyConfig) -> tuple[Path, Path]:
+    """(activation store, SAE folder) of ``sae="train"``: inside the user cache whatever the model's name (a local
+    model's name is the path as typed; :func:`workbench.io.paths.model_key` makes it one safe segment)."""
+    t = cfg.train
+    name = f"{t.architecture}-{t.expansion}x" + (f"-k{t.k}" if t.architecture == "topk" else "")
+    name += f"-{t.total_tokens}tok-seed{t.seed}"
+    tag = safe_segment(f"{model_key(model)}-{cfg.corpus}-{cfg.site}-{cfg.train_tokens}")
+    return (cache_root() / "activations" / tag,
+            cache_root() / "saes" / model_key(model) / safe_segment(cfg.site) / safe_segment(name))
+
+
 def _resolve_sae(cfg: SAEStudyConfig, model) -> SAEHandle:
     if cfg.sae == "shipped":
-        folder = SAES_DIR / model.name / cfg.site
+        folder = SAES_DIR / safe_segment(model.name) / safe_segment(cfg.site)
         found = sorted(p for p in folder.glob("*") if p.is_dir()) if folder.is_dir() else []
         if len(found) != 1:
             keys = [k for k, s in SPECS.items() if s.shipped]
@@ -226,18 +239,15 @@ def _resolve_sae(cfg: SAEStudyConfig, model) -> SAEHandle:
                            f"`python -m workbench.studies.sae.study train {' '.join(keys)}`")
         return load_sae(found[0], model)
     if cfg.sae == "train":
-        tag = f"{model.name}-{cfg.corpus}-{cfg.site}-{cfg.train_tokens}"
-        store = harvest(model, load_corpus(cfg.corpus), cfg.site, cache_root() / "activations" / tag, batch_size=16,
-                        context_length=STORE_CONTEXT, max_tokens=cfg.train_tokens, shard_tokens=16_384)
+        store_path, out = train_cache_paths(model, cfg)
         t = cfg.train
-        name = f"{t.architecture}-{t.expansion}x" + (f"-k{t.k}" if t.architecture == "topk" else "")
-        name += f"-{t.total_tokens}tok-seed{t.seed}"
-        out = cache_root() / "saes" / model.name / cfg.site / name
+        store = harvest(model, load_corpus(cfg.corpus), cfg.site, store_path, batch_size=16,
+                        context_length=STORE_CONTEXT, max_tokens=cfg.train_tokens, shard_tokens=16_384)
         try:
             return load_sae(out, model)
         except SAEError:
             pass
-        train_sae(store, cfg.site, t, model=model, out_dir=out, corpus_name=cfg.corpus)
+        train_sae(store, cfg.site, t, model=model, out_dir=out, overwrite=True, corpus_name=cfg.corpus)
         return load_sae(out, model)
     return load_sae(cfg.sae, model)
 

@@ -419,5 +419,6 @@ def save_best_probes(result: VisualResult, models: dict, root: str | Path = ".")
                 seed=result.config["seed"],
                 metrics={"p_target_conflict": float(row[col]),
                          "accuracy_conflict": float(row["acc_gt" if target == "ground_truth" else "acc_prior"]),
-                         "n_conflict": int(row["n_conflict"])}))
+                         "n_conflict": int(row["n_conflict"])},
+                overwrite=True))  # asked to save: refreshes the probe folders this package wrote
     return saved
