@@ -46,7 +46,8 @@ def test_grid_on_a_local_cluster_of_two_workers(tmp_path, monkeypatch):
     assert len(failed) == 1 and "cell n=2 fails on purpose" in failed[0].error
     parents = set()
     for r in results:
-        out = figs / "01_cells" / f"n-{r.parameters['n']}"
+        out = nbs.output_dir_for("01_cells", figs, False, {"n": r.parameters["n"]})
+        assert out.name.startswith(f"n-{r.parameters['n']}__")
         assert r.output_dir == out
         record = json.loads((out / nbs.RUN_RECORD).read_text())
         assert record["status"] == ("ok" if r.ok else "failed") and record["parameters"]["n"] == r.parameters["n"]

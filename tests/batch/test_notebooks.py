@@ -176,10 +176,12 @@ def test_failure_is_collected_and_the_rest_run(tmp_path, monkeypatch, capsys):
     assert "FAILED 01_fails: ZeroDivisionError" in err and "FAILED 02_checks" not in err
 
     # a parameter setting (-p n=5) gets its own folder below the notebook's
-    failed = nbformat.read(figs / "01_fails" / "n-5" / "_smoke" / "01_fails.ipynb", as_version=4)
+    setting = nbs.parameter_slug({"n": 5})
+    assert setting.startswith("n-5__")
+    failed = nbformat.read(figs / "01_fails" / setting / "_smoke" / "01_fails.ipynb", as_version=4)
     assert any("ZeroDivisionError" in e for e in _errors(failed))  # executed copy kept, with the traceback
 
-    out = figs / "02_checks" / "n-5" / "_smoke"
+    out = figs / "02_checks" / setting / "_smoke"
     info = json.loads((out / "kernel.json").read_text())
     assert Path(info["executable"]).resolve() == Path(sys.executable).resolve()
     assert Path(info["cwd"]).resolve() == ROOT.resolve()
