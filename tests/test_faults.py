@@ -415,3 +415,12 @@ def test_doctor_names_what_is_wrong_with_each_artifact(tmp_path, tiny_sae):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert {f.path for f in doctor([root], full=True) if f.problem} >= {bad_sae, store}
+
+
+def test_a_probe_loads_in_a_fresh_process_from_the_base_module_alone():
+    """The card's probe_type finds its class even when only ``methods.probes.base`` was imported (the package
+    registers the built-in types), as ``workbench doctor`` and a user's script do."""
+    folder = next(p.parent for p in sorted((repo_root() / "probes").rglob("card.json")))
+    code = f"from workbench.methods.probes.base import load_probe; print(type(load_probe({str(folder)!r})).__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() in ("RidgeProbe", "LogisticProbe", "MLPProbe"), out.stderr
