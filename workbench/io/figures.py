@@ -241,6 +241,39 @@ def ensure_plotlyjs(out_dir: str | os.PathLike) -> Path:
     return path
 
 
+def _record(kind, name, out_dir, model, params, seed, notebook, wall_time_s) -> dict:
+    """The provenance every figure and table record carries."""
+    return {
+        "name": name,
+        "kind": kind,
+        "out_dir": _display_dir(out_dir),
+        "notebook": notebook or os.environ.get(NOTEBOOK_ENV) or None,
+        "model": model_info(model),
+        "params": jsonable(params or {}),
+        "seed": seed,
+        "wall_time_s": None if wall_time_s is None else round(float(wall_time_s), 3),
+        "git": git_info(),
+        "versions": package_versions(),
+        "python_executable": sys.executable,
+        "files": {},
+    }
+
+
+def _commit(out_dir: Path, name: str, record: dict, payload: dict[str, bytes], stale=()) -> dict:
+    """Under the manifest lock: refuse a record the folder may not take (before any file is replaced), remove
+    ``stale`` files, write ``payload`` atomically with each file's sha256 in the record, then the record."""
+    with manifest_lock(out_dir):
+        check_record(out_dir, name, record)
+        for fname in stale:
+            (out_dir / fname).unlink(missing_ok=True)
+        for fname, data in payload.items():
+            atomic_write_bytes(out_dir / fname, data)
+            record["files"][fname] = {"sha256": sha256_file(out_dir / fname), "bytes": len(data)}
+        record["timestamp"] = now()
+        update_manifest(out_dir, name, record)
+    return record
+
+
 def save_figure(
     fig: go.Figure,
     name: str,
@@ -294,36 +327,16 @@ def save_figure(
             raise StaticExportError(msg + f"; ${REQUIRE_STATIC_ENV} is set")
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
-    record = {
-        "name": name,
-        "kind": "figure",
-        "out_dir": _display_dir(out_dir),
-        "notebook": notebook or os.environ.get(NOTEBOOK_ENV) or None,
-        "model": model_info(model),
-        "params": jsonable(params or {}),
-        "seed": seed,
-        "wall_time_s": None if wall_time_s is None else round(float(wall_time_s), 3),
+    record = _record("figure", name, out_dir, model, params, seed, notebook, wall_time_s) | {
         "plotlyjs": {"path": os.path.relpath(plotlyjs, out_dir).replace(os.sep, "/"),
                      "sha256": sha256_file(plotlyjs)},
         "static_export": static,
         "static_export_s": round(static_s, 3),
         "browser": {"path": browser, "version": browser_version(browser) if browser else None},
-        "git": git_info(),
-        "versions": package_versions(),
-        "python_executable": sys.executable,
-        "files": {},
     }
-    with manifest_lock(out_dir):
-        check_record(out_dir, name, record)  # before any file is replaced
-        stale = [f"{name}.{fmt}" for fmt in STATIC_FORMATS if f"{name}.{fmt}" not in payload]
-        for fname in stale:  # an old PNG/SVG would no longer match the HTML
-            (out_dir / fname).unlink(missing_ok=True)
-        for fname, data in payload.items():
-            atomic_write_bytes(out_dir / fname, data)
-            record["files"][fname] = {"sha256": sha256_file(out_dir / fname), "bytes": len(data)}
-        record["timestamp"] = now()
-        update_manifest(out_dir, name, record)
-    return record
+    # an old PNG/SVG would no longer match the HTML
+    stale = [f"{name}.{fmt}" for fmt in STATIC_FORMATS if f"{name}.{fmt}" not in payload]
+    return _commit(out_dir, name, record, payload, stale)
 
 
 def save_table(
@@ -343,31 +356,12 @@ def save_table(
     _check_name(name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fname = f"{name}.csv"
     data = df.to_csv(index=False).encode()
-    record = {
-        "name": name,
-        "kind": "table",
-        "out_dir": _display_dir(out_dir),
-        "notebook": notebook or os.environ.get(NOTEBOOK_ENV) or None,
-        "model": model_info(model),
-        "params": jsonable(params or {}),
-        "seed": seed,
-        "wall_time_s": None if wall_time_s is None else round(float(wall_time_s), 3),
+    record = _record("table", name, out_dir, model, params, seed, notebook, wall_time_s) | {
         "shape": list(df.shape),
         "columns": [str(c) for c in df.columns],
-        "git": git_info(),
-        "versions": package_versions(),
-        "python_executable": sys.executable,
-        "files": {},
     }
-    with manifest_lock(out_dir):
-        check_record(out_dir, name, record)
-        atomic_write_bytes(out_dir / fname, data)
-        record["files"][fname] = {"sha256": sha256_file(out_dir / fname), "bytes": len(data)}
-        record["timestamp"] = now()
-        update_manifest(out_dir, name, record)
-    return record
+    return _commit(out_dir, name, record, {f"{name}.csv": data})
 
 
 def save_figures(
