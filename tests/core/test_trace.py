@@ -221,3 +221,60 @@ def test_bad_edits_and_positions():
             m.hf(**m.encode(["abc"]))
     with pytest.raises(ValueError, match="at least one"):
         wb.trace(m, [])
+
+
+def test_grads_equal_autograd_at_every_layer_and_hooks_leave(tiny):
+    """trace(grads=True) records d metric / d site (positions selected like the capture), equal to autograd on HF
+    hidden_states; its tensor hooks are in the ledger inside the block and gone after it."""
+    sites = [f"blocks.{i}.hook_resid_post" for i in range(tiny.n_layers - 1)]
+    enc = tiny.encode(PROMPTS)
+    with torch.enable_grad():
+        out = tiny.hf(**enc, output_hidden_states=True)
+        for h in out.hidden_states:
+            h.retain_grad()
+        out.logits[:, -1, 7].sum().backward()
+        want = [out.hidden_states[i + 1].grad for i in range(len(sites))]
+        tiny.hf.zero_grad(set_to_none=True)
+        with wb.trace(tiny, sites, grads=True, positions=-1) as tr:
+            logits = tiny.hf(**enc).logits
+            assert any(r.kind == "grad" for r in wb.active_hooks())
+            logits[:, -1, 7].sum().backward()
+    tiny.hf.zero_grad(set_to_none=True)
+    assert wb.active_hooks() == []
+    for site, w in zip(sites, want, strict=True):
+        torch.testing.assert_close(tr.grad(site), w[:, -1], rtol=1e-5, atol=1e-7)
+    assert len(tr.grads(sites[0])) == 1
+
+
+def test_grads_need_a_graph_and_a_backward(tiny):
+    with torch.no_grad(), pytest.raises(RuntimeError, match="does not require grad"):
+        with wb.trace(tiny, ["blocks.0.hook_mlp_out"], grads=True):
+            _forward(tiny)
+    assert wb.active_hooks() == []
+    with torch.enable_grad(), wb.trace(tiny, ["blocks.0.hook_mlp_out"], grads=True) as tr:
+        tiny.hf(**tiny.encode(PROMPTS))
+    with pytest.raises(KeyError, match="run a backward"):
+        tr.grad("blocks.0.hook_mlp_out")
+    with pytest.raises(ValueError, match="stop=True"):
+        wb.trace(tiny, ["blocks.0.hook_mlp_out"], grads=True, stop=True)
+    with wb.trace(tiny, ["blocks.0.hook_mlp_out"]) as tr:
+        _forward(tiny)
+    with pytest.raises(KeyError, match="without grads=True"):
+        tr.grad("blocks.0.hook_mlp_out")
+
+
+def test_head_site_is_the_output_projection_input(tiny):
+    """blocks.i.attn.hook_z: its heads, through the output projection, give hook_attn_out."""
+    from workbench.core.sites import head_shape
+
+    with wb.trace(tiny, ["blocks.1.attn.hook_z", "blocks.1.hook_attn_out"]) as tr:
+        _forward(tiny)
+    z, out = tr["blocks.1.attn.hook_z"], tr["blocks.1.hook_attn_out"]
+    n_heads, d_head = head_shape(tiny.hf.config)
+    assert z.shape[-1] == n_heads * d_head
+    proj = tiny.module(tiny.arch.attn_path(1) + "." + next(
+        c for c in ("o_proj", "c_proj", "dense") if hasattr(tiny.module(tiny.arch.attn_path(1)), c)))
+    with torch.no_grad():
+        torch.testing.assert_close(proj(z), out, rtol=1e-5, atol=1e-6)
+    with pytest.raises(SiteError, match="out of range"):
+        wb.trace(tiny, ["blocks.99.attn.hook_z"])

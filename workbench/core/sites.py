@@ -10,6 +10,9 @@ name                             what it is                                     
 ``blocks.{i}.hook_attn_out``     output of layer i's attention module (before the residual add) output
 ``blocks.{i}.hook_mlp_out``      output of layer i's MLP module (before the residual add)        output
 ``blocks.{i}.hook_resid_post``   residual stream leaving decoder layer i (HF hidden_states[i+1]) output
+``blocks.{i}.attn.hook_z``       every head's output before the attention output projection       input
+                                 (the input of ``o_proj`` / ``c_proj`` / ``dense``): [..., n_heads * d_head],
+                                 head h = slice ``h*d_head:(h+1)*d_head`` (see :func:`head_shape`)
 ``ln_final.hook_normalized``     output of the final norm (HF hidden_states[-1])                 output
 ``<dotted.module.path>``         output of any module of the Hugging Face model                  output
 ``<dotted.module.path>:input``   first input of any module                                       input
@@ -46,6 +49,10 @@ from workbench.core.arch import ArchMap
 
 _BLOCK_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
 _BLOCK_RE = re.compile(r"^blocks\.(-?\d+)\.(\w+)$")
+_HEAD_RE = re.compile(r"^blocks\.(-?\d+)\.attn\.hook_z$")
+# The attention output projection inside one attention module, tried in order (Llama/Qwen/Gemma/Mistral, GPT-2,
+# GPT-NeoX); its input is the concatenation of the heads' outputs.
+_OUT_PROJ_NAMES = ("o_proj", "c_proj", "dense", "out_proj")
 _VISION_BLOCK_HOOKS = ("hook_resid_post",)
 _VISION_BLOCK_RE = re.compile(r"^vision\.blocks\.(-?\d+)\.(\w+)$")
 _VISION_SITES = ("vision.hook_out", "projector.hook_out")
@@ -118,6 +125,29 @@ def site_names(arch: ArchMap) -> list[str]:
     return names
 
 
+def out_proj_path(arch: ArchMap, layer: int, module_names: set[str]) -> str:
+    """The attention output projection of decoder layer ``layer`` (its input is ``blocks.{layer}.attn.hook_z``)."""
+    attn = arch.attn_path(layer)
+    for child in _OUT_PROJ_NAMES:
+        if f"{attn}.{child}" in module_names:
+            return f"{attn}.{child}"
+    raise SiteError(f"no attention output projection ({'/'.join(_OUT_PROJ_NAMES)}) inside {attn}: the head site "
+                    f"blocks.{layer}.attn.hook_z is not available for this {arch.family} model")
+
+
+def head_shape(config) -> tuple[int, int]:
+    """(n_heads, d_head) of a Hugging Face config (a VLM's text config is used): how ``attn.hook_z`` splits."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n_heads = next((getattr(cfg, k) for k in ("num_attention_heads", "n_head") if isinstance(getattr(cfg, k, None), int)),
+                   None)
+    if n_heads is None:
+        raise SiteError(f"config {type(cfg).__name__} names no number of attention heads")
+    d_head = getattr(cfg, "head_dim", None)
+    if not isinstance(d_head, int):
+        d_head = cfg.hidden_size // n_heads
+    return n_heads, d_head
+
+
 def _valid_hint(arch: ArchMap) -> str:
     vision = ""
     if arch.is_vlm:
@@ -126,7 +156,8 @@ def _valid_hint(arch: ArchMap) -> str:
             f"{', '.join(repr(s) for s in _VISION_SITES)}, "
         )
     return (
-        f"valid sites: 'hook_embed', 'blocks.{{i}}.{{{'|'.join(_BLOCK_HOOKS)}}}' with 0 <= i < {arch.n_layers}, "
+        f"valid sites: 'hook_embed', 'blocks.{{i}}.{{{'|'.join(_BLOCK_HOOKS)}}}' or 'blocks.{{i}}.attn.hook_z' with "
+        f"0 <= i < {arch.n_layers}, "
         f"{vision}'ln_final.hook_normalized', or a dotted module path of the model (append ':input' for its input)"
     )
 
@@ -171,6 +202,13 @@ def resolve_site(name: str, arch: ArchMap, module_names: set[str]) -> Site:
         return Site(name, arch.final_norm, "output", None, (arch.n_layers, 0))
     if name.startswith(("vision.", "projector.")) and name.split(":")[0] not in module_names:
         return _resolve_vision_site(name, arch)
+    match = _HEAD_RE.match(name)
+    if match:
+        layer = int(match.group(1))
+        if not 0 <= layer < arch.n_layers:
+            raise SiteError(f"layer {layer} in site {name!r} is out of range: the model has {arch.n_layers} layers "
+                            f"(0..{arch.n_layers - 1})")
+        return Site(name, out_proj_path(arch, layer, module_names), "input", layer, (layer, 1))
     match = _BLOCK_RE.match(name)
     if match:
         layer, hook = int(match.group(1)), match.group(2)

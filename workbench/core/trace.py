@@ -40,7 +40,7 @@ class HookRecord:
     trace_id: int
     site: str
     module: str
-    kind: str  # "output" (forward hook) or "input" (forward pre-hook)
+    kind: str  # "output" (forward hook), "input" (forward pre-hook) or "grad" (a tensor hook of grads=True)
 
 
 _LEDGER: dict[int, HookRecord] = {}  # RemovableHandle.id -> record
@@ -135,6 +135,7 @@ class Trace:
         positions: Positions = None,
         detach: bool = True,
         stop: bool = False,
+        grads: bool = False,
     ):
         hf, arch = _unwrap(model)
         site_list = [sites] if isinstance(sites, str) else list(sites)
@@ -151,8 +152,11 @@ class Trace:
         self._edit_sites = {name: resolve_site(name, arch, module_names) for name in edits}
         self._edits = edits
         self._hf, self.arch = hf, arch
-        self.positions, self.detach, self.stop = positions, detach, stop
+        self.positions, self.detach, self.stop, self.want_grads = positions, detach, stop, bool(grads)
+        if grads and stop:
+            raise ValueError("grads=True needs the whole forward (the metric is computed at the end); drop stop=True")
         self._records: dict[str, list[torch.Tensor]] = {name: [] for name in site_list}
+        self._grads: dict[str, list[torch.Tensor]] = {name: [] for name in site_list}
         self._handles: list = []
         self._fired: set[str] = set()
         self.id = next(_TRACE_IDS)
@@ -170,6 +174,23 @@ class Trace:
         if not calls:
             raise KeyError(f"site {site!r} did not fire: no forward pass through it ran inside the trace")
         return calls[-1]
+
+    def grad(self, site: str) -> torch.Tensor:
+        """The gradient reaching ``site`` in the most recent backward pass (``grads=True``), positions selected like
+        the capture. Backward passes run inside the block; each adds one entry (see :meth:`grads`)."""
+        received = self.grads(site)
+        if not received:
+            raise KeyError(f"no gradient reached site {site!r}: run a backward pass (metric.backward() or "
+                           "torch.autograd.grad) inside the trace block, from a metric that depends on the site")
+        return received[-1]
+
+    def grads(self, site: str) -> list[torch.Tensor]:
+        """Every gradient of ``site`` received so far, in the order the backward passes ran."""
+        if not self.want_grads:
+            raise KeyError("this trace was made without grads=True: it records no gradients")
+        if site not in self._grads:
+            raise KeyError(f"site {site!r} was not captured by this trace; captured: {list(self._grads)}")
+        return list(self._grads[site])
 
     def captures(self, site: str) -> list[torch.Tensor]:
         """All captures of ``site``, one per forward call (e.g. one per generated token)."""
@@ -194,7 +215,24 @@ class Trace:
                 if sel.data_ptr() == t.data_ptr() or sel._base is not None:
                     sel = sel.clone()  # never keep a view the model might later write into
             self._records[site_name].append(sel)
+            if self.want_grads:
+                self._hook_grad(site_name, t, text)
         return t
+
+    def _hook_grad(self, site_name: str, t: torch.Tensor, text: bool) -> None:
+        if not t.requires_grad:
+            raise RuntimeError(
+                f"trace(grads=True): the activation at {site_name!r} does not require grad. Run the forward under "
+                "torch.enable_grad() with parameters (or an earlier site, e.g. an edit of 'hook_embed' returning "
+                "t.detach().requires_grad_()) that require grad"
+            )
+
+        def keep(g: torch.Tensor) -> None:
+            self._grads[site_name].append(select_positions(g, self.positions).detach() if text else g.detach())
+
+        handle = t.register_hook(keep)
+        self._handles.append(handle)
+        _LEDGER[handle.id] = HookRecord(self.id, site_name, "<tensor>", "grad")
 
     def _after(self, site_name: str) -> None:
         if self.stop:
@@ -281,6 +319,7 @@ def trace(
     positions: Positions = None,
     detach: bool = True,
     stop: bool = False,
+    grads: bool = False,
 ) -> Trace:
     """Capture (``sites``) and/or edit (``edits``: site -> function) tensors during forward passes in the block.
 
@@ -291,9 +330,12 @@ def trace(
     stop: abort the forward right after every requested site has fired, so reading layer k runs only layers
         0..k. The abort is swallowed at the end of the ``with`` block; statements after the forward inside the
         block do not run, so read the captures after it.
+    grads: also record the gradient reaching each captured site when a backward pass runs inside the block
+        (``tr.grad(site)``; tensor hooks, removed on exit like the module hooks). The forward must build a graph
+        (``torch.enable_grad()``; an activation that does not require grad raises).
     Edits get the full tensor and return one of the same shape; captures at an edited site see the edited value.
     """
-    return Trace(model, sites, edits=edits, positions=positions, detach=detach, stop=stop)
+    return Trace(model, sites, edits=edits, positions=positions, detach=detach, stop=stop, grads=grads)
 
 
 # -- edit helpers -----------------------------------------------------------------------------------------------
