@@ -45,11 +45,11 @@ from workbench.data.tasks import (
     make_task,
     split,
 )
-from workbench.io.atomic import atomic_write_bytes, atomic_write_json, sha256_file
+from workbench.io.atomic import atomic_write_bytes, sha256_file
+from workbench.io.checkpoint import UnitCheckpoint
 from workbench.io.figures import write_result_tables
-from workbench.io.owned import FolderOwnershipError, claim_folder, folder_kind, mark_owned
 from workbench.io.paths import cache_root, model_key, safe_segment
-from workbench.io.provenance import json_roundtrip, jsonable
+from workbench.io.provenance import jsonable
 from workbench.methods.probes.base import probe_dir, save_probe
 from workbench.methods.probes.features import residual_features_many
 from workbench.methods.probes.layerwise import layerwise_logistic, layerwise_ridge
@@ -267,38 +267,24 @@ def checkpoint_dir(model: Model, cfg: CountingConfig, layers: Sequence[int]) -> 
     return cache_root() / "checkpoints" / "counting" / f"{model_key(model)}-{hashlib.sha256(spec.encode()).hexdigest()[:16]}"
 
 
-class _Checkpoint:
-    """One file per finished (seed, task) unit: its table rows (JSON) and count direction (safetensors), written
+class _Checkpoint(UnitCheckpoint):
+    """One unit per finished (seed, task): its table rows (JSON) and count direction (safetensors), written
     atomically, the JSON last. ``spec`` must match the folder's or the folder is refused."""
 
     KIND = "counting-checkpoint"
 
     def __init__(self, folder: Path, spec: dict):
-        self.folder = Path(folder)
-        self.spec = json_roundtrip(spec, strict=False)
-        spec_file = self.folder / "spec.json"
-        if spec_file.is_file():
-            if folder_kind(self.folder) != self.KIND:
-                raise FolderOwnershipError(f"{self.folder} is not a workbench counting checkpoint")
-            old = json.loads(spec_file.read_text())
-            if old != self.spec:
-                raise ValueError(f"the checkpoint in {self.folder} belongs to another study (other config, layers or "
-                                 "weights); choose another checkpoint folder or delete this one")
-        else:
-            claim_folder(self.folder, self.KIND, overwrite=False)
-            self.folder.mkdir(parents=True, exist_ok=True)
-            mark_owned(self.folder, self.KIND)
-            atomic_write_json(spec_file, self.spec)
+        super().__init__(folder, spec, kind=self.KIND)
 
-    def _paths(self, seed: int, task: str) -> tuple[Path, Path]:
-        stem = f"unit-seed{seed}-{safe_segment(task)}"
-        return self.folder / f"{stem}.json", self.folder / f"{stem}.safetensors"
+    def _paths(self, seed: int, task: str) -> tuple[str, Path]:
+        stem = f"seed{seed}-{safe_segment(task)}"
+        return stem, self.path(stem, ".safetensors")
 
-    def load(self, seed: int, task: str, rows: dict, directions: dict) -> bool:
-        meta, tensors = self._paths(seed, task)
-        if not meta.is_file():
+    def load_unit(self, seed: int, task: str, rows: dict, directions: dict) -> bool:
+        stem, tensors = self._paths(seed, task)
+        unit = self.load(stem)
+        if unit is None:
             return False
-        unit = json.loads(meta.read_text())
         if not tensors.is_file() or sha256_file(tensors) != unit["direction_sha256"]:
             return False  # damaged: the unit runs again
         for name, new in unit["rows"].items():  # order-preserving forms: JSON files are written with sorted keys
@@ -307,14 +293,14 @@ class _Checkpoint:
         directions.setdefault(seed, {})[task] = load_file(str(tensors))["direction"]
         return True
 
-    def save(self, seed: int, task: str, rows: dict, marks: dict, direction: torch.Tensor) -> None:
-        meta, tensors = self._paths(seed, task)
+    def save_unit(self, seed: int, task: str, rows: dict, marks: dict, direction: torch.Tensor) -> None:
+        stem, tensors = self._paths(seed, task)
         data = save({"direction": direction.detach().cpu().contiguous()})
         atomic_write_bytes(tensors, data)
         new = {name: [{"columns": list(r.columns), "data": r.to_numpy().tolist()} if name in _FRAME_ROWS
                       else list(r.items()) for r in v[marks[name]:]] for name, v in rows.items()}
-        atomic_write_json(meta, {"seed": seed, "task": task, "rows": jsonable(new),
-                                 "direction_sha256": hashlib.sha256(data).hexdigest()})
+        self.save(stem, {"seed": seed, "task": task, "rows": jsonable(new),
+                         "direction_sha256": hashlib.sha256(data).hexdigest()})
 
 
 _FRAME_ROWS = ("probes", "geometry", "lens")  # rows kept as DataFrames (the others are dicts)
@@ -361,7 +347,7 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
     for seed, task in bar:
         bar.set_postfix(task=task, seed=seed)
         ts, train, test, digit_ids = _make_sets(model, task, seed, cfg)
-        if ckpt is not None and ckpt.load(seed, task, rows, directions_by_seed):
+        if ckpt is not None and ckpt.load_unit(seed, task, rows, directions_by_seed):
             digit_ids_any = digit_ids
             timings["resumed_units"] = timings.get("resumed_units", 0) + 1
             continue  # this (seed, task) finished in an earlier, interrupted run
@@ -478,7 +464,7 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
             extra_rows += [key | {"key": f"steer_train_acc@{a}", "value": v} for a, v in curve.items()]
             evaluate("steering", edits={site: steering_edit(best_probe.direction_raw, alpha * scale)})
         if ckpt is not None:
-            ckpt.save(seed, task, rows, marks, directions_by_seed[seed][task])
+            ckpt.save_unit(seed, task, rows, marks, directions_by_seed[seed][task])
 
     # Principal angles between the span of the count directions (all tasks, best layers) and the digit rows.
     digit_rows = W_U[digit_ids_any].detach().double().T.cpu()  # [d, 9]
