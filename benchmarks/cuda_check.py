@@ -4,7 +4,8 @@
 
 Run on a machine with a CUDA device (CI has none). Each check builds a tiny model of a family, runs it on CPU and
 on CUDA, and compares: trace captures against HF ``output_hidden_states``, the logit lens, answer evaluation,
-residual features, LoRA training, and the latent loops. Tolerances are those of float32 on different kernels.
+residual features, LoRA training, the latent loops, tuned-lens training and reading, and exact / attribution
+patching. Tolerances are those of float32 on different kernels.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import time
 import traceback
 
+import pandas as pd
 import torch
 
 
@@ -94,7 +96,39 @@ def main() -> int:
                 torch.testing.assert_close(a.states, b.states, rtol=1e-3, atol=1e-4)
             assert wb.active_hooks() == []
 
+        def tuned_lens():
+            from workbench.methods.tuned_lens import TunedLensTrainConfig, lens_kl, train_tuned_lens
+
+            texts = [f"the quick brown fox {i} jumps over the lazy dog {i * 3}. " * 5 for i in range(40)]
+            cfg = TunedLensTrainConfig.smoke(steps=5, context_length=32, heldout_windows=2, init="lstsq",
+                                             lstsq_windows=8)
+            a = train_tuned_lens(cpu, cfg, corpus=texts, progress=False)
+            b = train_tuned_lens(gpu, cfg, corpus=texts, progress=False)
+            assert next(b.parameters()).device.type == "cuda"
+            ka, kb = (pd.DataFrame(x.card["heldout_kl"]) for x in (a, b))
+            assert (ka.kl_nats - kb.kl_nats).abs().max() < 1e-3, (ka, kb)
+            ids = torch.tensor([cpu.tokenizer.encode(texts[0], add_special_tokens=False)[:24]])
+            fa = wb.logit_lens(cpu, prompts, top_k=3, lens=a)
+            fb = wb.logit_lens(gpu, prompts, top_k=3, lens=b)
+            assert (fa.token == fb.token).mean() > 0.95
+            assert lens_kl(gpu, {"tuned": b}, ids).kl_nats.notna().all()
+
+        def patching():
+            from workbench.methods.patching import activation_patching, attribution_patching
+
+            pairs = [{"clean": "abcdef", "corrupt": "abxdef", "answer": "a", "wrong": "b"}]
+            kinds = ("resid", "attn", "mlp", "head")
+            for run in (lambda m: activation_patching(m, pairs, site_types=kinds, progress=False),
+                        lambda m: attribution_patching(m, pairs, site_types=kinds, progress=False),
+                        lambda m: attribution_patching(m, pairs, method="ig", steps=4, site_types=kinds,
+                                                       progress=False)):
+                a, b = run(cpu), run(gpu)
+                assert (a.frame.score - b.frame.score).abs().max() < 1e-3
+            assert wb.active_hooks() == []
+
         for name, fn in [("captures == hidden_states", captures), ("logit lens vs CPU", lens),
+                         ("tuned lens training and reading vs CPU", tuned_lens),
+                         ("exact / AtP / IG patching vs CPU", patching),
                          ("answer evaluation vs CPU", evaluation), ("residual features vs CPU", features),
                          ("LoRA Q/V vs CPU", lora), ("latent loops vs CPU", latent)]:
             check(f"{family}: {name}", fn)

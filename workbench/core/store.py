@@ -178,10 +178,11 @@ def _as_data(data) -> list[str] | Corpus:
     raise ValueError(f"data must be a list of prompts, a Corpus or a .txt path; got {type(data).__name__}")
 
 
-def _windows(
+def corpus_windows(
     corpus: Corpus, tokenizer, context_length: int, bos_id: int | None, eos_id: int, doc_chunk: int = 64
 ) -> Iterator[list[int]]:
-    """The token windows of a corpus, lazily: [BOS] + the next stream tokens, ``context_length`` in all."""
+    """The token windows of a corpus, lazily: [BOS] + the next stream tokens, ``context_length`` in all (the last
+    window may be shorter). Documents are tokenised without special tokens, each followed by ``eos_id``."""
     prefix = [bos_id] if bos_id is not None else []
     body = context_length - len(prefix)
     buf: list[int] = []
@@ -545,7 +546,7 @@ def _run(model, source, site_list, out, manifest, bos_id, store_dtype, total_hin
 
     tok = model.tokenizer
     if isinstance(source, Corpus):
-        rows: Iterator = _windows(source, tok, manifest["context_length"], bos_id, tok.eos_token_id)
+        rows: Iterator = corpus_windows(source, tok, manifest["context_length"], bos_id, tok.eos_token_id)
         for _ in range(next_row):  # the windows before the resume point: tokenised again, not run
             if next(rows, None) is None:
                 break

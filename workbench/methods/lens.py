@@ -157,6 +157,7 @@ def logit_lens(
     targets=None,
     batch_size: int = 8,
     layer_chunk: int = 4,
+    lens=None,
 ) -> pd.DataFrame:
     """Top-k tokens and target-token probability/rank per prompt x layer x position, as a tidy long frame.
 
@@ -170,6 +171,9 @@ def logit_lens(
     each must be a single token. Only the requested positions are captured,
     the forward stops after the last requested layer, and the vocabulary projection runs ``layer_chunk`` layers at a
     time, so memory stays small for 262k-row heads.
+
+    lens: a :class:`workbench.methods.tuned_lens.TunedLens` trained for this model reads every layer through its
+    translator first (the tuned lens); None (default) is the logit lens. The frame is the same either way.
 
     Columns: prompt_idx, layer, position, input_token, kind ("top" or "target"), k (1-based order in the top-k; NaN
     for targets), token_id, token, prob, logit, rank (1 + number of tokens with a strictly higher logit).
@@ -207,6 +211,11 @@ def logit_lens(
         )
     if positions == "image" and not isinstance(positions, torch.Tensor) and not model.arch.is_vlm:
         raise ValueError(f"positions='image' needs a vision-language model; {model.name} is text-only")
+    if lens is not None:
+        check = getattr(lens, "check_model", None)
+        if not callable(check) or not callable(getattr(lens, "logits", None)):
+            raise ValueError(f"lens must be a TunedLens (workbench.methods.tuned_lens) or None, got {type(lens).__name__}")
+        check(model)  # shapes and weights: a lens of another model raises here, before any forward
     target_ids = _target_ids(model, targets, n_prompts)
     if top_k == 0 and target_ids is None:
         raise ValueError("nothing to report: top_k is 0 and no targets were given")
@@ -241,7 +250,10 @@ def logit_lens(
         for c in range(0, len(layer_list), layer_chunk):
             group = layer_list[c : c + layer_chunk]
             h = torch.stack([tr[layer_site(l)] for l in group])  # [C, B, k, d]
-            logits = model.lens_logits(h).float()  # [C, B, k, V]
+            if lens is None:
+                logits = model.lens_logits(h).float()  # [C, B, k, V]
+            else:
+                logits = torch.stack([lens.logits(model, h[ci], layer).float() for ci, layer in enumerate(group)])
             logprobs = torch.log_softmax(logits, dim=-1)
             if top_k:
                 top_logit, top_id = logits.topk(top_k, dim=-1)
