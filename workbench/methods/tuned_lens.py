@@ -306,6 +306,7 @@ def train_tuned_lens(model: Model, cfg: TunedLensTrainConfig | None = None, *, c
     the logit lens. The model's weights are never changed and no gradient is left on them."""
     cfg = cfg or TunedLensTrainConfig.cpu()
     cfg.validate()
+    label = cfg.corpus if corpus is None else None  # a registry name or path says more than the Corpus' source
     corpus = _as_corpus(cfg.corpus if corpus is None else corpus)
     torch.manual_seed(cfg.seed)
     lens = TunedLens.for_model(model, bias=cfg.bias)
@@ -371,8 +372,7 @@ def train_tuned_lens(model: Model, cfg: TunedLensTrainConfig | None = None, *, c
     kl = lens_kl(model, {"logit": None, "tuned": lens}, held_ids)
     lens.card = {
         "train_config": asdict(cfg),
-        "corpus": corpus.source() if corpus.source() != "list" else "list of texts",
-        "corpus_name": cfg.corpus if isinstance(cfg.corpus, str) else None,
+        "corpus": label or corpus.source(),
         "train_tokens": n_tokens,
         "lstsq_tokens": lstsq_tokens,
         "heldout_tokens": int(held_ids.numel()),

@@ -1,0 +1,1 @@
+"""Tuned lens and patching (notebook 06): study driver and explorer."""
