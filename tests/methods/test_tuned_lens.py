@@ -218,3 +218,16 @@ def test_float16_storage_is_what_was_measured(tmp_path, llama):
         assert torch.equal(pa, pb)
     ids = torch.tensor([llama.tokenizer.encode(TEXTS[1], add_special_tokens=False)[:32]])
     pd.testing.assert_frame_equal(lens_kl(llama, {"t": lens}, ids), lens_kl(llama, {"t": back}, ids))
+
+
+def test_doctor_checks_tuned_lens_folders(tmp_path, trained):
+    from workbench.batch.doctor import doctor
+
+    folder = save_tuned_lens(trained, tmp_path / "probes" / "m" / "tuned-lens")
+    (found,) = [f for f in doctor([tmp_path]) if f.path == folder]
+    assert found.kind == "tuned lens" and found.problem is None
+    data = bytearray((folder / WEIGHTS_FILE).read_bytes())
+    data[-3] ^= 1
+    (folder / WEIGHTS_FILE).write_bytes(bytes(data))
+    (found,) = [f for f in doctor([tmp_path]) if f.path == folder]
+    assert "sha256" in found.problem

@@ -29,8 +29,9 @@ def result():
     import torch
 
     kl = lens_kl(m, {"logit": None, "tuned": TunedLens.for_model(m)}, torch.randint(0, 250, (2, 12)))
-    counting = pd.DataFrame({"lens": ["logit", "tuned"] * 2, "layer": [0, 0, 3, 3], "gold_prob": [0.1, 0.2, 0.3, 0.3],
-                             "gold_rank_median": [5, 3, 1, 1], "gold_top1": [0, 0, 1, 1]})
+    counting = pd.DataFrame({"lens": ["logit", "tuned"] * 2, "layer": [0, 0, 3, 3],
+                             "digit_accuracy": [0.1, 0.2, 0.3, 0.3], "gold_prob_digits": [0.1, 0.2, 0.3, 0.3],
+                             "gold_rank_median": [5, 3, 1, 1]})
     return ReadoutResult(config={}, model={"name": m.name}, lens_source="test", lens_card={}, kl=kl, counting=counting,
                          pairs=PAIRS, patching=patching,
                          agreement=patching_agreement(patching["exact"], patching["atp"], patching["ig"]))
@@ -38,12 +39,12 @@ def result():
 
 def test_figures_and_tables(result):
     figs = result.figures()
-    assert set(figs) == {"heldout_kl", "counting_gold_prob", "patching_agreement", "patching_map_exact",
+    assert set(figs) == {"heldout_kl", "counting_digit_accuracy", "patching_agreement", "patching_map_exact",
                          "patching_map_atp"}
     assert all(isinstance(f, go.Figure) and f.data for f in figs.values())
     assert set(result.tables()["patching_scores"].method) == {"exact", "atp", "ig"}
     assert not set(figs) & set(result.tables())  # save_figures refuses a name that is both
-    assert {"kl_bits_logit", "kl_bits_tuned", "gold_prob_logit", "gold_prob_tuned"} <= set(result.summary().columns)
+    assert {"kl_bits_logit", "kl_bits_tuned", "digit_acc_logit", "digit_acc_tuned"} <= set(result.summary().columns)
     per_pair = patching_map_figure(result.patching["exact"], pair=1)
     assert len(per_pair.data) == 3  # resid, mlp, head panels
     with pytest.raises(ValueError, match="pair 7"):
@@ -74,3 +75,23 @@ def test_config_checks_before_any_work():
             ReadoutConfig(**bad)
     smoke = ReadoutConfig.smoke_config()
     assert smoke.smoke and smoke.n_pairs < ReadoutConfig().n_pairs
+
+
+def test_counting_by_layer_last_layer_is_the_models_own_digit_choice(smollm2):
+    import numpy as np
+    import torch
+
+    from workbench.data.tasks import choose_answer_prefix, digit_token_ids, make_task
+    from workbench.studies.readout.study import counting_by_layer
+
+    table = counting_by_layer(smollm2, None, "entity", 18, seed=3)
+    prefix = choose_answer_prefix(smollm2.tokenizer, (" ", ""))
+    ts = make_task("entity", 18, seed=3, answer_prefix=prefix)
+    digits = digit_token_ids(smollm2.tokenizer, prefix)
+    with torch.no_grad():
+        logits = smollm2.hf(**smollm2.encode(ts.prompts)).logits[:, -1, digits].float()
+    want = float((logits.argmax(-1).numpy() == np.asarray(ts.counts) - 1).mean())
+    last = table[table.layer == smollm2.n_layers]
+    assert last.digit_accuracy.item() == pytest.approx(want)
+    assert table.layer.tolist() == list(range(smollm2.n_layers + 1))
+    assert table.gold_prob_digits.between(0, 1).all()

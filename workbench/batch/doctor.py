@@ -1,6 +1,6 @@
 """``workbench doctor`` / ``workbench verify``: find every artifact under some folders and say what is wrong with
-each. Artifacts: converted models in the cache (their recorded weights files), activation stores, SAE and probe
-folders, figure folders (every file their manifest records), counting checkpoints, and temporaries left by a crash.
+each. Artifacts: converted models in the cache (their recorded weights files), activation stores, SAE, probe and
+tuned-lens folders, figure folders (every file their manifest records), counting checkpoints, and temporaries left by a crash.
 
 ``doctor`` is cheap: a file whose size and mtime are unchanged since it was last hashed is not read again.
 ``verify`` re-hashes every byte. Neither changes anything.
@@ -23,6 +23,9 @@ from workbench.io.manifest import MANIFEST_NAME
 from workbench.io.owned import OWNER_FILE, folder_kind
 from workbench.io.paths import cache_root, repo_root
 from workbench.methods.probes.base import PROBE_CARD_FILE, load_probe
+from workbench.methods.tuned_lens import CONFIG_FILE as TUNED_LENS_CONFIG
+from workbench.methods.tuned_lens import WEIGHTS_FILE as TUNED_LENS_WEIGHTS
+from workbench.methods.tuned_lens import load_tuned_lens
 from workbench.methods.sae.train import CARD_FILE as SAE_CARD_FILE
 from workbench.methods.sae.train import SAE_CFG_FILE, SAE_WEIGHTS_FILE
 
@@ -81,6 +84,12 @@ def _check(folder: Path, full: bool) -> Finding | None:
         if not isinstance(files, dict) or not {SAE_CFG_FILE, SAE_WEIGHTS_FILE} <= set(files):
             return Finding(folder, "SAE", "its card records no sha256 of its files: load_sae refuses it")
         return Finding(folder, "SAE", _files_ok(folder, files, full))
+    if TUNED_LENS_WEIGHTS in names and TUNED_LENS_CONFIG in names:
+        try:
+            load_tuned_lens(folder)  # hashes of the weights and the config against the card, every tensor's shape
+            return Finding(folder, "tuned lens", None)
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            return Finding(folder, "tuned lens", str(e))
     if PROBE_CARD_FILE in names:
         try:
             load_probe(folder)

@@ -379,10 +379,12 @@ def attribution_patching(model: Model, pairs, *, method: str = "atp",
                 batch_size=1, steps=steps, checkpoint=checkpoint, progress=progress)
 
 
-def patching_agreement(exact: PatchingResult, *estimates: PatchingResult) -> pd.DataFrame:
+def patching_agreement(exact: PatchingResult, *estimates: PatchingResult, large: float = 0.1) -> pd.DataFrame:
     """Spearman and Pearson correlation of each estimate's scores with the exact scores, per site type and pooled,
     over every (pair, unit); plus the wall-time ratio exact / estimate and the top-10 overlap (the share of the 10
-    units with the largest |exact| that are also among the estimate's 10 largest |score|, per pair, averaged)."""
+    units with the largest |exact| that are also among the estimate's 10 largest |score|, per pair, averaged; ties
+    among the exact scores make it arbitrary). Most units change nothing, so the all-unit Spearman mostly ranks
+    noise: ``spearman_large`` and ``n_large`` are over the units whose exact |recovery| is at least ``large``."""
     if exact.method != "exact":
         raise ValueError(f"the first result must be the exact sweep, got method {exact.method!r}")
     if not estimates:
@@ -392,7 +394,8 @@ def patching_agreement(exact: PatchingResult, *estimates: PatchingResult) -> pd.
     for est in estimates:
         if est.metric != exact.metric:
             raise ValueError(f"metrics differ: exact {exact.metric!r}, {est.method} {est.metric!r}")
-        merged = exact.frame[keys + ["score"]].merge(est.frame[keys + ["score"]], on=keys, suffixes=("_exact", "_est"))
+        merged = exact.frame[keys + ["score", "recovery"]].merge(est.frame[keys + ["score"]], on=keys,
+                                                                  suffixes=("_exact", "_est"))
         if len(merged) != len(exact.frame) or len(merged) != len(est.frame):
             raise ValueError(f"{est.method} covers other units than the exact sweep ({len(est.frame)} vs "
                              f"{len(exact.frame)} rows, {len(merged)} shared): run both with the same pairs, "
@@ -406,8 +409,11 @@ def patching_agreement(exact: PatchingResult, *estimates: PatchingResult) -> pd.
                 top_e = set(gp["score_exact"].abs().nlargest(k).index)
                 top_a = set(gp["score_est"].abs().nlargest(k).index)
                 overlap.append(len(top_e & top_a) / k)
+            big = g[g["recovery"].abs() >= large]
             rows.append({
-                "method": est.method, "site_type": st, "n": len(g),
+                "method": est.method, "site_type": st, "n": len(g), "n_large": len(big),
+                "spearman_large": float(big["score_exact"].corr(big["score_est"], method="spearman"))
+                if len(big) >= 3 else float("nan"),
                 "spearman": float(g["score_exact"].corr(g["score_est"], method="spearman")),
                 "pearson": float(g["score_exact"].corr(g["score_est"], method="pearson")),
                 "top10_overlap": float(np.mean(overlap)),

@@ -294,7 +294,12 @@ def agreement_figure(agreement: pd.DataFrame, *, title: str | None = None) -> go
     fig = go.Figure()
     for method, g in agreement.groupby("method", sort=False):
         fig.add_bar(x=g["site_type"].astype(str), y=g["spearman"],
-                    name=f"{method} ({g['speedup'].iloc[0]:.0f}x faster than the sweep)")
+                    name=f"{method}, all units ({g['speedup'].iloc[0]:.0f}x faster than the sweep)")
+        if "spearman_large" in g:  # the units that matter (exact |recovery| above the threshold)
+            fig.add_bar(x=g["site_type"].astype(str), y=g["spearman_large"], marker_pattern_shape="/",
+                        name=f"{method}, units with large exact effect",
+                        customdata=g["n_large"] if "n_large" in g else None,
+                        hovertemplate="%{x}: ρ %{y:.3f} over %{customdata} units<extra></extra>")
     fig.update_layout(barmode="group", title=title or "Attribution vs exact patching: rank correlation per site type",
                       xaxis_title="site type", yaxis_title="Spearman ρ with exact patching", yaxis_range=[-1, 1])
     return apply_theme(fig)

@@ -25,7 +25,8 @@ import plotly.graph_objects as go
 
 from workbench.core.models import DEFAULT_MODEL, Model, load_model
 from workbench.data.ioi import make_ioi_pairs
-from workbench.data.tasks import TASKS, choose_answer_prefix, make_task
+from workbench.data.tasks import TASKS, choose_answer_prefix, digit_token_ids, make_task
+from workbench.io.figures import apply_theme
 from workbench.io.provenance import model_info
 from workbench.methods.lens import logit_lens
 from workbench.methods.patching import (
@@ -111,16 +112,16 @@ class ReadoutResult:
     lens_source: str  # where the tuned lens came from: a folder or "trained here"
     lens_card: dict
     kl: pd.DataFrame  # lens, layer, kl_nats, kl_bits, top1_agreement, n_tokens (held-out text)
-    counting: pd.DataFrame  # lens, layer, gold_prob, gold_rank_median, gold_top1 (counting prompts, last position)
+    counting: pd.DataFrame  # lens, layer, digit_accuracy, gold_prob_digits, gold_rank_median (counting prompts)
     pairs: pd.DataFrame  # the IOI pairs
     patching: dict[str, PatchingResult]  # "exact", "atp", "ig"
     agreement: pd.DataFrame
     timings: dict = field(default_factory=dict)
 
     def summary(self) -> pd.DataFrame:
-        """Per layer: held-out KL of both lenses (bits per token) and the gold count's probability through each."""
+        """Per layer: held-out KL of both lenses (bits per token) and their digit-restricted counting accuracy."""
         kl = self.kl.pivot(index="layer", columns="lens", values="kl_bits").add_prefix("kl_bits_")
-        gold = self.counting.pivot(index="layer", columns="lens", values="gold_prob").add_prefix("gold_prob_")
+        gold = self.counting.pivot(index="layer", columns="lens", values="digit_accuracy").add_prefix("digit_acc_")
         return kl.join(gold)
 
     def tables(self) -> dict[str, pd.DataFrame]:
@@ -133,7 +134,7 @@ class ReadoutResult:
     def figures(self) -> dict[str, go.Figure]:
         return {
             "heldout_kl": kl_figure(self.kl, title=f"{self.model['name']}: KL(output || lens) on held-out text"),
-            "counting_gold_prob": _counting_figure(self.counting, self.model["name"]),
+            "counting_digit_accuracy": _counting_figure(self.counting, self.model["name"]),
             "patching_agreement": agreement_figure(self.agreement),
             "patching_map_exact": patching_map_figure(self.patching["exact"]),
             "patching_map_atp": patching_map_figure(self.patching["atp"]),
@@ -143,10 +144,12 @@ class ReadoutResult:
 def _counting_figure(counting: pd.DataFrame, name: str) -> go.Figure:
     fig = go.Figure()
     for lens, g in counting.groupby("lens", sort=False):
-        fig.add_scatter(x=g["layer"], y=g["gold_prob"], mode="lines+markers", name=f"{lens} lens")
-    fig.update_layout(title=f"{name}: probability of the gold count by layer (counting prompts, last position)",
-                      xaxis_title="layer", yaxis_title="mean p(gold count)")
-    return fig
+        fig.add_scatter(x=g["layer"], y=g["digit_accuracy"], mode="lines+markers", name=f"{lens} lens")
+    fig.add_hline(y=1 / 9, line_dash="dot", annotation_text="chance (1/9)")
+    fig.update_layout(title=f"{name}: the gold count read by each lens (counting prompts, last position, among the "
+                            "nine digits)", xaxis_title="layer", yaxis_title="digit-restricted accuracy",
+                      yaxis_range=[0, 1])
+    return apply_theme(fig)
 
 
 def get_tuned_lens(model: Model, cfg: ReadoutConfig, progress: bool = True) -> tuple[TunedLens, str]:
@@ -161,14 +164,27 @@ def get_tuned_lens(model: Model, cfg: ReadoutConfig, progress: bool = True) -> t
 
 
 def counting_by_layer(model: Model, lens: TunedLens | None, task: str, n: int, seed: int) -> pd.DataFrame:
-    """Per layer, on ``n`` counting prompts at the last position: mean p(gold count), median rank, top-1 share."""
+    """Per layer, on ``n`` counting prompts at the last position, among the nine digit tokens (the answer format
+    of :mod:`workbench.data.tasks`): the share of prompts whose gold count has the highest digit logit
+    (``digit_accuracy``), the gold digit's probability renormalised over the digits (``gold_prob_digits``), and
+    the gold digit's full-vocabulary rank (median)."""
     prefix = choose_answer_prefix(model.tokenizer, (" ", ""))
     ts = make_task(task, n, seed=seed, answer_prefix=prefix)
-    targets = [[a] for a in ts.answers]
-    frame = logit_lens(model, ts.prompts, top_k=0, targets=targets, lens=lens)
-    g = frame.groupby("layer")
-    return pd.DataFrame({"gold_prob": g.prob.mean(), "gold_rank_median": g["rank"].median(),
-                         "gold_top1": g["rank"].apply(lambda r: float((r == 1).mean()))}).reset_index()
+    digits = digit_token_ids(model.tokenizer, prefix)
+    frame = logit_lens(model, ts.prompts, top_k=0, targets=[digits] * len(ts), lens=lens)
+    logits = frame.pivot_table(index=["prompt_idx", "layer"], columns="token_id", values="logit")[digits]
+    ranks = frame.pivot_table(index=["prompt_idx", "layer"], columns="token_id", values="rank")[digits]
+    gold = np.asarray(ts.counts)[logits.index.get_level_values("prompt_idx")] - 1  # digit index of the answer
+    z = logits.to_numpy()
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    rows = pd.DataFrame({"layer": logits.index.get_level_values("layer"),
+                         "correct": z.argmax(1) == gold,
+                         "gold_prob_digits": p[np.arange(len(gold)), gold],
+                         "gold_rank": ranks.to_numpy()[np.arange(len(gold)), gold]})
+    g = rows.groupby("layer")
+    return pd.DataFrame({"digit_accuracy": g.correct.mean(), "gold_prob_digits": g.gold_prob_digits.mean(),
+                         "gold_rank_median": g.gold_rank.median()}).reset_index()
 
 
 def run_readout_study(cfg: ReadoutConfig | None = None, *, model: Model | None = None,
