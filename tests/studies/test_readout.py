@@ -81,15 +81,15 @@ def test_counting_by_layer_last_layer_is_the_models_own_digit_choice(smollm2):
     import numpy as np
     import torch
 
-    from workbench.data.tasks import choose_answer_prefix, digit_token_ids, make_task
+    from workbench.data.tasks import digit_token_ids, make_task
     from workbench.studies.readout.study import counting_by_layer
 
     table = counting_by_layer(smollm2, None, "entity", 18, seed=3)
-    prefix = choose_answer_prefix(smollm2.tokenizer, (" ", ""))
-    ts = make_task("entity", 18, seed=3, answer_prefix=prefix)
-    digits = digit_token_ids(smollm2.tokenizer, prefix)
+    ts = make_task("entity", 18, seed=3, answer_prefix="")
+    prompts = [p + " " for p in ts.prompts]  # SmolLM2 splits " 3": the prompt ends with the space, as in counting
+    digits = digit_token_ids(smollm2.tokenizer, "", context=prompts[0])
     with torch.no_grad():
-        logits = smollm2.hf(**smollm2.encode(ts.prompts)).logits[:, -1, digits].float()
+        logits = smollm2.hf(**smollm2.encode(prompts)).logits[:, -1, digits].float()
     want = float((logits.argmax(-1).numpy() == np.asarray(ts.counts) - 1).mean())
     last = table[table.layer == smollm2.n_layers]
     assert last.digit_accuracy.item() == pytest.approx(want)

@@ -45,7 +45,7 @@ from workbench.data.corpus import DEFAULT_CORPUS, Corpus, load_corpus
 from workbench.io.atomic import atomic_write_bytes, atomic_write_json, sha256_file
 from workbench.io.figures import apply_theme
 from workbench.io.owned import claim_folder, mark_owned
-from workbench.io.paths import safe_segment
+from workbench.io.paths import resolve_output_path, safe_segment
 from workbench.io.provenance import json_roundtrip, model_info, now, package_versions
 
 LENS_FORMAT = "workbench-tuned-lens/1"
@@ -423,9 +423,11 @@ def lens_kl(model: Model, lenses: Mapping[str, TunedLens | None], windows: torch
 
 
 # -- artifacts ----------------------------------------------------------------------------------------------------------
-def tuned_lens_dir(model_name: str, root: str | Path = ".") -> Path:
-    """The default folder ``<root>/probes/<model>/tuned-lens/`` (shipped lenses live in the checkout's probes/)."""
-    return Path(root) / "probes" / safe_segment(model_name) / "tuned-lens"
+def tuned_lens_dir(model_name: str, root: str | Path | None = None) -> Path:
+    """The folder ``<root>/probes/<model>/tuned-lens/``. ``root=None``: the checkout's root when running inside one
+    (a JupyterLab kernel in ``notebooks/`` still finds the shipped lenses), else the current directory."""
+    base = resolve_output_path(".") if root is None else Path(root)
+    return base / "probes" / safe_segment(model_name) / "tuned-lens"
 
 
 def save_tuned_lens(lens: TunedLens, folder: str | Path, *, overwrite: bool = False) -> Path:

@@ -174,7 +174,7 @@ class CountingResult:
         }
 
 
-def _answer_setup(model: Model, task: str, probe_prompt: str) -> tuple[str, str]:
+def answer_setup(model: Model, task: str, probe_prompt: str) -> tuple[str, str]:
     """(prompt suffix, answer prefix) giving single-token answers for this tokenizer.
 
     Prefer the natural " 7" after "Answer:"; tokenizers that split the space from the digit (SmolLM2, Qwen 2.5 and
@@ -194,7 +194,7 @@ def _answer_setup(model: Model, task: str, probe_prompt: str) -> tuple[str, str]
 
 def _make_sets(model: Model, task: str, seed: int, cfg: CountingConfig) -> tuple[TaskSet, TaskSet, TaskSet, list[int]]:
     probe = make_task(task, 1, seed=seed)
-    suffix, prefix = _answer_setup(model, task, probe.prompts[0])
+    suffix, prefix = answer_setup(model, task, probe.prompts[0])
     ts = make_task(task, cfg.n_train + cfg.n_test, seed=seed, answer_prefix=prefix)
     if suffix:
         ts.prompts = [p + suffix for p in ts.prompts]
@@ -333,7 +333,7 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
     jobs = [(seed, task) for seed in cfg.seeds for task in cfg.tasks]
     # Validate every task's answers for this tokenizer before any heavy work.
     for task in cfg.tasks:
-        _answer_setup(model, task, make_task(task, 1, seed=0).prompts[0])
+        answer_setup(model, task, make_task(task, 1, seed=0).prompts[0])
     directions_by_seed: dict[int, dict[str, torch.Tensor]] = {}
     lora_cache: dict = {}  # (seed, tasks) -> the trained adapter, so a joint adapter is trained once per seed
     digit_ids_any = None
