@@ -44,6 +44,8 @@ _EXPORTS = {
     "harvest": "workbench.core.store",
     "Corpus": "workbench.data.corpus",
     "logit_lens": "workbench.methods.lens",
+    "read_lens": "workbench.methods.lens",
+    "LensResult": "workbench.methods.lens",
     "TunedLens": "workbench.methods.tuned_lens",
     "load_tuned_lens": "workbench.methods.tuned_lens",
     "train_tuned_lens": "workbench.methods.tuned_lens",

@@ -174,3 +174,44 @@ def test_packaged_default_model(smollm2):
     with torch.no_grad():
         top = m.hf(**enc).logits[0, -1].argmax()
     assert m.tokenizer.decode(top).strip() == "Paris"
+
+
+def test_weights_hash_hashes_each_tensor_once_and_sees_every_change(monkeypatch):
+    """Tied weights are hashed once; a second Model around the same weights hashes nothing; an in-place change, a
+    replaced tensor or another model at reused addresses is never served a stale digest."""
+    import workbench.core.models as models_mod
+    from workbench.core.models import from_hf
+    from workbench.testing.tiny import byte_tokenizer, tiny_hf, tiny_model
+
+    hashed = []
+    real = models_mod._bytes_sha256
+    monkeypatch.setattr(models_mod, "_bytes_sha256", lambda t: hashed.append(t.data_ptr()) or real(t))
+    m = tiny_model("gemma2")  # ties its head to the embedding
+    assert m.hf.get_output_embeddings().weight is m.hf.get_input_embeddings().weight
+    h0 = m.weights_hash
+    distinct = {t.data_ptr() for t in m.hf.state_dict().values()}
+    assert len(hashed) == len(distinct) < len(m.hf.state_dict())
+    hashed.clear()
+    assert from_hf(m.hf, byte_tokenizer()).weights_hash == h0 and hashed == []
+    old = m.W_U[0, 0].item()
+    with torch.no_grad():
+        m.W_U[0, 0] += 1.0
+    assert m.weights_hash != h0 and len(hashed) == 1  # only the changed tensor is read again
+    with torch.no_grad():
+        m.W_U[0, 0] = old
+    assert m.weights_hash == h0  # the identity is the values, not the history
+    other = from_hf(tiny_hf("gemma2", seed=1), byte_tokenizer())
+    assert other.weights_hash != h0
+    assert tiny_model("gemma2", seed=0).weights_hash == h0  # a fresh copy of the same values
+
+
+def test_weights_hash_covers_names_dtypes_and_bytes():
+    from workbench.core.models import _tensors_sha256
+
+    a = {"w": torch.zeros(4), "b": torch.ones(2)}
+    base = _tensors_sha256(a)
+    assert _tensors_sha256({"w": torch.zeros(4), "c": torch.ones(2)}) != base
+    assert _tensors_sha256({"w": torch.zeros(4, dtype=torch.float64), "b": torch.ones(2)}) != base
+    assert _tensors_sha256({"w": torch.zeros(2, 2), "b": torch.ones(2)}) != base
+    assert _tensors_sha256({"w": torch.tensor([0.0, 0.0, 0.0, 1e-30]), "b": torch.ones(2)}) != base
+    assert _tensors_sha256({"w": torch.zeros(8)[::2], "b": torch.ones(2)}) == base  # strided: its values

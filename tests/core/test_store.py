@@ -385,3 +385,71 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "a.csv").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# -- the write pipeline -----------------------------------------------------------------------------------------
+def test_shards_are_written_while_the_next_batches_run(tmp_path, model, monkeypatch):
+    """The writer thread holds a shard while forwards go on; at most one shard is ever waiting to be written, so
+    memory stays at two shards; the store is the same as a plain one."""
+    import threading
+
+    real = store_mod._write_shard
+    forwards, in_flight, overlapped = [], [], []
+
+    def slow_write(path, parts):
+        in_flight.append(path.name)
+        seen = len(forwards)
+        threading.Event().wait(0.5)  # the harvesting thread runs ahead meanwhile
+        overlapped.append(len(forwards) > seen)
+        assert len(in_flight) == 1, in_flight
+        in_flight.pop()
+        return real(path, parts)
+
+    kw = dict(batch_size=1, shard_tokens=10, progress=False)
+    plain = harvest(model, PROMPTS, SITES, tmp_path / "plain", **kw)
+    monkeypatch.setattr(store_mod, "_write_shard", slow_write)
+    handle = model.hf.get_submodule(model.arch.embed).register_forward_pre_hook(lambda m, a: forwards.append(1))
+    try:
+        piped = harvest(model, PROMPTS, SITES, tmp_path / "piped", **kw)
+    finally:
+        handle.remove()
+    assert len(overlapped) == len(plain.shards) >= 3
+    assert any(overlapped[:-1])  # forwards ran while earlier shards were being written
+    assert store_files(tmp_path / "piped") == store_files(tmp_path / "plain")
+    piped.verify()
+
+
+def test_a_failing_writer_stops_the_harvest_and_it_resumes(tmp_path, model, monkeypatch):
+    kw = dict(batch_size=2, shard_tokens=25, progress=False)
+    harvest(model, PROMPTS, SITES, tmp_path / "full", **kw)
+    real, n = store_mod._write_shard, []
+
+    def failing(path, parts):
+        n.append(1)
+        if len(n) == 2:
+            raise OSError("disk full")
+        return real(path, parts)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(store_mod, "_write_shard", failing)
+        with pytest.raises(OSError, match="disk full"):
+            harvest(model, PROMPTS, SITES, tmp_path / "cut", **kw)
+    partial = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    assert partial["status"] == "partial" and [s["file"] for s in partial["shards"]] == ["shard_00000.safetensors"]
+    assert not list((tmp_path / "cut").glob(".*.tmp"))
+    harvest(model, PROMPTS, SITES, tmp_path / "cut", **kw)
+    assert store_files(tmp_path / "cut") == store_files(tmp_path / "full")
+
+
+def test_shard_writer_is_safetensors_and_hashes_what_it_wrote(tmp_path):
+    from safetensors.torch import load_file
+
+    from workbench.io.atomic import sha256_file
+
+    parts = {"a": [torch.randn(3, 5), torch.randn(2, 5)], "b": [torch.arange(4), torch.arange(3)],
+             "c": [torch.randn(1, 7).bfloat16(), torch.randn(2, 7).bfloat16()]}
+    digest, size = store_mod._write_shard(tmp_path / "s.safetensors", parts)
+    assert digest == sha256_file(tmp_path / "s.safetensors") and size == (tmp_path / "s.safetensors").stat().st_size
+    back = load_file(tmp_path / "s.safetensors")
+    for name, ps in parts.items():
+        assert torch.equal(back[name], torch.cat(ps))

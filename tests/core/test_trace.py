@@ -278,3 +278,23 @@ def test_head_site_is_the_output_projection_input(tiny):
         torch.testing.assert_close(proj(z), out, rtol=1e-5, atol=1e-6)
     with pytest.raises(SiteError, match="out of range"):
         wb.trace(tiny, ["blocks.99.attn.hook_z"])
+
+
+@pytest.mark.parametrize("positions", [-1, [0, -1], slice(-2, None), "per-row"])
+def test_position_captures_hold_only_their_positions(tiny, positions):
+    """A capture of some positions owns memory of its own size: a view would keep every position of the activation
+    (all layers x all tokens) alive, which is what capturing everything costs."""
+    if positions == "per-row":
+        positions = torch.arange(len(PROMPTS)) % 2
+    sites = [f"blocks.{i}.hook_resid_post" for i in range(tiny.n_layers)]
+    with wb.trace(tiny, sites, positions=positions) as tr:
+        _forward(tiny)
+    for site in sites:
+        t = tr[site]
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), site
+    with wb.trace(tiny, sites, positions=positions, grads=True) as tr, torch.enable_grad():
+        tiny.hf(**tiny.encode(PROMPTS)).logits.sum().backward()
+    tiny.hf.zero_grad(set_to_none=True)
+    for site in sites:
+        g = tr.grad(site)
+        assert g.untyped_storage().nbytes() == g.numel() * g.element_size(), site

@@ -1,5 +1,7 @@
 """Logit lens: the last layer is the model's own output; ranks and probabilities are what they claim."""
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -51,11 +53,72 @@ def test_lens_equals_manual_norm_and_head_at_every_layer(tiny):
                 assert row.prob == pytest.approx(float(logits[b].softmax(-1)[t]), rel=1e-5, abs=1e-9)
 
 
-def test_layer_chunking_and_batching_do_not_change_results(tiny):
-    a = wb.logit_lens(tiny, PROMPTS, top_k=3, batch_size=1, layer_chunk=1)
-    b = wb.logit_lens(tiny, PROMPTS, top_k=3, batch_size=8, layer_chunk=16)
-    assert a[["prompt_idx", "layer", "token_id", "rank"]].equals(b[["prompt_idx", "layer", "token_id", "rank"]])
+def test_chunking_and_batching_do_not_change_results(tiny):
+    """max_memory=1 byte projects one (layer, row) pair at a time; the default does all at once."""
+    a = wb.logit_lens(tiny, PROMPTS, top_k=3, batch_size=1, max_memory=1, positions="all", targets=["a", " "])
+    b = wb.logit_lens(tiny, PROMPTS, top_k=3, batch_size=8, positions="all", targets=["a", " "])
+    cols = ["prompt_idx", "layer", "position", "kind", "k", "token_id", "rank"]
+    assert a[cols].equals(b[cols])
     assert (a.prob - b.prob).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("positions", [-1, [0, -1], "all"])
+def test_vectorised_frame_equals_row_by_row_reference(family, positions):
+    """The tensor-first lens and its vectorised to_frame against the original loop over rows (kept in
+    tests/methods/_lens_reference.py): same rows in the same order, same ids and ranks, probabilities to 1e-6."""
+    from tests.methods._lens_reference import reference_logit_lens
+    from workbench.testing.tiny import tiny_model
+
+    m = tiny_model(family)
+    prompts = ["abc", "hello there", "x"] if positions != [0, -1] else ["abc", "hello there"]
+    targets = [["a"], ["b", " "], ["c"]][: len(prompts)]
+    layers = list(range(m.n_layers + 1))
+    ref = reference_logit_lens(m, prompts, layers=layers, positions=positions, top_k=4, targets=targets, batch_size=2)
+    res = wb.read_lens(m, prompts, positions=positions, top_k=4, targets=targets, batch_size=2, max_memory=20_000)
+    new = res.to_frame()
+    assert list(new.columns) == list(ref.columns)
+    assert len(new) == len(ref)
+    exact = ["prompt_idx", "layer", "position", "input_token", "kind", "k", "token_id", "token", "rank"]
+    pd.testing.assert_frame_equal(new[exact], ref[exact])
+    np.testing.assert_allclose(new.prob, ref.prob, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(new.logit, ref.logit, rtol=1e-6, atol=1e-6)
+    assert new.dtypes.equals(ref.dtypes)
+    # the tensors are the frame's source: shapes and padding of per-prompt target lists
+    assert res.top_ids.shape == (len(layers), len(res), 4)
+    assert res.target_ids.shape == (len(res), 2) and (res.target_ids[res.prompt_idx != 1, 1] == -1).all()
+    assert res.target_probs[:, res.prompt_idx != 1, 1].isnan().all()
+
+
+def test_top_k_ranks_count_ties_like_the_full_vocabulary():
+    """Ranks of top-k entries come from comparisons inside the top-k; with tied logits they must equal the count over
+    the whole vocabulary (1 + strictly higher), which a zeroed head makes all ties."""
+    from workbench.testing.tiny import tiny_model
+
+    m = tiny_model("llama")
+    with torch.no_grad():
+        m.W_U[: m.arch.vocab_size // 2] = 0.0
+        m.W_U[5] = m.W_U[7] = m.W_U[9]  # three tokens share every logit
+    res = wb.read_lens(m, ["abc"], top_k=6, targets=[0, 5], positions="all")
+    with torch.no_grad():
+        out = m.hf(**m.encode(["abc"]), output_hidden_states=True)
+    for li, layer in enumerate(res.layers):
+        logits = m.lens_logits(out.hidden_states[layer][0]) if layer < m.n_layers else out.logits[0]
+        logits = logits.float()
+        for n in range(len(res)):
+            row = logits[int(res.position[n])]
+            for r in range(6):
+                t = int(res.top_ids[li, n, r])
+                assert int(res.top_ranks[li, n, r]) == 1 + int((row > row[t]).sum())
+            for c, t in enumerate([0, 5]):
+                assert int(res.target_ranks[li, n, c]) == 1 + int((row > row[t]).sum())
+
+
+def test_max_memory_is_checked():
+    from workbench.testing.tiny import tiny_model
+
+    with pytest.raises(ValueError, match="max_memory"):
+        wb.read_lens(tiny_model("llama"), ["abc"], max_memory=0)
 
 
 def test_tidy_frame_shape_and_positions():

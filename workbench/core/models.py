@@ -13,7 +13,9 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+import weakref
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,19 +137,65 @@ class Model:
     def weights_hash(self) -> str:
         """The identity of the weights as they are now, derived and never copied: the sha256 of the files they were
         loaded from while every tensor is as the loader left it (see :meth:`bind_weights_files`), else the sha256
-        of the tensors themselves (names, dtypes, shapes, bytes; memoised until a tensor changes). A merged LoRA, an
+        of the tensors themselves (see :func:`_tensors_sha256`; memoised until a tensor changes). A merged LoRA, an
         edited module or a cast therefore never reports the weights it came from."""
         fp = self._fingerprint()
         if self._weights_binding is not None and self._weights_binding[1] == fp:
             return self._weights_binding[0]
         if self._weights_memo is None or self._weights_memo[0] != fp:
-            h = hashlib.sha256()
-            for key, tensor in sorted(self.hf.state_dict().items()):
-                t = tensor.detach()
-                h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-                h.update(t.to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-            self._weights_memo = (fp, h.hexdigest())
+            self._weights_memo = (fp, _tensors_sha256(self.hf.state_dict(keep_vars=True)))
         return self._weights_memo[1]
+
+
+# sha256 of tensor bytes by (data_ptr, version, dtype, shape, stride, device) -> (weakref to the tensor, digest):
+# shared by every Model of the process, so wrapping the same weights again (from_hf twice, a study's copy) never
+# hashes them again. The weak reference must still point at the very tensor: memory freed and reused by another
+# tensor at the same address is hashed afresh.
+_TENSOR_DIGESTS: dict[tuple, tuple[weakref.ref, str]] = {}
+_HASH_CHUNK = 64 << 20  # bytes of a device tensor copied to the host at a time
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.stride(), str(t.device))
+
+
+def _bytes_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (row-major), read in place on the CPU (no copy) and in 64 MiB host copies from any
+    other device, so hashing never holds a CPU copy of more than one chunk."""
+    flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    h = hashlib.sha256()
+    if flat.device.type == "cpu":
+        h.update(flat.numpy())  # the buffer itself; hashlib releases the GIL for large buffers
+    else:
+        for s in range(0, flat.numel(), _HASH_CHUNK):
+            h.update(flat[s : s + _HASH_CHUNK].to("cpu").numpy())
+    return h.hexdigest()
+
+
+def _cached_digest(t: torch.Tensor) -> str | None:
+    hit = _TENSOR_DIGESTS.get(_tensor_key(t))
+    return hit[1] if hit is not None and hit[0]() is t else None
+
+
+def _tensors_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """The identity of a state dict (``keep_vars=True``: the parameters themselves): sha256 over sorted
+    ``name|dtype|shape|sha256(bytes)`` lines. Each distinct tensor is hashed once (tied weights share one digest), on
+    a thread pool, and remembered for the process while it lives."""
+    todo: dict[tuple, torch.Tensor] = {}
+    for t in state.values():
+        if _cached_digest(t) is None:
+            todo[_tensor_key(t)] = t
+    if todo:
+        workers = min(8, os.cpu_count() or 1, len(todo))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for (key, t), digest in zip(todo.items(), pool.map(_bytes_sha256, todo.values())):
+                _TENSOR_DIGESTS[key] = (weakref.ref(t), digest)
+    for key in [k for k, (ref, _) in _TENSOR_DIGESTS.items() if ref() is None]:
+        del _TENSOR_DIGESTS[key]
+    h = hashlib.sha256(b"workbench.weights/2\n")
+    for name, t in sorted(state.items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{_cached_digest(t)}\n".encode())
+    return h.hexdigest()
 
 
 def resolve_device(device) -> torch.device:

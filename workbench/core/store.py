@@ -60,7 +60,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import struct
+import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -68,7 +70,6 @@ from pathlib import Path
 import torch
 from jaxtyping import Float, Int
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -284,21 +285,102 @@ def _tokenizer_info(tok) -> dict:
     }
 
 
-def _write_shard(path: Path, tensors: dict[str, Tensor]) -> tuple[str, int]:
-    """Write a safetensors shard atomically; return (sha256, size in bytes)."""
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
 
+
+def _write_shard(path: Path, tensors: dict[str, list[Tensor]]) -> tuple[str, int]:
+    """Write a safetensors shard atomically from each tensor's parts (CPU, contiguous, concatenated along dim 0 in
+    the file, never in memory); return (sha256, size in bytes). The sha256 is taken from the bytes as they are
+    written, so the file is never read back."""
+    header: dict[str, dict] = {}
+    offset = 0
+    for name, parts in tensors.items():
+        rows = sum(int(p.shape[0]) for p in parts)
+        nbytes = sum(p.numel() * p.element_size() for p in parts)
+        header[name] = {"dtype": _ST_DTYPES[parts[0].dtype], "shape": [rows, *parts[0].shape[1:]],
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    h = hashlib.sha256()
     try:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        with open(tmp, "rb+") as f:
+        with open(tmp, "wb") as f:
+            for block in (struct.pack("<Q", len(text)), text):
+                f.write(block)
+                h.update(block)
+            for parts in tensors.values():
+                for part in parts:
+                    buf = part.contiguous().reshape(-1).view(torch.uint8).numpy()
+                    f.write(buf)
+                    h.update(buf)
+            f.flush()
             os.fsync(f.fileno())
-        digest, size = sha256_file(tmp), tmp.stat().st_size
+        size = tmp.stat().st_size
+        if size != 8 + len(text) + offset:
+            raise OSError(f"shard {path.name}: wrote {size} bytes, expected {8 + len(text) + offset}")
+        digest = h.hexdigest()
         os.replace(tmp, path)
         remember_sha256(path, digest)  # opening or resuming the store checks the shard without reading it again
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return digest, size
+
+
+class _ShardWriter:
+    """Writes shards on a background thread while the next batches run forward.
+
+    At most one shard is handed over at a time (``submit`` waits for the previous one to be on disk), so a harvest
+    holds at most two shards of activations: the one being filled and the one being written. A shard's manifest
+    entry is appended and the manifest rewritten only after its file is complete, in order. An error in the writer
+    is raised in the harvesting thread at the next ``submit`` or at ``close``.
+    """
+
+    def __init__(self, out: Path, manifest: dict):
+        self.out, self.manifest = out, manifest
+        self._idle = threading.Semaphore(1)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="workbench-harvest-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            path, parts, entry, ready = item
+            try:
+                if self._error is None:
+                    if ready is not None:
+                        ready.synchronize()  # the device-to-host copies into these buffers are done
+                    digest, size = _write_shard(path, parts)
+                    self.manifest["shards"].append(entry | {"bytes": size, "sha256": digest})
+                    _write_manifest(self.out, self.manifest, "partial")
+            except BaseException as e:  # noqa: BLE001 - handed to the harvesting thread
+                self._error = e
+            finally:
+                del parts
+                self._idle.release()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, path: Path, parts: dict[str, list[Tensor]], entry: dict, ready) -> None:
+        self._idle.acquire()  # the previous shard is written: memory stays at two shards
+        try:
+            self._raise()
+        except BaseException:
+            self._idle.release()
+            raise
+        self._queue.put((path, parts, entry, ready))
+
+    def close(self) -> None:
+        """Wait for the shard in flight (a shard already handed over is always finished, even on an interrupt)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
 
 
 def _own_files(out: Path) -> list[Path]:
@@ -542,6 +624,7 @@ def _run(model, source, site_list, out, manifest, bos_id, store_dtype, total_hin
     shards = manifest["shards"]
     next_row = shards[-1]["last_row"] + 1 if shards else 0
     done = sum(s["n_tokens"] for s in shards)  # tokens in written shards
+    first_shard = len(shards)  # the writer thread appends to ``shards``: name new ones from this count
     _write_manifest(out, manifest, "partial")  # claims the folder before the first forward
 
     tok = model.tokenizer
@@ -555,23 +638,36 @@ def _run(model, source, site_list, out, manifest, bos_id, store_dtype, total_hin
 
     buf: dict[str, list[Tensor]] = {name: [] for name in (*site_list, *TOKEN_FIELDS)}
     buffered = 0
+    staged = 0  # tokens handed to the writer (its manifest entries may still be on their way)
+    cuda = model.device.type == "cuda"
+    writer = _ShardWriter(out, manifest)
+
+    def to_host(t: Tensor, dtype: torch.dtype) -> Tensor:
+        """Cast on the device, then copy into pinned host memory without waiting (CUDA); the writer waits for the
+        copies (an event) before it reads the shard."""
+        t = t.to(dtype)
+        if not cuda:
+            return t if t.device.type == "cpu" else t.to("cpu")
+        host = torch.empty(t.shape, dtype=dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)
 
     def flush() -> None:
-        nonlocal buffered, done
-        tensors = {name: torch.cat(parts) for name, parts in buf.items()}
-        for parts in buf.values():
-            parts.clear()
-        first_row = int(tensors["row"][0])
-        last_row = int(tensors["row"][-1])
-        path = out / shard_name(len(shards))
-        digest, size = _write_shard(path, tensors)
-        shards.append({
-            "file": path.name, "n_tokens": buffered, "n_rows": last_row - first_row + 1, "first_row": first_row,
-            "last_row": last_row, "first_token": done, "bytes": size, "sha256": digest,
-        })
-        done += buffered
+        nonlocal buffered, staged, buf
+        parts, buf = buf, {name: [] for name in buf}
+        first_row, last_row = int(parts["row"][0][0]), int(parts["row"][-1][-1])
+        entry = {"file": shard_name(first_shard + n_submitted[0]), "n_tokens": buffered,
+                 "n_rows": last_row - first_row + 1, "first_row": first_row, "last_row": last_row,
+                 "first_token": done + staged}
+        ready = None
+        if cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        writer.submit(out / entry["file"], parts, entry, ready)
+        n_submitted[0] += 1
+        staged += buffered
         buffered = 0
 
+    n_submitted = [0]
     tpos = -1 if positions == "last" else None
     bar = tqdm(total=total_hint, initial=done, unit="tok", desc="harvest", disable=not progress, dynamic_ncols=True)
     try:
@@ -585,20 +681,23 @@ def _run(model, source, site_list, out, manifest, bos_id, store_dtype, total_hin
                 enc = model.encode(batch)
             else:
                 enc = _pad_left(batch, tok.pad_token_id, model.device)
-            with trace(model, site_list, positions=tpos, stop=True) as tr:
-                model.hf(**enc)
-            mask = enc["attention_mask"].bool()
-            ids = enc["input_ids"]
+            # Which tokens to keep is known before the forward: index them on the host, so nothing after the
+            # forward waits for the device (a boolean mask on a CUDA tensor would).
+            mask = enc["attention_mask"].bool().cpu()
+            ids = enc["input_ids"].cpu()
             # M-RoPE families (Qwen-VL) compute 3-D positions themselves; the store records the sequence position
-            pos = enc["position_ids"] if "position_ids" in enc else (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            row = torch.arange(row0, row0 + len(batch), device=ids.device)
+            pos = enc["position_ids"].cpu() if "position_ids" in enc else (mask.long().cumsum(-1) - 1).clamp(min=0)
+            row = torch.arange(row0, row0 + len(batch))
             row0 += len(batch)
             if positions == "all":
+                flat = mask.flatten().nonzero().flatten()
                 fields = {"token_ids": ids[mask], "row": row[:, None].expand_as(ids)[mask], "position": pos[mask]}
             else:
                 fields = {"token_ids": ids[:, -1], "row": row, "position": pos[:, -1]}
             n = len(fields["row"])
-            keep = n if max_tokens is None else min(n, max_tokens - done - buffered)
+            keep = n if max_tokens is None else min(n, max_tokens - done - staged - buffered)
+            with trace(model, site_list, positions=tpos, stop=True) as tr:
+                model.hf(**enc)
             for name in site_list:
                 h = tr[name]
                 expect = (*ids.shape, h.shape[-1]) if positions == "all" else (ids.shape[0], h.shape[-1])
@@ -609,20 +708,31 @@ def _run(model, source, site_list, out, manifest, bos_id, store_dtype, total_hin
                     )
                 if manifest["d"].setdefault(name, h.shape[-1]) != h.shape[-1]:
                     raise StoreError(f"site {name!r} has width {h.shape[-1]}, the store recorded {manifest['d'][name]}")
-                sel = h[mask] if positions == "all" else h
-                buf[name].append(sel[:keep].to("cpu", store_dtype))
+                if positions == "all":
+                    sel = h.flatten(0, 1).index_select(0, flat[:keep].to(h.device, non_blocking=True))
+                else:
+                    sel = h[:keep]
+                buf[name].append(to_host(sel, store_dtype))
             for name, value in fields.items():
-                buf[name].append(value[:keep].to("cpu", torch.int64))
+                buf[name].append(value[:keep].to(torch.int64).contiguous())
             buffered += keep
             bar.update(keep)
-            if max_tokens is not None and done + buffered >= max_tokens:
+            if max_tokens is not None and done + staged + buffered >= max_tokens:
                 break
             if buffered >= shard_tokens:
                 flush()
-                _write_manifest(out, manifest, "partial")
         if buffered:
             flush()
+        writer.close()
         _write_manifest(out, manifest, "complete")
+    except BaseException:
+        # An interrupt still finishes the shard already handed over, so a resume starts after it; the error that
+        # stopped the harvest is the one raised (the writer's own, if it failed, was raised at submit/close).
+        try:
+            writer.close()
+        except BaseException:  # noqa: BLE001, S110
+            pass
+        raise
     finally:
         bar.close()
 

@@ -96,6 +96,15 @@ def select_positions(t: torch.Tensor, positions: Positions) -> torch.Tensor:
     return t[:, list(positions)]
 
 
+def _own_copy(sel: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """``sel`` (a selection of ``full``) in memory of its own when it still shares ``full``'s storage: a view would
+    keep every position of the activation alive (and could see the model write into it later). ``detach()`` of a
+    view is not marked as a view, so the storages are compared, not ``_base``."""
+    if sel.untyped_storage().data_ptr() == full.untyped_storage().data_ptr():
+        return sel.clone(memory_format=torch.contiguous_format)
+    return sel
+
+
 def _first_key(value: Mapping, field: str | None):
     """The key a site reads in a ModelOutput (or dict): ``field``, else the first entry (``last_hidden_state``)."""
     return field if field is not None else next(iter(value), None)
@@ -211,9 +220,7 @@ class Trace:
             text = self._capture[site_name].stream == "text"
             sel = select_positions(t, self.positions) if text else t
             if self.detach:
-                sel = sel.detach()
-                if sel.data_ptr() == t.data_ptr() or sel._base is not None:
-                    sel = sel.clone()  # never keep a view the model might later write into
+                sel = _own_copy(sel.detach(), t)
             self._records[site_name].append(sel)
             if self.want_grads:
                 self._hook_grad(site_name, t, text)
@@ -228,7 +235,8 @@ class Trace:
             )
 
         def keep(g: torch.Tensor) -> None:
-            self._grads[site_name].append(select_positions(g, self.positions).detach() if text else g.detach())
+            self._grads[site_name].append(_own_copy(select_positions(g, self.positions).detach(), g) if text
+                                          else g.detach())
 
         handle = t.register_hook(keep)
         self._handles.append(handle)
