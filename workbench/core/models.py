@@ -57,7 +57,19 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where inputs go: the device the embedding runs on (for a model dispatched over several devices with
+        accelerate, its execution device; offloaded weights are brought there for each forward)."""
+        return module_device(self.module(self.arch.embed))
+
+    @property
+    def head_device(self) -> torch.device:
+        """The device the output head runs on (the last one of a dispatched model)."""
+        return module_device(self.module(self.arch.unembed))
+
+    @property
+    def is_dispatched(self) -> bool:
+        """Whether accelerate placed the model over devices (``device_map``), possibly offloading to CPU/disk."""
+        return bool(getattr(self.hf, "hf_device_map", None))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -120,7 +132,10 @@ class Model:
     def _fingerprint(self) -> tuple:
         """Which tensors the model holds now: a tensor replaced, moved, cast or changed in place (its version
         counter) changes this, so a stale identity can never be served."""
-        return tuple((k, t.data_ptr(), t._version, t.dtype, tuple(t.shape), str(t.device))
+        # An offloaded weight (meta device; accelerate swaps a real tensor in for each forward, bumping the meta
+        # tensor's version) is identified by its place: its value lives in accelerate's offload store.
+        return tuple((k, "offloaded", t.dtype, tuple(t.shape)) if t.device.type == "meta" else
+                     (k, t.data_ptr(), t._version, t.dtype, tuple(t.shape), str(t.device))
                      for k, t in self.hf.state_dict(keep_vars=True).items())
 
     def bind_weights_files(self, files_sha256: str) -> None:
@@ -143,7 +158,9 @@ class Model:
         if self._weights_binding is not None and self._weights_binding[1] == fp:
             return self._weights_binding[0]
         if self._weights_memo is None or self._weights_memo[0] != fp:
-            self._weights_memo = (fp, _tensors_sha256(self.hf.state_dict(keep_vars=True)))
+            state = self.hf.state_dict(keep_vars=True)
+            state = {k: _offloaded(self.hf, k) if t.device.type == "meta" else t for k, t in state.items()}
+            self._weights_memo = (fp, _tensors_sha256(state))
         return self._weights_memo[1]
 
 
@@ -196,6 +213,33 @@ def _tensors_sha256(state: Mapping[str, torch.Tensor]) -> str:
     for name, t in sorted(state.items()):
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{_cached_digest(t)}\n".encode())
     return h.hexdigest()
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device a module computes on: accelerate's execution device when the module was dispatched (its weights
+    may sit on the meta device, offloaded to CPU or disk), else the device of its first real parameter or buffer."""
+    hooks = [getattr(module, "_hf_hook", None)]
+    hooks += list(getattr(hooks[0], "hooks", ()))  # a SequentialHook holds several
+    for hook in hooks:
+        dev = getattr(hook, "execution_device", None)
+        if dev is not None:
+            return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+    for t in (*module.parameters(), *module.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    raise ValueError(f"{type(module).__name__} has no weights on a real device and no accelerate execution device")
+
+
+def _offloaded(root: nn.Module, key: str) -> torch.Tensor:
+    """An offloaded (meta) tensor's value from the accelerate hook of the module that owns it."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        module = root.get_submodule(".".join(parts[:i]))
+        wmap = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if wmap is not None:
+            return wmap[".".join(parts[i:])]
+    raise ValueError(f"weight {key!r} is on the meta device and no accelerate hook holds its value: the model was "
+                     "not dispatched with offloading, or its weights were never loaded")
 
 
 def resolve_device(device) -> torch.device:
@@ -283,22 +327,42 @@ def _config_model_type(target: str, *, hub: bool) -> str | None:
         return None
 
 
-def _load_vlm(target: str, dt: torch.dtype):
+def _load_vlm(target: str, dt: torch.dtype, placement: dict):
     processor = AutoProcessor.from_pretrained(target)
-    hf = AutoModelForImageTextToText.from_pretrained(target, dtype=dt)
+    hf = AutoModelForImageTextToText.from_pretrained(target, dtype=dt, **placement)
     return hf, processor
 
 
-def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None) -> Model:
+def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device=None, dtype=None, *, device_map=None,
+               max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None) -> Model:
     """Load a registry model, a local Hugging Face folder or a hub id as a :class:`Model` in eval mode.
 
     A folder or hub id whose config is a supported vision-language family loads with
     ``AutoModelForImageTextToText`` and ``AutoProcessor``; the model's ``processor`` is then set.
+
+    device_map: for a model that does not fit one device, accelerate's placement (``"auto"``, ``"balanced"``,
+    ``"sequential"`` or a dict module path -> device / ``"cpu"`` / ``"disk"``), with its ``max_memory`` per device
+    and an ``offload_folder`` for ``"disk"``. Layers then live on different devices; inputs go to the embedding's
+    device (``model.device``) and every workbench tool moves what it reads where it is needed. Not with ``device``.
     """
     name = check_model_name(name_or_path)
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    if device_map is not None and device is not None:
+        raise ValueError(f"give device={device!r} or device_map={device_map!r}, not both")
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ValueError("max_memory and offload_folder go with a device_map")
+    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise ValueError(f"device_map {device_map!r} is not allowed: 'auto', 'balanced', 'balanced_low_0', "
+                         "'sequential' or a dict of module path -> device")
+    if device_map is not None and not isinstance(device_map, (str, dict)):
+        raise ValueError(f"device_map must be a str or a dict, got {type(device_map).__name__}")
+    dev, dt = (None if device_map is not None else resolve_device(device)), resolve_dtype(dtype)
+    placement = {} if device_map is None else {
+        "device_map": device_map, "max_memory": max_memory,
+        "offload_folder": None if offload_folder is None else str(offload_folder)}
     plugins = plugin_models()
     if name in plugins:
+        if device_map is not None:
+            raise ValueError(f"{name} is a plugin model: it loads itself and takes no device_map")
         return plugins[name].load(dev, dt)
     source: dict = {}
     files_sha = None
@@ -330,17 +394,17 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, device=None, dty
     processor = None
     try:
         if _config_model_type(target, hub=hub) in SUPPORTED_VLM_FAMILIES:
-            hf, processor = _load_vlm(target, dt)
+            hf, processor = _load_vlm(target, dt, placement)
             tok = processor.tokenizer
         else:
             tok = AutoTokenizer.from_pretrained(target)
             try:
-                hf = AutoModelForCausalLM.from_pretrained(target, dtype=dt)
+                hf = AutoModelForCausalLM.from_pretrained(target, dtype=dt, **placement)
             except ValueError:
                 # A hub VLM that was not cached (so its config was unknown above) has no *ForCausalLM class.
                 if not hub or AutoConfig.from_pretrained(target).model_type not in SUPPORTED_VLM_FAMILIES:
                     raise
-                hf, processor = _load_vlm(target, dt)
+                hf, processor = _load_vlm(target, dt, placement)
                 tok = processor.tokenizer
             if processor is None and getattr(hf.config, "model_type", None) in SUPPORTED_VLM_FAMILIES:
                 # a VLM that *ForCausalLM maps to its full class (Gemma 3)
@@ -369,6 +433,10 @@ def from_hf(
     if processor is not None and not arch.is_vlm:
         raise ValueError(f"a processor was given for the text-only {arch.family} model {name or type(hf).__name__}")
     if device is not None:
+        if getattr(hf, "hf_device_map", None):
+            placed = sorted({str(d) for d in hf.hf_device_map.values()})
+            raise ValueError(f"this model was dispatched over devices by accelerate ({placed}); moving it to "
+                             f"device={device!r} would break its placement: give device=None")
         hf = hf.to(resolve_device(device))
     hf.eval()
     tokenizer.padding_side = "left"

@@ -325,8 +325,7 @@ def read_lens(
     """
     prompts, images, inputs, n_prompts, layer_list, target_ids = _check_lens_args(
         model, prompts, images, inputs, layers, positions, top_k, targets, batch_size, lens, max_memory)
-    head = model.module(model.arch.unembed).weight
-    dev, V = head.device, model.arch.vocab_size
+    dev, V = model.head_device, model.arch.vocab_size
     chunk_rows = _budget_rows(model, V, max_memory, dev)
     T = max((len(t) for t in target_ids), default=0) if target_ids is not None else 0
     all_targets = torch.full((n_prompts, T), -1, dtype=torch.long)

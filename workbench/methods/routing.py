@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from workbench.core.models import module_device
 from workbench.core.sites import check_layers, layer_site
 from workbench.core.swap import swap_modules
 from workbench.core.trace import trace
@@ -47,8 +48,12 @@ def check_compatible(model, donor) -> None:
     if sa != sb:
         diff = sorted(set(sa.items()) ^ set(sb.items()))[:4]
         raise ValueError(f"cannot swap layers: parameter shapes differ ({diff})")
-    if next(donor.hf.parameters()).device != model.device:
-        raise ValueError(f"donor {donor.name} is on {next(donor.hf.parameters()).device}, model on {model.device}")
+    # Each donor layer runs where the model's layer would (dispatched models: layer by layer).
+    for i, (ma, mb) in enumerate(zip(_decoder_layers(model), _decoder_layers(donor), strict=True)):
+        da, db = module_device(ma), module_device(mb)
+        if da != db:
+            raise ValueError(f"donor {donor.name}'s layer {i} runs on {db}, {model.name}'s on {da}: load the donor "
+                             "with the same device (or device_map) as the model")
 
 
 def check_range(start: int, end: int, n_layers: int) -> tuple[int, int]:
