@@ -5,6 +5,7 @@ features equal a direct trace capture."""
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -170,6 +171,8 @@ def test_layerwise_logistic_equals_one_probe_per_layer():
         row = table.set_index("layer").loc[layer]
         assert row.logistic_acc == alone.accuracy(X[te], y[te])
         assert row.logistic_acc_train == alone.accuracy(X[tr], y[tr])
+    batched = layerwise_logistic(feats, y, tr, te, C=0.5, tol=1e-8, batched=True)  # one L-BFGS run for all layers
+    pd.testing.assert_frame_equal(batched, table)
     with pytest.raises(ValueError, match="overlap"):
         layerwise_logistic(feats, y, tr, np.arange(170, 200))
     with pytest.raises(ValueError, match="single class"):
@@ -235,6 +238,27 @@ def test_unknown_probe_type_and_missing_files(tmp_path):
     with pytest.raises(ValueError, match="not JSON"):
         save_probe(RidgeProbe().fit(X, y), tmp_path / "x", model={"name": "m", "weights_hash": "h"}, site="s",
                    layer=1, task="t", generator_params={"f": object()}, seed=0, metrics={})
+
+
+def test_layerwise_ridge_batched_equals_one_probe_per_layer():
+    """All layers fitted at once (batched SVDs) give each layer the probe RidgeProbe.fit gives it alone."""
+    g = torch.Generator().manual_seed(9)
+    y = torch.arange(1, 10).repeat(25).double()
+    feats = {layer: torch.randn(225, 12, generator=g, dtype=torch.float64) + (layer / 3) * y[:, None]
+             for layer in (0, 2, 5)}
+    feats[2][:, 3] = 7.0  # a constant feature: std floored to 1 in both paths
+    tr, te = np.arange(0, 170), np.arange(170, 225)
+    res = layerwise_ridge(feats, y, tr, te, seed=3)
+    for layer, X in feats.items():
+        alone = RidgeProbe(seed=3).fit(X[tr], y[tr])
+        got = res.probes[layer]
+        assert got.alpha == alone.alpha and got.n_train == alone.n_train
+        torch.testing.assert_close(got.coef_std, alone.coef_std, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(got.mean, alone.mean, rtol=0, atol=1e-12)
+        torch.testing.assert_close(got.std, alone.std, rtol=0, atol=1e-12)
+        assert got.intercept == pytest.approx(alone.intercept, abs=1e-12)
+        for a in alone.alpha_scores:
+            assert got.alpha_scores[a] == pytest.approx(alone.alpha_scores[a], abs=1e-9)
 
 
 def test_layerwise_ridge_table():

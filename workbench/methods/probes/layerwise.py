@@ -11,13 +11,17 @@ import torch
 from jaxtyping import Float, Int
 
 from workbench.methods.probes.base import (
+    STD_FLOOR,
     Array,
     as_features,
     as_target,
+    check_fraction,
     check_grid,
+    check_seed,
     probe_round_accuracy,
     r2_score,
     standardise_stats,
+    val_split,
 )
 from workbench.methods.probes.linear import ALPHAS, LogisticProbe, RidgeProbe, fit_softmax_regression
 
@@ -45,6 +49,52 @@ def _indices(name: str, idx, n: int) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def _fit_ridge_stack(
+    X: Float[torch.Tensor, "L n d"], y: Float[torch.Tensor, " n"], alphas: tuple[float, ...], val_fraction: float,
+    seed: int,
+) -> list[RidgeProbe]:
+    """:meth:`RidgeProbe.fit` for every layer at once (batched SVDs on X's device, float64): the same validation
+    split, standardisation, alpha choice (ties to the larger alpha) and final fit as a probe fitted alone."""
+    L, n, _ = X.shape
+    fit_idx, val_idx = val_split(n, val_fraction, seed)
+    fit_t, val_t = (torch.from_numpy(i).to(X.device) for i in (fit_idx, val_idx))
+    a = torch.tensor(alphas, dtype=torch.float64, device=X.device)
+
+    def stats(Z):  # standardise_stats over dim 1, batched
+        mean, std = Z.mean(1), Z.std(1, unbiased=False)
+        return mean, torch.where(std < STD_FLOOR, torch.ones_like(std), std)
+
+    def path(Zs, yc, al):  # _ridge_path, batched: [L, a, d]
+        U, S, Vh = torch.linalg.svd(Zs, full_matrices=False)
+        Uty = (U.transpose(1, 2) @ yc[:, None])[..., 0]  # [L, r]
+        return ((S[:, None, :] / (S[:, None, :] ** 2 + al[None, :, None])) * Uty[:, None, :]) @ Vh
+
+    Xf, yf = X[:, fit_t], y[fit_t]
+    mean, std = stats(Xf)
+    W = path((Xf - mean[:, None]) / std[:, None], yf - yf.mean(), a)
+    preds = ((X[:, val_t] - mean[:, None]) / std[:, None]) @ W.transpose(1, 2) + yf.mean()  # [L, n_val, a]
+    y_val = y[val_t]
+    ss_tot = ((y_val - y_val.mean()) ** 2).sum()
+    ss_res = ((preds - y_val[None, :, None]) ** 2).sum(1)  # [L, a]
+    scores = (1.0 - ss_res / ss_tot) if float(ss_tot) > 0 else -ss_res
+    scores_cpu = scores.cpu()
+    chosen = [max(range(len(alphas)), key=lambda i, r=r: (float(scores_cpu[r, i]), i)) for r in range(L)]
+    mean_all, std_all = stats(X)
+    Xs = (X - mean_all[:, None]) / std_all[:, None]
+    coef = path(Xs, y - y.mean(), a)[torch.arange(L), torch.tensor(chosen)]  # [L, d]
+    probes = []
+    for r in range(L):
+        probe = RidgeProbe(alphas=alphas, val_fraction=val_fraction, seed=seed)
+        probe.alpha_scores = {al: float(sc) for al, sc in zip(alphas, scores_cpu[r].tolist(), strict=True)}
+        probe.alpha = alphas[chosen[r]]
+        probe.mean, probe.std = mean_all[r].cpu(), std_all[r].cpu()
+        probe.coef_std = coef[r].cpu().contiguous()
+        probe.intercept = float(y.mean())
+        probe.n_train = n
+        probes.append(probe)
+    return probes
+
+
 def layerwise_ridge(
     features: Mapping[int, Float[Array, "n d"]],
     y: Float[Array, " n"],
@@ -54,8 +104,12 @@ def layerwise_ridge(
     alphas: Sequence[float] = ALPHAS,
     val_fraction: float = 0.2,
     seed: int = 0,
+    device: str | torch.device | None = None,
 ) -> LayerwiseProbes:
     """Fit a :class:`RidgeProbe` per layer on ``train_idx`` and score it on ``test_idx`` (which must not overlap).
+
+    device: where to fit (e.g. the model's device; None = the CPU). Every layer is fitted at once there, with
+    batched SVDs in float64; each probe is the one :meth:`RidgeProbe.fit` gives alone (to float64 rounding).
 
     Table columns: layer, r2_test, round_acc_test (probe-round accuracy), r2_train, r2_val (validation R² of the
     chosen alpha), alpha, n_train, n_test, d.
@@ -63,32 +117,40 @@ def layerwise_ridge(
     if not isinstance(features, Mapping) or not features:
         raise ValueError("features must be a non-empty dict {layer: [n, d] features}")
     feats = {layer: as_features(X, f"features[{layer!r}]") for layer, X in features.items()}
-    ns = {layer: X.shape[0] for layer, X in feats.items()}
+    ns = {layer: X.shape for layer, X in feats.items()}
     if len(set(ns.values())) != 1:
-        raise ValueError(f"every layer must have the same number of rows; got {ns}")
-    n = next(iter(ns.values()))
+        raise ValueError(f"every layer must have the same [n, d] shape; got {ns}")
+    n = next(iter(ns.values()))[0]
     y_t = as_target(y, n)
     tr, te = _indices("train_idx", train_idx, n), _indices("test_idx", test_idx, n)
     overlap = np.intersect1d(tr, te)
     if overlap.size:
         raise ValueError(f"train_idx and test_idx share {overlap.size} indices (e.g. {overlap[:5].tolist()}); "
                          "evaluation rows must never be trained on")
+    alphas = check_grid("alphas", alphas)
+    check_fraction(val_fraction)
+    check_seed(seed)
+    if float(y_t[tr].std()) == 0.0:
+        raise ValueError(f"y is constant on train_idx ({float(y_t[tr][0])}); a probe needs at least two values")
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    layers = sorted(feats)
+    X = torch.stack([feats[layer] for layer in layers]).to(dev)  # [L, n, d]
+    fitted = _fit_ridge_stack(X[:, torch.from_numpy(tr).to(dev)], y_t[tr].to(dev), alphas, val_fraction, seed)
     rows, probes = [], {}
-    for layer in sorted(feats):
-        X = feats[layer]
-        probe = RidgeProbe(alphas=alphas, val_fraction=val_fraction, seed=seed).fit(X[tr], y_t[tr])
-        pred = probe.predict(X[te])
+    for layer, probe in zip(layers, fitted, strict=True):
+        Xl = feats[layer]
+        pred = probe.predict(Xl[te])
         probes[layer] = probe
         rows.append({
             "layer": layer,
             "r2_test": r2_score(pred, y_t[te]),
             "round_acc_test": probe_round_accuracy(pred, y_t[te]),
-            "r2_train": probe.r2(X[tr], y_t[tr]),
+            "r2_train": probe.r2(Xl[tr], y_t[tr]),
             "r2_val": probe.alpha_scores.get(probe.alpha, float("nan")),
             "alpha": probe.alpha,
             "n_train": len(tr),
             "n_test": len(te),
-            "d": X.shape[1],
+            "d": Xl.shape[1],
         })
     return LayerwiseProbes(table=pd.DataFrame(rows), probes=probes)
 
@@ -102,12 +164,19 @@ def layerwise_logistic(
     C: float = 1.0,
     max_iter: int = 2000,
     tol: float = 1e-4,
+    device: str | torch.device | None = None,
+    batched: bool = False,
 ) -> pd.DataFrame:
     """A logistic probe per layer with a fixed ``C`` (test accuracy only; the probes are not kept).
 
     Each layer gets the :class:`LogisticProbe` it would get alone (same standardisation, same objective). The
     default ``tol`` is scikit-learn's: predictions agree with a tight solve, probabilities to about 1e-2. Table
     columns: layer, logistic_acc (test), logistic_acc_train.
+
+    device: where to fit (None = the CPU). batched: solve every layer in one L-BFGS run (the problems share no
+    parameters, so each keeps its own minimiser) instead of layer by layer with warm starts. The shared line search
+    follows the worst-conditioned layer: on 2 CPU cores (31 layers, 700 x 576) it took 72 s against 12-17 s layer
+    by layer, so the default is layer by layer.
     """
     if not isinstance(features, Mapping) or not features:
         raise ValueError("features must be a non-empty dict {layer: [n, d] features}")
@@ -124,15 +193,23 @@ def layerwise_logistic(
     classes, target = torch.unique(yt[tr], return_inverse=True)
     if len(classes) < 2:
         raise ValueError(f"y has a single class {classes.tolist()} on train_idx; a classifier needs at least two")
-    acc_te, acc_tr, prev = [], [], None
-    for X in feats:  # layer by layer, each warm-started from its neighbour's solution (a third fewer iterations)
-        mean, std = standardise_stats(X[tr])
-        Xtr, Xte = (X[tr] - mean) / std, (X[te] - mean) / std
-        coef, icpt = fit_softmax_regression(Xtr[None], target, len(classes), C, max_iter=max_iter, tol=tol,
-                                            init=prev)
-        prev = (coef, icpt)
-        acc_te.append(float((classes[(Xte @ coef[0].T + icpt[0]).argmax(-1)] == yt[te]).double().mean()))
-        acc_tr.append(float((classes[(Xtr @ coef[0].T + icpt[0]).argmax(-1)] == yt[tr]).double().mean()))
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    tr_t, te_t = torch.from_numpy(tr).to(dev), torch.from_numpy(te).to(dev)
+    X = torch.stack(feats).to(dev)  # [L, n, d]
+    mean, std = zip(*(standardise_stats(Xl[tr_t]) for Xl in X), strict=True)
+    Xs = (X - torch.stack(mean)[:, None]) / torch.stack(std)[:, None]
+    Xtr, Xte = Xs[:, tr_t], Xs[:, te_t]
+    target, classes, ytr, yte = target.to(dev), classes.to(dev), yt[tr].to(dev), yt[te].to(dev)
+    if batched:
+        coef, icpt = fit_softmax_regression(Xtr, target, len(classes), C, max_iter=max_iter, tol=tol)
+    else:
+        parts, prev = [], None
+        for Xl in Xtr:  # layer by layer, each warm-started from its neighbour's solution (a third fewer iterations)
+            prev = fit_softmax_regression(Xl[None], target, len(classes), C, max_iter=max_iter, tol=tol, init=prev)
+            parts.append(prev)
+        coef, icpt = (torch.cat(p) for p in zip(*parts, strict=True))
+    acc_te = (classes[(Xte @ coef.transpose(1, 2) + icpt[:, None]).argmax(-1)] == yte).double().mean(1).tolist()
+    acc_tr = (classes[(Xtr @ coef.transpose(1, 2) + icpt[:, None]).argmax(-1)] == ytr).double().mean(1).tolist()
     return pd.DataFrame({
         "layer": layers,
         "logistic_acc": acc_te,

@@ -203,8 +203,8 @@ def fit_softmax_regression(
     if target.shape != (n,):
         raise ValueError(f"target must be [n] = [{n}], got shape {tuple(target.shape)}")
     X = X.double()
-    onehot = torch.nn.functional.one_hot(target.long(), k).double()
-    params = torch.zeros(b, d + 1, k, dtype=torch.float64)
+    onehot = torch.nn.functional.one_hot(target.long().to(X.device), k).double()
+    params = torch.zeros(b, d + 1, k, dtype=torch.float64, device=X.device)
     if init is not None:  # warm start (coef [b, k, d], intercept [b, k]), e.g. from the neighbouring layer
         params[:, :d] = init[0].double().transpose(1, 2)
         params[:, d] = init[1].double()

@@ -182,21 +182,21 @@ def train_lora_qv(
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
     g = torch.Generator().manual_seed(seed)
     answers = torch.tensor(list(answer_ids), dtype=torch.long)
-    wrapper = Model(hf=peft_model, tokenizer=model.tokenizer, name=model.name, arch=model.arch)
     # Eval mode: no dropout anywhere (the protocol's LoRA dropout is 0, and base-model dropout, e.g. GPT-2's 0.1,
     # would make the run depend on the device's RNG); gradients flow all the same.
     peft_model.eval()
     losses = []
     for _ in range(steps):
         idx = torch.randint(len(prompts), (batch_size,), generator=g)
-        enc = wrapper.encode([prompts[i] for i in idx])
+        enc = model.encode([prompts[i] for i in idx])  # the copy lives on the model's device
         logits = peft_model(**enc, logits_to_keep=1).logits[:, -1].float()
         loss = torch.nn.functional.cross_entropy(logits, answers[idx].to(logits.device))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in peft_model.parameters() if p.requires_grad], clip)
         opt.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())  # kept on the device: no host round trip per step
+    losses = torch.stack(losses).tolist() if losses else []
     merged = peft_model.merge_and_unload()
     merged.eval()
     out = from_hf(merged, model.tokenizer, name=f"{model.name}+lora", source=dict(model.source) | {"lora": True})

@@ -253,7 +253,7 @@ def task_probes(model: Model, task: str, seed: int, cfg: CountingConfig, layers:
     tr_idx, te_idx = np.arange(len(train)), np.arange(len(train), len(prompts))
     feats = residual_features_many(model, prompts, layers, {"last_token": "last"},
                                    batch_size=cfg.batch_size)["last_token"]
-    lw = layerwise_ridge(feats, counts, tr_idx, te_idx, seed=seed)
+    lw = layerwise_ridge(feats, counts, tr_idx, te_idx, seed=seed, device=model.device)
     geo = geometry_table(lw.probes, model.W_U.detach(), digit_ids, seed=seed)
     preds = {layer: lw.probes[layer].predict(feats[layer][te_idx]).numpy() for layer in layers}
     return TaskProbes(task=task, seed=seed, table=lw.table, geometry=geo, y_test=counts[te_idx], predictions=preds)
@@ -377,8 +377,10 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
         t0 = time.perf_counter()
         main = None
         for variant, fts in variants.items():
-            lw = layerwise_ridge(fts, counts.astype(float), tr_idx, te_idx, seed=seed)
-            table = lw.table.merge(layerwise_logistic(fts, counts, tr_idx, te_idx, C=cfg.logistic_C), on="layer")
+            # on the model's device: ridge for every layer at once (batched SVDs), logistic layer by layer
+            lw = layerwise_ridge(fts, counts.astype(float), tr_idx, te_idx, seed=seed, device=model.device)
+            table = lw.table.merge(layerwise_logistic(fts, counts, tr_idx, te_idx, C=cfg.logistic_C,
+                                                      device=model.device), on="layer")
             probe_rows.append(_rank_rows(table, variant=variant, **key))
             if variant == "last_token":
                 main = lw
