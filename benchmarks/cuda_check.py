@@ -126,7 +126,57 @@ def main() -> int:
                 assert (a.frame.score - b.frame.score).abs().max() < 1e-3
             assert wb.active_hooks() == []
 
+        def harvest_and_probes():
+            import tempfile
+
+            from workbench.core.store import harvest
+            from workbench.methods.probes.layerwise import layerwise_logistic, layerwise_ridge
+
+            with tempfile.TemporaryDirectory() as tmp:
+                site = f"blocks.{cpu.n_layers - 1}.hook_resid_post"
+                a = harvest(cpu, prompts * 4, site, f"{tmp}/a", progress=False, shard_tokens=16)
+                b = harvest(gpu, prompts * 4, site, f"{tmp}/b", progress=False, shard_tokens=16)
+                assert torch.allclose(a.load(site), b.load(site), atol=1e-4)
+                assert torch.equal(a.tokens()["token_ids"], b.tokens()["token_ids"])
+            g = torch.Generator().manual_seed(0)
+            y = torch.arange(1, 5).repeat(30)
+            feats = {l: torch.randn(120, 16, generator=g, dtype=torch.float64) + l * y[:, None] for l in range(3)}
+            tr, te = list(range(90)), list(range(90, 120))
+            ra = layerwise_ridge(feats, y.double(), tr, te).table
+            rb = layerwise_ridge(feats, y.double(), tr, te, device="cuda").table
+            assert (ra.r2_test - rb.r2_test).abs().max() < 1e-8 and ra.alpha.equals(rb.alpha)
+            la = layerwise_logistic(feats, y, tr, te).logistic_acc
+            lb = layerwise_logistic(feats, y, tr, te, device="cuda").logistic_acc
+            assert (la - lb).abs().max() <= 1 / 30
+
+        def dispatched():
+            # layers split between the GPU and the CPU (and, with two GPUs, over both): same captures and lens
+            from accelerate import dispatch_model
+
+            hf = tiny_hf(family)
+            n_gpu = torch.cuda.device_count()
+            layers = {cpu.arch.layer_path(i): (i % n_gpu if i % 2 == 0 else "cpu") for i in range(cpu.n_layers)}
+            dmap = dict(layers)
+            for name, _ in [*hf.named_parameters(), *hf.named_buffers()]:
+                owner = name.rsplit(".", 1)[0] if "." in name else ""
+                if not any(owner == p or owner.startswith(p + ".") for p in layers):
+                    dmap[owner] = 0  # everything outside the decoder layers on the first GPU
+            hf = dispatch_model(hf, dmap, main_device=0)
+            m = from_hf(hf, cpu.tokenizer, name=cpu.name + "-dispatched")
+            enc = cpu.encode(prompts)
+            sites = [wb.layer_site(l) for l in range(1, cpu.n_layers)]
+            with wb.trace(cpu, sites) as ta, torch.no_grad():
+                cpu.hf(**enc)
+            with wb.trace(m, sites) as tb, torch.no_grad():
+                m.hf(**{k: v.to(m.device) for k, v in enc.items()})
+            for site in sites:
+                assert torch.allclose(ta[site], tb[site].cpu(), atol=1e-4), site
+            fa, fb = wb.logit_lens(cpu, prompts, top_k=3), wb.logit_lens(m, prompts, top_k=3)
+            assert (fa.token_id == fb.token_id).mean() > 0.99
+
         for name, fn in [("captures == hidden_states", captures), ("logit lens vs CPU", lens),
+                         ("harvest and layerwise probes on CUDA vs CPU", harvest_and_probes),
+                         ("model dispatched over GPU and CPU vs CPU", dispatched),
                          ("tuned lens training and reading vs CPU", tuned_lens),
                          ("exact / AtP / IG patching vs CPU", patching),
                          ("answer evaluation vs CPU", evaluation), ("residual features vs CPU", features),

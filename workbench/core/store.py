@@ -46,8 +46,10 @@ runs on it without images (exactly what the VLM computes for a text-only prompt)
 capture those with :func:`workbench.core.trace` on ``encode_multimodal`` batches.
 
 Activations are moved to the CPU as float32 by default (``dtype="bfloat16"``/``"float16"`` halve the disk; ``None``
-keeps the model's dtype). A harvest holds at most about ``shard_tokens + batch_size * context_length`` tokens of
-activations in memory (twice that while a shard is written), whatever the size of the data.
+keeps the model's dtype). A background thread writes each shard while the next batches run forward; at most one
+shard waits for it, so a harvest holds at most two shards of activations (about ``shard_tokens + batch_size *
+context_length`` tokens each: the one being filled and the one being written), whatever the size of the data. On
+CUDA the activations are cast on the device and copied into pinned host memory without waiting.
 
 Every file appears under its final name complete or not at all (temporary file + ``os.replace``). Re-running an
 interrupted harvest with the same arguments resumes after the last complete shard, and the finished store is
