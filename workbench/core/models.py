@@ -118,11 +118,9 @@ class Model:
         )
         mask = enc["attention_mask"]
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        return {
-            "input_ids": enc["input_ids"].to(self.device),
-            "attention_mask": mask.to(self.device),
-            "position_ids": position_ids.to(self.device),
-        }
+        dev = self.device
+        return {name: _to_device(t, dev) for name, t in
+                (("input_ids", enc["input_ids"]), ("attention_mask", mask), ("position_ids", position_ids))}
 
     # -- provenance ------------------------------------------------------------------------------------------
     # (identity, fingerprint) set by a loader right after reading the weights from files; see bind_weights_files
@@ -213,6 +211,14 @@ def _tensors_sha256(state: Mapping[str, torch.Tensor]) -> str:
     for name, t in sorted(state.items()):
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{_cached_digest(t)}\n".encode())
     return h.hexdigest()
+
+
+def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A host tensor on ``dev``; to CUDA through pinned memory without waiting, so encoding the next batch never
+    waits for the work already queued on the device (a pageable copy would)."""
+    if dev.type == "cuda":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
 
 
 def module_device(module: nn.Module) -> torch.device:

@@ -391,7 +391,9 @@ def read_lens(
                 rows = torch.arange(s, e, device=dev) % n
                 t_rows = tids[rows]
                 tgl = logits.gather(-1, t_rows.clamp(min=0))
-                ranks = torch.stack([(logits > tgl[:, c : c + 1]).sum(-1) + 1 for c in range(T)], dim=-1)
+                # int32 sums: a bool -> int64 cast of the whole [R, V] comparison cost more than the comparison
+                ranks = torch.stack([(logits > tgl[:, c : c + 1]).sum(-1, dtype=torch.int32) for c in range(T)],
+                                    dim=-1).long() + 1
                 nan = torch.tensor(float("nan"), device=dev)
                 res["target_logits"].append(torch.where(t_rows >= 0, tgl, nan))
                 res["target_logprobs"].append(torch.where(t_rows >= 0, tgl - lse, nan))

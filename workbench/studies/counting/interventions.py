@@ -190,7 +190,9 @@ def train_lora_qv(
         idx = torch.randint(len(prompts), (batch_size,), generator=g)
         enc = model.encode([prompts[i] for i in idx])  # the copy lives on the model's device
         logits = peft_model(**enc, logits_to_keep=1).logits[:, -1].float()
-        loss = torch.nn.functional.cross_entropy(logits, answers[idx].to(logits.device))
+        target = answers[idx]
+        target = target.pin_memory().to(logits.device, non_blocking=True) if logits.is_cuda else target
+        loss = torch.nn.functional.cross_entropy(logits, target)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in peft_model.parameters() if p.requires_grad], clip)
