@@ -111,3 +111,24 @@ def test_load_model_from_a_folder_with_a_device_map(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(m.hf(**enc).logits, ref.hf(**enc).logits, rtol=0, atol=0)
     assert m.weights_hash == load_model(tmp_path / "m", device="cpu").weights_hash
+
+
+def test_patching_and_tuned_lens_on_a_dispatched_model(pair):
+    from workbench.methods.patching import activation_patching, attribution_patching
+    from workbench.methods.tuned_lens import TunedLens
+
+    ref, disp = pair
+    pairs = [{"clean": "abcdef", "corrupt": "abxdef", "answer": "a", "wrong": "b"}]
+    kinds = ("resid", "attn", "mlp", "head")
+    for run in (lambda m: activation_patching(m, pairs, site_types=kinds, progress=False),
+                lambda m: attribution_patching(m, pairs, site_types=kinds, progress=False)):
+        a, b = run(ref), run(disp)
+        assert (a.frame.score - b.frame.score).abs().max() < 1e-6
+    lens = TunedLens.for_model(ref)
+    with torch.no_grad():
+        for t in lens.translators:
+            t.weight.normal_(0, 0.05)
+    fa = wb.logit_lens(ref, PROMPTS, lens=lens, top_k=3)
+    fb = wb.logit_lens(disp, PROMPTS, lens=lens, top_k=3)
+    assert fa.equals(fb)
+    assert wb.active_hooks() == []
