@@ -188,7 +188,8 @@ def main(argv=None) -> dict:
                                 progress=False, shard_tokens=shard_tokens)
                 harvest_s = time.perf_counter() - start
             assert store.n_tokens == n_tok, (store.n_tokens, n_tok)
-            shard_bytes = shard_tokens * model.d_model * 4
+            # a shard holds whole batches: up to shard_tokens + one batch; count in the largest one written
+            shard_bytes = max(sh["n_tokens"] for sh in store.shards) * model.d_model * 4
         # above what forwards of the same batches without the head peaked at (on CPU activations are host memory)
         extra = max(rss.peak - max(rss_body.peak, rss.base), 0)
 
