@@ -29,8 +29,8 @@ is one JSON object:
     last_pos_mem_ratio         extra memory of trace(positions=-1) over all layers / of all positions (target <= 0.05):
                                peak CUDA allocation on a GPU, the captures' storage bytes on CPU
     weights_hash_s             Model.weights_hash of the fresh random model (tensor hashing, first time)
-    study_s                    with --study: the counting study (default protocol) on a random model of the default
-                               model's shape, with its phase times
+    study_s                    with --study full|smoke: the counting study (default protocol, or its smoke size) on a
+                               random model of the default model's shape, with its phase times
 
 Never run it while another heavy job shares the machine.
 """
@@ -131,7 +131,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--harvest-batches", type=int, default=8)
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on CPU")
-    ap.add_argument("--study", action="store_true", help="also time the counting study (random smollm2 shape)")
+    ap.add_argument("--study", choices=("full", "smoke"), default=None,
+                    help="also time the counting study on a random model of the default model's shape: the default "
+                         "protocol (full) or its smoke configuration")
     args = ap.parse_args(argv)
     if (args.shape is None) == (args.model is None):
         ap.error("give --shape or --model")
@@ -329,12 +331,12 @@ def main(argv=None) -> dict:
         from workbench.studies.counting.study import CountingConfig, run_counting_study
 
         study_model = random_model("smollm2", device, torch.float32)
+        cfg = CountingConfig(model=study_model.name) if args.study == "full" else CountingConfig.smoke_config(
+            model=study_model.name)
         start = time.perf_counter()
-        res = run_counting_study(CountingConfig(model=study_model.name), model=study_model, progress=False)
+        res = run_counting_study(cfg, model=study_model, progress=False)
         result["study_s"] = round(time.perf_counter() - start, 1)
-        times_rows = res.extras[res.extras.key.str.endswith("_s")] if "key" in res.extras else None
-        if times_rows is not None and len(times_rows):
-            result["study_phases_s"] = times_rows.groupby("key").value.sum().round(1).to_dict()
+        result["study_phases_s"] = {k: v for k, v in res.timings.items() if isinstance(v, (int, float))}
     print(json.dumps(result))
     return result
 

@@ -223,17 +223,21 @@ def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
 
 def module_device(module: nn.Module) -> torch.device:
     """The device a module computes on: accelerate's execution device when the module was dispatched (its weights
-    may sit on the meta device, offloaded to CPU or disk), else the device of its first real parameter or buffer."""
+    may sit on the meta device, offloaded to CPU or disk), else the device of its first real parameter or buffer
+    (the meta device for a model built without weights)."""
     hooks = [getattr(module, "_hf_hook", None)]
     hooks += list(getattr(hooks[0], "hooks", ()))  # a SequentialHook holds several
     for hook in hooks:
         dev = getattr(hook, "execution_device", None)
         if dev is not None:
             return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
-    for t in (*module.parameters(), *module.buffers()):
+    tensors = (*module.parameters(), *module.buffers())
+    for t in tensors:
         if t.device.type != "meta":
             return t.device
-    raise ValueError(f"{type(module).__name__} has no weights on a real device and no accelerate execution device")
+    if tensors:
+        return tensors[0].device  # a model built on the meta device (no weights anywhere): that is where it is
+    raise ValueError(f"{type(module).__name__} has no parameters or buffers and no accelerate execution device")
 
 
 def _offloaded(root: nn.Module, key: str) -> torch.Tensor:
