@@ -54,7 +54,10 @@ SAE_CFG_FILE = "cfg.json"  # sae_lens.constants.SAE_CFG_FILENAME
 SAE_WEIGHTS_FILE = "sae_weights.safetensors"  # sae_lens.constants.SAE_WEIGHTS_FILENAME
 CARD_FILE = "workbench_card.json"
 CARD_FORMAT = "workbench.sae_card/1"
-ARCHITECTURES = ("topk", "standard")
+# sae-lens's training architectures, trained by its own SAETrainer. The saved (inference) architecture can differ:
+# sae-lens folds BatchTopK's learned threshold into a JumpReLU SAE, so a "batchtopk" card loads as "jumprelu".
+ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "gated", "standard")
+_K_FAMILY = ("topk", "batchtopk", "matryoshka_batchtopk")
 DENSE_FREQ = 0.1  # a feature firing on more than 10 % of tokens is "dense" (SAELens dashboards use the same cut)
 
 
@@ -66,11 +69,20 @@ class SAEError(ValueError):
 class SAETrainConfig:
     """How to train one SAE. Defaults: the TopK recipe that reaches FVU <= 0.3 on SmolLM2's middle layer."""
 
-    architecture: str = "topk"  # "topk" (k largest pre-activations kept) or "standard" (ReLU + L1 penalty)
+    # "topk" (k largest pre-activations per token), "batchtopk" (k x batch largest over the batch; a threshold is
+    # learned for inference), "matryoshka_batchtopk" (BatchTopK whose nested prefixes must each reconstruct),
+    # "jumprelu" (learned per-feature thresholds, L0 penalty), "gated" (gate and magnitude paths, L1 on the gate),
+    # "standard" (ReLU + L1 penalty)
+    architecture: str = "topk"
     expansion: int = 16  # d_sae = expansion * d_in
-    k: int = 32  # TopK only: active features per token
-    l1_coefficient: float = 5.0  # standard only: weight of the L1 sparsity penalty (on normalised activations)
-    l1_warm_up_steps: int = 0  # standard only: ramp the L1 weight from 0 (fewer dead features early)
+    k: int = 32  # the TopK family: active features per token (on average, for BatchTopK)
+    aux_loss_coefficient: float = 1.0  # the TopK family: weight of the auxiliary-k loss that revives dead features
+    matryoshka_widths: tuple[int, ...] = ()  # matryoshka only: nested prefix widths (empty: d_sae/8, /4, /2, d_sae)
+    l1_coefficient: float = 5.0  # standard and gated: weight of the L1 sparsity penalty (on normalised activations)
+    l1_warm_up_steps: int = 0  # standard and gated: ramp the L1 weight from 0 (fewer dead features early)
+    l0_coefficient: float = 1.0  # jumprelu only: weight of the L0 penalty
+    jumprelu_init_threshold: float = 0.01  # jumprelu only: initial threshold of every feature
+    jumprelu_bandwidth: float = 0.05  # jumprelu only: the straight-through estimator's kernel width
     lr: float = 4e-4  # Adam; TopK SAEs tolerate a high rate because the sparsity is structural, not a penalty
     lr_warm_up_steps: int = 0
     lr_decay_steps: int = 0  # linear decay to lr_end over the last steps (0 = constant)
@@ -95,8 +107,20 @@ class SAETrainConfig:
                 raise SAEError(f"{name} must be a non-negative int, got {v!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise SAEError(f"lr must be > 0, got {self.lr!r}")
-        if not (isinstance(self.l1_coefficient, (int, float)) and self.l1_coefficient >= 0):
-            raise SAEError(f"l1_coefficient must be >= 0, got {self.l1_coefficient!r}")
+        for name in ("l1_coefficient", "l0_coefficient", "aux_loss_coefficient"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise SAEError(f"{name} must be a number >= 0, got {v!r}")
+        for name in ("jumprelu_init_threshold", "jumprelu_bandwidth"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise SAEError(f"{name} must be a number > 0, got {v!r}")
+        widths = tuple(self.matryoshka_widths)
+        if any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths) or \
+                list(widths) != sorted(set(widths)):
+            raise SAEError(f"matryoshka_widths must be strictly increasing positive ints, got {widths!r}")
+        if widths and self.architecture != "matryoshka_batchtopk":
+            raise SAEError(f"matryoshka_widths is for architecture='matryoshka_batchtopk', not {self.architecture!r}")
         allowed = ("none", "expected_average_only_in")
         if self.normalize_activations not in allowed:
             raise SAEError(f"normalize_activations must be one of {list(allowed)}, got {self.normalize_activations!r}")
@@ -235,16 +259,37 @@ def _site_width(model, site: str) -> int:
 
 
 def _training_sae(cfg: SAETrainConfig, d_in: int, metadata: dict):
-    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+    """The sae-lens training SAE of ``cfg.architecture`` (every one is trained by sae-lens's own SAETrainer)."""
+    import sae_lens
     from sae_lens.saes.sae import SAEMetadata
 
-    common = dict(d_in=d_in, d_sae=cfg.expansion * d_in, normalize_activations=cfg.normalize_activations,
+    d_sae = cfg.expansion * d_in
+    common = dict(d_in=d_in, d_sae=d_sae, normalize_activations=cfg.normalize_activations,
                   metadata=SAEMetadata(**metadata))
-    if cfg.architecture == "topk":
-        if cfg.k > cfg.expansion * d_in:
-            raise SAEError(f"k={cfg.k} exceeds d_sae={cfg.expansion * d_in}")
-        return TopKTrainingSAE(TopKTrainingSAEConfig(k=cfg.k, **common))
-    return StandardTrainingSAE(StandardTrainingSAEConfig(
+    arch = cfg.architecture
+    if arch in _K_FAMILY:
+        if cfg.k > d_sae:
+            raise SAEError(f"k={cfg.k} exceeds d_sae={d_sae}")
+        common |= dict(k=cfg.k, aux_loss_coefficient=float(cfg.aux_loss_coefficient))
+    if arch == "topk":
+        return sae_lens.TopKTrainingSAE(sae_lens.TopKTrainingSAEConfig(**common))
+    if arch == "batchtopk":
+        return sae_lens.BatchTopKTrainingSAE(sae_lens.BatchTopKTrainingSAEConfig(**common))
+    if arch == "matryoshka_batchtopk":
+        widths = list(cfg.matryoshka_widths) or [d_sae // 8, d_sae // 4, d_sae // 2, d_sae]
+        widths = sorted({w for w in widths if w >= 1})
+        if widths[-1] != d_sae:
+            raise SAEError(f"matryoshka_widths must end at d_sae={d_sae}, got {list(cfg.matryoshka_widths)}")
+        return sae_lens.MatryoshkaBatchTopKTrainingSAE(
+            sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(matryoshka_widths=widths, **common))
+    if arch == "jumprelu":
+        return sae_lens.JumpReLUTrainingSAE(sae_lens.JumpReLUTrainingSAEConfig(
+            l0_coefficient=float(cfg.l0_coefficient), jumprelu_init_threshold=float(cfg.jumprelu_init_threshold),
+            jumprelu_bandwidth=float(cfg.jumprelu_bandwidth), **common))
+    if arch == "gated":
+        return sae_lens.GatedTrainingSAE(sae_lens.GatedTrainingSAEConfig(
+            l1_coefficient=cfg.l1_coefficient, l1_warm_up_steps=cfg.l1_warm_up_steps, **common))
+    return sae_lens.StandardTrainingSAE(sae_lens.StandardTrainingSAEConfig(
         l1_coefficient=cfg.l1_coefficient, l1_warm_up_steps=cfg.l1_warm_up_steps, **common))
 
 
@@ -461,7 +506,9 @@ def load_sae(path: str | os.PathLike, model=None, *, site: str | None = None, de
     except Exception as e:  # safetensors raises its own error types for a damaged header
         raise SAEError(f"{folder / SAE_WEIGHTS_FILE} is not a readable safetensors file: {e}") from e
     d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
-    want = {"W_enc": [d_in, d_sae], "W_dec": [d_sae, d_in], "b_enc": [d_sae], "b_dec": [d_in]}
+    want = {"W_enc": [d_in, d_sae], "W_dec": [d_sae, d_in], "b_dec": [d_in]}
+    per_feature = {"gated": ("b_gate", "b_mag", "r_mag"), "jumprelu": ("b_enc", "threshold")}
+    want |= {k: [d_sae] for k in per_feature.get(cfg["architecture"], ("b_enc",))}
     bad = [f"{k} is {shapes.get(k)} (expected {v})" for k, v in want.items() if shapes.get(k) != v]
     if bad:
         raise SAEError(f"{folder / SAE_WEIGHTS_FILE} does not match cfg.json (d_in={d_in}, d_sae={d_sae}): "
