@@ -10,6 +10,7 @@ a supported vision-language family (``workbench.core.arch.SUPPORTED_VLM_FAMILIES
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -231,12 +232,14 @@ def module_device(module: nn.Module) -> torch.device:
         dev = getattr(hook, "execution_device", None)
         if dev is not None:
             return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
-    tensors = (*module.parameters(), *module.buffers())
-    for t in tensors:
+    first = None
+    for t in itertools.chain(module.parameters(), module.buffers()):
         if t.device.type != "meta":
             return t.device
-    if tensors:
-        return tensors[0].device  # a model built on the meta device (no weights anywhere): that is where it is
+        if first is None:
+            first = t
+    if first is not None:
+        return first.device  # a model built on the meta device (no weights anywhere): that is where it is
     raise ValueError(f"{type(module).__name__} has no parameters or buffers and no accelerate execution device")
 
 

@@ -75,6 +75,7 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from workbench.core.models import _to_device
 from workbench.core.sites import resolve_site
 from workbench.core.trace import trace
 from workbench.core.vlm import check_multimodal, encode_multimodal
@@ -641,6 +642,7 @@ def _run(model, source, site_list, out, manifest, bos_id, store_dtype, total_hin
     buf: dict[str, list[Tensor]] = {name: [] for name in (*site_list, *TOKEN_FIELDS)}
     buffered = 0
     staged = 0  # tokens handed to the writer (its manifest entries may still be on their way)
+    submitted = 0  # shards handed to the writer
     cuda = model.device.type == "cuda"
     writer = _ShardWriter(out, manifest)
 
@@ -654,10 +656,10 @@ def _run(model, source, site_list, out, manifest, bos_id, store_dtype, total_hin
         return host.copy_(t, non_blocking=True)
 
     def flush() -> None:
-        nonlocal buffered, staged, buf
+        nonlocal buffered, staged, submitted, buf
         parts, buf = buf, {name: [] for name in buf}
         first_row, last_row = int(parts["row"][0][0]), int(parts["row"][-1][-1])
-        entry = {"file": shard_name(first_shard + n_submitted[0]), "n_tokens": buffered,
+        entry = {"file": shard_name(first_shard + submitted), "n_tokens": buffered,
                  "n_rows": last_row - first_row + 1, "first_row": first_row, "last_row": last_row,
                  "first_token": done + staged}
         ready = None
@@ -665,11 +667,10 @@ def _run(model, source, site_list, out, manifest, bos_id, store_dtype, total_hin
             ready = torch.cuda.Event()
             ready.record()
         writer.submit(out / entry["file"], parts, entry, ready)
-        n_submitted[0] += 1
+        submitted += 1
         staged += buffered
         buffered = 0
 
-    n_submitted = [0]
     tpos = -1 if positions == "last" else None
     bar = tqdm(total=total_hint, initial=done, unit="tok", desc="harvest", disable=not progress, dynamic_ncols=True)
     try:
@@ -711,7 +712,7 @@ def _run(model, source, site_list, out, manifest, bos_id, store_dtype, total_hin
                 if manifest["d"].setdefault(name, h.shape[-1]) != h.shape[-1]:
                     raise StoreError(f"site {name!r} has width {h.shape[-1]}, the store recorded {manifest['d'][name]}")
                 if positions == "all":
-                    sel = h.flatten(0, 1).index_select(0, flat[:keep].to(h.device, non_blocking=True))
+                    sel = h.flatten(0, 1).index_select(0, _to_device(flat[:keep], h.device))
                 else:
                     sel = h[:keep]
                 buf[name].append(to_host(sel, store_dtype))
