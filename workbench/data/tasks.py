@@ -233,13 +233,16 @@ def _gen_addition(count: int, rng: np.random.Generator, opt: dict) -> tuple[str,
 
 
 def _gen_list_length(count: int, rng: np.random.Generator, opt: dict) -> tuple[str, list[Span], dict]:
-    items = [str(x) for x in rng.choice(opt["items"], size=count, replace=not opt["distinct"])]
+    if opt["repeat"]:  # one item, repeated: the repeated-token counting of arXiv 2605.09239
+        items = [str(rng.choice(opt["items"]))] * count
+    else:
+        items = [str(x) for x in rng.choice(opt["items"], size=count, replace=not opt["distinct"])]
     head = "Items: "
     spans, pos = [], len(head)
     for x in items:
         spans.append((pos, pos + len(x)))
-        pos += len(x) + 2
-    return head + ", ".join(items) + ". Count:", spans, {"items": items}
+        pos += len(x) + len(opt["delimiter"])
+    return head + opt["delimiter"].join(items) + ". Count:", spans, {"items": items}
 
 
 _GENERATORS: dict[str, Generator] = {
@@ -253,7 +256,7 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "entity": {"entities": ANIMALS, "distractor_words": OBJECTS, "n_distractors": (0, 4)},
     "character": {"letters": string.ascii_lowercase, "alphabet": string.ascii_lowercase, "word_length": (10, 14)},
     "addition": {"allow_zero": True},
-    "list_length": {"items": FRUITS, "distinct": True},
+    "list_length": {"items": FRUITS, "distinct": True, "delimiter": ", ", "repeat": False},
 }
 
 
@@ -294,7 +297,14 @@ def _check_options(task: str, counts: list[int], options: dict) -> dict:
     elif task == "list_length":
         opt["items"] = _check_words("items", opt["items"])
         opt["distinct"] = _check_bool("distinct", opt["distinct"])
-        if opt["distinct"] and len(opt["items"]) < max(counts):
+        opt["repeat"] = _check_bool("repeat", opt["repeat"])
+        if opt["repeat"] and opt["distinct"]:
+            raise ValueError("options repeat=True (one item repeated) and distinct=True (no item twice) contradict "
+                             "each other; give distinct=False with repeat=True")
+        if not isinstance(opt["delimiter"], str) or not opt["delimiter"]:
+            raise ValueError(f"option delimiter must be a non-empty string (e.g. ', ', ' ', '\\n'), got "
+                             f"{opt['delimiter']!r}")
+        if opt["distinct"] and not opt["repeat"] and len(opt["items"]) < max(counts):
             raise ValueError(f"option items has {len(opt['items'])} words but distinct lists of up to {max(counts)} "
                              "items are requested; give more items or distinct=False")
     return opt
@@ -327,7 +337,9 @@ def make_task(
     - character: ``letters`` (letters to ask about), ``alphabet`` (letters the string is made of),
       ``word_length`` (int or inclusive (min, max); min >= max(counts)).
     - addition: ``allow_zero`` (operands may be 0; default True).
-    - list_length: ``items`` (words to list), ``distinct`` (no repeated item within a list; default True).
+    - list_length: ``items`` (words to list), ``distinct`` (no repeated item within a list; default True),
+      ``delimiter`` (between items; default ``", "``), ``repeat`` (one item drawn per prompt and repeated ``count``
+      times; needs ``distinct=False``).
 
     Every argument is checked before anything is generated; a bad one raises ValueError naming it and what is allowed.
     """

@@ -23,7 +23,7 @@ Cold Stop ends items at different steps, so it runs one prompt at a time. Determ
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import pandas as pd
@@ -96,6 +96,7 @@ class LatentRun:
     states: Float[torch.Tensor, "n steps layers d"]  # residual at every layer (0..L) of step k's position
     valid: Bool[torch.Tensor, "n steps"]  # step k ran for this item
     mixture_entropy: Float[torch.Tensor, "n steps"]  # soft: entropy of the fed weights (nats); NaN otherwise
+    top_weight: Float[torch.Tensor, "n steps"]  # soft: the largest fed weight (the top token's share); NaN otherwise
     tokens: Int[torch.Tensor, "n steps"]  # cot: the greedy token; soft: the top-weighted token; coconut: -1
 
     @property
@@ -152,11 +153,23 @@ def _entropy(w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_latent(model: Model, rs: ReasoningSet, cfg: LatentConfig | None = None) -> LatentRun:
-    """Run ``cfg.mode`` for ``cfg.n_steps`` on every item of ``rs``; see the module docstring."""
+def run_latent(model: Model, rs: ReasoningSet, cfg: LatentConfig | None = None, *,
+               patch: Mapping[int, torch.Tensor] | None = None) -> LatentRun:
+    """Run ``cfg.mode`` for ``cfg.n_steps`` on every item of ``rs``; see the module docstring.
+
+    patch: ``{step index k (0-based): [len(rs), d] inputs}``: at step k every item is fed its row instead of what the
+    loop computed (activation patching along the latent axis; later steps follow from the patched input).
+    """
     cfg = cfg or LatentConfig()
     if len(rs) == 0:
         raise ValueError("the reasoning set is empty")
+    patch = dict(patch or {})
+    for k, value in patch.items():
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < cfg.n_steps:
+            raise ValueError(f"patch step {k!r} outside 0..{cfg.n_steps - 1} (the run has {cfg.n_steps} steps)")
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (len(rs), model.d_model):
+            raise ValueError(f"patch[{k}] must be a [{len(rs)}, {model.d_model}] tensor, got "
+                             f"{getattr(value, 'shape', type(value).__name__)}")
     bad = [i for i, a in enumerate(rs.answers) if rs.parse(i, a) != a]
     if bad:
         raise ValueError(f"answers of items {bad[:5]} cannot be parsed back by the task's rule "
@@ -169,6 +182,7 @@ def run_latent(model: Model, rs: ReasoningSet, cfg: LatentConfig | None = None) 
     states = torch.full((n, S, L + 1, d), math.nan)
     valid = torch.zeros(n, S, dtype=torch.bool)
     mix_h = torch.full((n, S), math.nan)
+    top_w = torch.full((n, S), math.nan)
     tokens = torch.full((n, S), -1, dtype=torch.long)
     scale = mean_embedding_norm(model) if cfg.rescale else None
     marker = {"coconut": cfg.bot, "soft": cfg.bot, "cot": rs.cot_cue, "direct": ""}[cfg.mode]
@@ -192,13 +206,16 @@ def run_latent(model: Model, rs: ReasoningSet, cfg: LatentConfig | None = None) 
         for k in range(S):
             if not alive.any():
                 break
-            x, tok, ent = _next_input(model, cfg, h, logits, generator, scale)
+            x, tok, ent, top = _next_input(model, cfg, h, logits, generator, scale)
+            if k in patch:
+                x = patch[k][idx].to(x.device, x.dtype)
             rows_alive = torch.tensor(idx)[alive]
             states[rows_alive, k] = h[alive].float().cpu()
             inputs[rows_alive, k] = x[alive].float().cpu()
             valid[rows_alive, k] = True
             tokens[rows_alive, k] = tok[alive].cpu()
             mix_h[rows_alive, k] = ent[alive].float().cpu()
+            top_w[rows_alive, k] = top[alive].float().cpu()
             n_latent += alive.long()
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
             pos = pos[:, -1:] + 1
@@ -232,11 +249,12 @@ def run_latent(model: Model, rs: ReasoningSet, cfg: LatentConfig | None = None) 
             rows.append({"item": i, "n_latent": int(n_latent[j]), "answer_text": texts[j], "parsed": parsed,
                          "gold": rs.answers[i], "correct": parsed == rs.answers[i], "thought_text": thought})
     return LatentRun(config=asdict(cfg), items=pd.DataFrame(rows), inputs=inputs, states=states, valid=valid,
-                     mixture_entropy=mix_h, tokens=tokens)
+                     mixture_entropy=mix_h, top_weight=top_w, tokens=tokens)
 
 
 def _next_input(model: Model, cfg: LatentConfig, h: torch.Tensor, logits: torch.Tensor, generator, scale):
-    """(next input [B, d], token [B], mixture entropy [B]) from the current step's states and logits."""
+    """(next input [B, d], token [B], mixture entropy [B], top weight [B]) from the current step's states and
+    logits."""
     B = h.shape[0]
     nan = torch.full((B,), math.nan)
     if cfg.mode == "coconut":
@@ -244,14 +262,14 @@ def _next_input(model: Model, cfg: LatentConfig, h: torch.Tensor, logits: torch.
         x = model.final_norm(last) if cfg.hidden == "post_norm" else last
         if scale is not None:
             x = x * (scale / x.double().norm(dim=-1, keepdim=True).clamp_min(1e-30)).to(x.dtype)
-        return x, torch.full((B,), -1, dtype=torch.long), nan
+        return x, torch.full((B,), -1, dtype=torch.long), nan, nan
     if cfg.mode == "cot":
         tok = logits.argmax(-1)
-        return input_embeddings(model, tok), tok, nan
+        return input_embeddings(model, tok), tok, nan, nan
     ids, w = soft_weights(logits.float(), cfg, generator)
     emb = input_embeddings(model, ids).double()  # [B, n, d]
     x = (w[..., None].to(emb.device) * emb).sum(1).to(model.dtype)
-    return x, ids[:, 0], _entropy(w)
+    return x, ids.gather(1, w.argmax(-1, keepdim=True).to(ids.device))[:, 0], _entropy(w), w.max(-1).values
 
 
 def run_modes(model: Model, rs: ReasoningSet, modes: Sequence[str], n_steps: int, **overrides) -> dict[str, LatentRun]:

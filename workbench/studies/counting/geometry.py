@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 
+from workbench.methods.gap import random_baseline
 from workbench.methods.probes.base import as_features, as_target, standardise_stats
 from workbench.methods.probes.linear import ALPHAS, RidgeProbe
 
@@ -98,16 +99,6 @@ def cosine_summary(cosines: Float[torch.Tensor, " k"]) -> dict[str, float]:
     if c.numel() == 0:
         raise ValueError("cosines is empty")
     return {"mean": float(c.mean()), "min": float(c.min()), "max": float(c.max()), "argmax": int(c.argmax())}
-
-
-def random_baseline(d: int) -> float:
-    """Expected |cos| between a uniformly random direction and a fixed vector in d dimensions, sqrt(2 / (π d)).
-
-    (The exact value is Γ(d/2) / (√π Γ((d+1)/2)); the two agree to 1/(4d) relative.)
-    """
-    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
-        raise ValueError(f"d must be a positive int, got {d!r}")
-    return math.sqrt(2.0 / (math.pi * d))
 
 
 @dataclass

@@ -1,0 +1,385 @@
+"""Encoded vs expressed: per layer (or latent step), does the model *have* the answer, and does its output *say* it?
+
+All three research threads ask where information the model holds fails to reach its output. The gap panel puts the
+measurements that answer it side by side, for any task with a known answer among a few candidate tokens:
+
+- ``probe_acc``: a logistic probe of the answer class on the residual at that layer (held-out accuracy; ``chance``
+  is the majority class share of the held-out rows): what is *encoded*;
+- ``lens_acc``: the logit lens of the same residual, argmax over the candidate tokens; ``lens_top1``: the gold token
+  is the lens's argmax over the whole vocabulary: what is *expressed*;
+- ``tuned_acc`` / ``tuned_top1``: the same through a tuned lens (columns absent when none is given);
+- ``probe_cos``: |cos| between each class's probe direction and the class's unembedding row, both as contrasts
+  (minus their mean over the classes, which is what decides an argmax among them), averaged over the classes;
+  ``cos_random`` is the expected |cos| of a random direction, sqrt(2 / (pi d));
+- ``patch_recovery``: how much of the answer comes back when that layer's residual at the readout position is
+  patched from a run where the model answers right (:func:`residual_patching`; ``patch_method`` "exact"), or its
+  first-order estimate where no such run exists (``"atp"``). Computed by the caller, merged by axis value.
+
+The input is a :class:`GapTask`: features ``[slices, n, d]`` (slices = hidden-state layers 0..L, or latent steps),
+class labels, the candidate token of each class and a train/test split. :func:`gap_panel` returns one tidy frame;
+:func:`gap_figure` draws it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+from tqdm.auto import tqdm
+
+from workbench.core.models import Model
+from workbench.core.sites import layer_site
+from workbench.core.trace import trace
+from workbench.methods.probes.base import standardise_stats
+from workbench.methods.probes.linear import fit_softmax_regression
+from workbench.methods.tuned_lens import TunedLens
+
+AXES = ("layer", "step")
+PATCH_METHODS = ("exact", "atp")
+
+
+def random_baseline(d: int) -> float:
+    """Expected |cos| between a uniformly random direction and a fixed vector in d dimensions, sqrt(2 / (π d)).
+
+    (The exact value is Γ(d/2) / (√π Γ((d+1)/2)); the two agree to 1/(4d) relative.)
+    """
+    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
+        raise ValueError(f"d must be a positive int, got {d!r}")
+    return math.sqrt(2.0 / (math.pi * d))
+
+
+@dataclass
+class GapTask:
+    """One task's features and answers, ready for :func:`gap_panel`.
+
+    features: [slices, n, d] residuals at the readout position (float, any device; read on the model's device).
+    labels: [n] class index of each row's answer (0..len(classes)-1).
+    classes: the answer text of each class; candidate_ids: its token id (what the lens and the head must say).
+    train_idx / test_idx: disjoint rows: probes train on the first, everything is scored on the second.
+    axis: "layer" (slice s is hidden-state layer axis_values[s]) or "step" (latent step axis_values[s]).
+    read_layers: the hidden-state layer each slice is read at by the (tuned) lens; default: axis_values for the
+        layer axis (a step axis must say which layer its states come from).
+    patching: optional frame with columns ``index`` (an axis value), ``patch_recovery``, ``patch_method``,
+        ``n_pairs``: merged into the panel.
+    labels_extra: constant columns added to every row (thread, model, variant, ...).
+    """
+
+    name: str
+    features: torch.Tensor
+    labels: np.ndarray
+    classes: list[str]
+    candidate_ids: list[int]
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    axis: str = "layer"
+    axis_values: list[int] | None = None
+    read_layers: list[int] | None = None
+    patching: pd.DataFrame | None = None
+    labels_extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.axis not in AXES:
+            raise ValueError(f"axis must be one of {list(AXES)}, got {self.axis!r}")
+        if not isinstance(self.features, torch.Tensor) or self.features.ndim != 3:
+            raise ValueError(f"features must be a [slices, n, d] tensor, got "
+                             f"{getattr(self.features, 'shape', type(self.features).__name__)}")
+        S, n, _ = self.features.shape
+        self.labels = np.asarray(self.labels)
+        if self.labels.shape != (n,) or not np.issubdtype(self.labels.dtype, np.integer):
+            raise ValueError(f"labels must be {n} integer class indices, got shape {self.labels.shape} "
+                             f"dtype {self.labels.dtype}")
+        if len(self.classes) != len(self.candidate_ids) or len(self.classes) < 2:
+            raise ValueError(f"give one candidate token per class and at least two classes; got {len(self.classes)} "
+                             f"classes and {len(self.candidate_ids)} candidate ids")
+        if len(set(self.candidate_ids)) != len(self.candidate_ids):
+            raise ValueError(f"candidate_ids {self.candidate_ids} repeat a token: the classes must be distinct tokens")
+        if n and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
+            raise ValueError(f"labels must lie in 0..{len(self.classes) - 1}, got {sorted(set(self.labels.tolist()))}")
+        self.train_idx, self.test_idx = np.asarray(self.train_idx, int), np.asarray(self.test_idx, int)
+        for name, idx in (("train_idx", self.train_idx), ("test_idx", self.test_idx)):
+            if idx.ndim != 1 or not len(idx) or idx.min() < 0 or idx.max() >= n:
+                raise ValueError(f"{name} must be non-empty row indices in 0..{n - 1}")
+        if np.intersect1d(self.train_idx, self.test_idx).size:
+            raise ValueError("train_idx and test_idx overlap; the panel scores held-out rows only")
+        self.axis_values = list(range(S)) if self.axis_values is None else [int(v) for v in self.axis_values]
+        if len(self.axis_values) != S:
+            raise ValueError(f"axis_values has {len(self.axis_values)} entries for {S} feature slices")
+        if self.read_layers is None:
+            if self.axis != "layer":
+                raise ValueError("a step axis needs read_layers: the hidden-state layer its states were taken at")
+            self.read_layers = list(self.axis_values)
+        self.read_layers = [int(v) for v in self.read_layers]
+        if len(self.read_layers) != S:
+            raise ValueError(f"read_layers has {len(self.read_layers)} entries for {S} feature slices")
+        if self.patching is not None:
+            missing = {"index", "patch_recovery", "patch_method", "n_pairs"} - set(self.patching.columns)
+            if missing:
+                raise ValueError(f"patching frame lacks columns {sorted(missing)}")
+
+
+def class_cosines(coef_raw: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """|cos| per class between probe weights [k, d] and unembedding rows [k, d], both as contrasts (minus their mean
+    over the k classes: adding one vector to every class changes no argmax)."""
+    if coef_raw.shape != rows.shape or coef_raw.shape[0] < 2:
+        raise ValueError(f"need [k >= 2, d] weights and rows of the same shape, got {tuple(coef_raw.shape)} and "
+                         f"{tuple(rows.shape)}")
+    w = coef_raw.double() - coef_raw.double().mean(0)
+    u = rows.double() - rows.double().mean(0)
+    return (torch.nn.functional.cosine_similarity(w, u, dim=-1)).abs()
+
+
+@torch.no_grad()
+def _readout(model: Model, H: torch.Tensor, layer: int, ids: torch.Tensor, gold: torch.Tensor,
+             tuned: TunedLens | None, chunk: int = 256) -> tuple[float, float]:
+    """(share of rows whose gold class wins among the candidates, share whose gold token is the vocabulary's argmax)."""
+    restricted, top1 = 0, 0
+    for s in range(0, H.shape[0], chunk):
+        h = H[s: s + chunk].to(model.head_device, model.dtype)
+        z = (tuned.logits(model, h, layer) if tuned is not None else model.lens_logits(h)).float()
+        g = gold[s: s + chunk].to(z.device)
+        restricted += int((z[:, ids.to(z.device)].argmax(-1) == g).sum())
+        top1 += int((z.argmax(-1) == ids.to(z.device)[g]).sum())
+    return restricted / H.shape[0], top1 / H.shape[0]
+
+
+def gap_panel(model: Model, task: GapTask, *, tuned_lens: TunedLens | None = None, C: float = 1.0,
+              tol: float = 1e-4, progress: bool = False) -> pd.DataFrame:
+    """One row per slice of ``task`` (see the module docstring for the columns).
+
+    The probes are :class:`~workbench.methods.probes.linear.LogisticProbe`'s objective (multinomial, L2 with inverse
+    strength ``C`` on features standardised over the train rows), solved slice by slice, each warm-started from the
+    previous slice's solution, to ``tol`` (scikit-learn's default, as :func:`layerwise_logistic`)."""
+    if not isinstance(task, GapTask):
+        raise ValueError(f"task must be a GapTask, got {type(task).__name__}")
+    S, n, d = task.features.shape
+    if d != model.d_model:
+        raise ValueError(f"features have width {d}; {model.name} has d_model {model.d_model}")
+    bad = [v for v in task.read_layers if not 0 <= v <= model.n_layers]
+    if bad:
+        raise ValueError(f"read_layers {bad} outside 0..{model.n_layers} for {model.name}")
+    if tuned_lens is not None:
+        tuned_lens.check_model(model)
+    ids = torch.tensor(task.candidate_ids)
+    if int(ids.max()) >= model.W_U.shape[0]:
+        raise ValueError(f"candidate id {int(ids.max())} outside the vocabulary of {model.name} ({model.W_U.shape[0]})")
+    W_U = model.W_U.detach().to("cpu", torch.float64)
+    y = task.labels
+    tr, te = task.train_idx, task.test_idx
+    gold_te = torch.as_tensor(y[te])
+    chance = float(np.bincount(y[te]).max() / len(te))
+    present, target = torch.unique(torch.as_tensor(y[tr]), return_inverse=True)
+    if len(present) < 2:
+        raise ValueError(f"the train rows hold a single class {present.tolist()}; a probe needs at least two")
+    y_te = torch.as_tensor(y[te])
+    rows, prev = [], None
+    for s in tqdm(range(S), desc=f"gap panel {task.name}", disable=not progress):
+        X = task.features[s].detach().to("cpu", torch.float64)
+        mean, std = standardise_stats(X[tr])
+        prev = fit_softmax_regression(((X[tr] - mean) / std)[None], target, len(present), C, tol=tol, init=prev)
+        coef, icpt = prev[0][0], prev[1][0]
+        pred = present[(((X[te] - mean) / std) @ coef.T + icpt).argmax(-1)]
+        row = {"task": task.name, "axis": task.axis, "index": task.axis_values[s], "read_layer": task.read_layers[s],
+               "depth": task.read_layers[s] / model.n_layers if task.axis == "layer" else math.nan,
+               "probe_acc": float((pred == y_te).double().mean()), "chance": chance}
+        # the weights on raw residual coordinates, against the unembedding rows of the classes the probe knows
+        row["probe_cos"] = float(class_cosines(coef / std, W_U[ids[present]]).mean())
+        row["cos_random"] = random_baseline(d)
+        H = task.features[s][te]
+        row["lens_acc"], row["lens_top1"] = _readout(model, H, task.read_layers[s], ids, gold_te, None)
+        if tuned_lens is not None:
+            row["tuned_acc"], row["tuned_top1"] = _readout(model, H, task.read_layers[s], ids, gold_te, tuned_lens)
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if task.patching is not None:
+        frame = frame.merge(task.patching[["index", "patch_recovery", "patch_method", "n_pairs"]], on="index",
+                            how="left")
+    for k, v in reversed(list(task.labels_extra.items())):
+        frame.insert(0, k, v)
+    return frame
+
+
+# -- patching the readout position ---------------------------------------------------------------------------------
+def make_pairs(labels: Sequence[int], right: Sequence[bool], *, n_pairs: int, seed: int = 0,
+               require_right: bool = True) -> list[tuple[int, int]]:
+    """(clean, corrupt) row pairs with different labels: the clean row is one the model answers right (unless
+    ``require_right`` is False), each corrupt row is drawn among the rows of another class; at most ``n_pairs``."""
+    labels, right = np.asarray(labels), np.asarray(right, bool)
+    if labels.shape != right.shape:
+        raise ValueError(f"labels {labels.shape} and right {right.shape} differ in shape")
+    rng = np.random.default_rng(seed)
+    clean_pool = np.flatnonzero(right) if require_right else np.arange(len(labels))
+    clean_pool = rng.permutation(clean_pool)
+    pairs = []
+    for c in clean_pool:
+        others = np.flatnonzero(labels != labels[c])
+        if not len(others):
+            continue
+        pairs.append((int(c), int(rng.choice(others))))
+        if len(pairs) >= n_pairs:
+            break
+    return pairs
+
+
+def _last_logits(model: Model, batch: dict) -> torch.Tensor:
+    return model.hf(**batch, logits_to_keep=1).logits[:, -1].float()
+
+
+# Families whose positions the model derives itself from the whole input (3-D M-RoPE): a last-token step on a cache
+# would need their rope deltas, so they take the full forward per layer.
+_FULL_FORWARD_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def _prefix(model: Model, batch: dict):
+    """The key/value cache of every input token but the last, and the last-token step that continues it. Patching
+    the last position changes nothing before it (causal attention), so each patched run only recomputes that token."""
+    head = {k: (v[:, :-1] if k in ("input_ids", "attention_mask", "position_ids", "token_type_ids",
+                                   "mm_token_type_ids") else v) for k, v in batch.items()}
+    out = model.hf(**head, use_cache=True, logits_to_keep=1)
+    step = {"input_ids": batch["input_ids"][:, -1:], "attention_mask": batch["attention_mask"]}
+    if "position_ids" in batch:
+        step["position_ids"] = batch["position_ids"][:, -1:]
+    return out.past_key_values, step
+
+
+def residual_patching(model: Model, clean: Sequence, corrupt: Sequence, answer_ids: Sequence[int],
+                      wrong_ids: Sequence[int], encode: Callable[[Sequence], dict], *,
+                      layers: Sequence[int] | None = None, method: str = "exact", batch_size: int = 16,
+                      prefix_cache: bool = True, progress: bool = False) -> pd.DataFrame:
+    """Patch the residual at the last position of each corrupt input, one hidden-state layer at a time, from its clean
+    partner, and measure the logit difference ``answer - wrong`` at the last position.
+
+    clean / corrupt: inputs (prompts, VQA items, ...) that ``encode`` turns into a left-padded batch for
+    ``model.hf``; answer_ids: the clean run's answer per pair, wrong_ids: the corrupt run's. Left padding puts every
+    input's last token at position -1, so the two inputs need not have the same length.
+    method: "exact" (per layer and batch, the last token recomputed on the key/value cache of the others: patching
+    the last position changes nothing before it) or "atp" (attribution patching: the patch's first-order estimate
+    ``(a_clean - a_corrupt) . d metric / d a`` from one forward and backward of the corrupt batch). prefix_cache=False
+    runs the whole corrupt input per layer instead (the same numbers to float tolerance; M-RoPE VLMs always do).
+
+    Returns one row per layer: index (hidden-state layer), patch_recovery = mean over pairs of (patched - corrupt)
+    divided by the mean of (clean - corrupt), patch_method, n_pairs, clean_metric, corrupt_metric (means). At the
+    last layer an exact patch reproduces the clean logits, so its recovery is 1.
+    """
+    if method not in PATCH_METHODS:
+        raise ValueError(f"method must be one of {list(PATCH_METHODS)}, got {method!r}")
+    n = len(clean)
+    if not n or len(corrupt) != n or len(answer_ids) != n or len(wrong_ids) != n:
+        raise ValueError(f"give as many corrupt inputs, answer ids and wrong ids as clean inputs ({n}, "
+                         f"{len(corrupt)}, {len(answer_ids)}, {len(wrong_ids)}); at least one pair")
+    if any(a == w for a, w in zip(answer_ids, wrong_ids)):
+        raise ValueError("a pair has the same answer and wrong token: the logit difference would be 0")
+    layer_list = list(range(model.n_layers + 1)) if layers is None else sorted({int(v) for v in layers})
+    bad = [v for v in layer_list if not 0 <= v <= model.n_layers]
+    if bad or not layer_list:
+        raise ValueError(f"layers {bad or '(none)'} not allowed: hidden-state layers are 0..{model.n_layers}")
+    sites = [layer_site(v) for v in layer_list]
+    m_clean, m_corrupt = [], []
+    m_patch = {v: [] for v in layer_list}
+    for s in tqdm(range(0, n, batch_size), desc=f"residual patching ({method})", disable=not progress):
+        cb, xb = encode(clean[s: s + batch_size]), encode(corrupt[s: s + batch_size])
+        a = torch.tensor(answer_ids[s: s + batch_size])
+        w = torch.tensor(wrong_ids[s: s + batch_size])
+
+        def metric(z):
+            rows = torch.arange(z.shape[0], device=z.device)
+            return z[rows, a.to(z.device)] - z[rows, w.to(z.device)]
+
+        with torch.no_grad(), trace(model, sites, positions=-1) as tc:
+            mc = metric(_last_logits(model, cb))
+        src = {site: tc[site] for site in sites}
+        if method == "exact":
+            cached = prefix_cache and model.arch.family not in _FULL_FORWARD_FAMILIES and xb["input_ids"].shape[1] > 1
+            with torch.no_grad():
+                mx = metric(_last_logits(model, xb))
+                if cached:
+                    kv, step = _prefix(model, xb)
+                for v, site in zip(layer_list, sites, strict=True):
+                    def edit(t, value=src[site]):
+                        out = t.clone()
+                        out[:, -1] = value.to(t.device, t.dtype)
+                        return out
+                    with trace(model, edits={site: edit}):
+                        if cached:
+                            # a copy per layer: the step appends to the cache (and sliding-window caches cannot crop)
+                            z = model.hf(**step, past_key_values=copy.deepcopy(kv), use_cache=True,
+                                         logits_to_keep=1).logits[:, -1]
+                        else:
+                            z = _last_logits(model, xb)
+                    m_patch[v].append(metric(z.float()).cpu())
+        else:
+            with torch.no_grad(), trace(model, sites, positions=-1) as tx:
+                _last_logits(model, xb)
+            deltas = {}
+
+            def add_delta(site):
+                def edit(t):
+                    delta = torch.zeros(t.shape[0], t.shape[-1], device=t.device, dtype=t.dtype, requires_grad=True)
+                    deltas[site] = delta
+                    out = t.clone()
+                    out[:, -1] = out[:, -1] + delta
+                    return out
+                return edit
+
+            with torch.enable_grad(), trace(model, edits={site: add_delta(site) for site in sites}):
+                mx_g = metric(_last_logits(model, xb))
+                grads = torch.autograd.grad(mx_g.sum(), [deltas[site] for site in sites])
+            mx = mx_g.detach()
+            for v, site, g in zip(layer_list, sites, grads, strict=True):
+                est = ((src[site].float() - tx[site].float()).to(g.device) * g.float()).sum(-1)
+                m_patch[v].append((mx + est.to(mx.device)).cpu())
+        m_clean.append(mc.cpu())
+        m_corrupt.append(mx.cpu())
+    mc, mx = torch.cat(m_clean).double(), torch.cat(m_corrupt).double()
+    gap = float((mc - mx).mean())
+    rows = []
+    for v in layer_list:
+        mp = torch.cat(m_patch[v]).double()
+        rows.append({"index": v, "patch_recovery": float((mp - mx).mean()) / gap if gap != 0 else math.nan,
+                     "patch_method": method, "n_pairs": n, "clean_metric": float(mc.mean()),
+                     "corrupt_metric": float(mx.mean())})
+    return pd.DataFrame(rows)
+
+
+# -- figure --------------------------------------------------------------------------------------------------------
+_SERIES = (("probe_acc", "probe (encoded)", "#1f77b4", "solid"),
+           ("lens_acc", "logit lens among answers (expressed)", "#d62728", "solid"),
+           ("tuned_acc", "tuned lens among answers", "#ff7f0e", "dash"),
+           ("lens_top1", "logit lens top-1 (vocabulary)", "#9467bd", "dot"),
+           ("patch_recovery", "patch recovery", "#2ca02c", "solid"),
+           ("chance", "chance (majority class)", "#7f7f7f", "dot"))
+
+
+def gap_figure(panel: pd.DataFrame, *, facet: str = "task", title: str | None = None) -> go.Figure:
+    """Per facet value (default: one subplot per task): the panel's curves against the axis, and |cos| on a second
+    row with its random baseline. Columns a panel lacks (no tuned lens, no patching) are left out."""
+    if panel.empty:
+        raise ValueError("the panel is empty")
+    if facet not in panel.columns:
+        raise ValueError(f"facet column {facet!r} not in the panel; columns: {list(panel.columns)}")
+    keys = list(dict.fromkeys(panel[facet]))
+    fig = make_subplots(rows=2, cols=len(keys), shared_xaxes=True, row_heights=[0.7, 0.3], vertical_spacing=0.06,
+                        subplot_titles=[str(k) for k in keys])
+    for c, key in enumerate(keys, start=1):
+        part = panel[panel[facet] == key]
+        x = part["index"]
+        for col, name, colour, dash in _SERIES:
+            if col in part and part[col].notna().any():
+                fig.add_scatter(x=x, y=part[col], name=name, legendgroup=col, showlegend=c == 1, row=1, col=c,
+                                line={"color": colour, "dash": dash}, mode="lines+markers", marker={"size": 4})
+        fig.add_scatter(x=x, y=part["probe_cos"], name="|cos| probe vs answer rows", legendgroup="cos",
+                        showlegend=c == 1, row=2, col=c, line={"color": "#8c564b"})
+        fig.add_scatter(x=x, y=part["cos_random"], name="|cos| random", legendgroup="cosr", showlegend=c == 1,
+                        row=2, col=c, line={"color": "#7f7f7f", "dash": "dot"})
+        fig.update_xaxes(title_text=str(part["axis"].iloc[0]), row=2, col=c)
+    fig.update_yaxes(title_text="accuracy / recovery", row=1, col=1)
+    fig.update_yaxes(title_text="|cos|", row=2, col=1)
+    fig.update_layout(title=title or "Encoded vs expressed", height=520, width=max(520, 330 * len(keys)),
+                      template="plotly_white")
+    return fig
