@@ -101,9 +101,14 @@ def test_overwrite_layers_reads_the_drop_and_the_best_ablation():
     curve = pd.DataFrame({"layer": [0, 1, 2, 3, 4], "lens_gold_logprob": [-2.0, -1.0, -0.5, -1.5, -1.6]})
     sweep = pd.DataFrame({"block": [0, 1, 2, 3], "depth": [0.25, 0.5, 0.75, 1.0], "logprob_change": [0, 0.1, 0.9, 0.2],
                           "acc_change": [0, 0, 0.2, 0]})
-    out = overwrite_layers(curve, sweep, 4)
+    panel = pd.DataFrame({"index": [0, 1, 2, 3, 4], "probe_acc": [0.1, 0.8, 0.9, 0.4, 0.2], "chance": 0.1})
+    out = overwrite_layers(curve, sweep, 4, panel)
     assert out["lens_peak_layer"] == 2 and out["lens_drop_block"] == 2 and out["lens_drop_depth"] == 0.75
     assert out["mlp_block"] == 2 and out["mlp_depth"] == 0.75
+    assert out["probe_peak_layer"] == 2 and out["probe_drop_layer"] == 3  # 0.4 <= 0.1 + (0.9 - 0.1) / 2
+    # the largest drop anywhere, also before the curve's highest point
+    early = overwrite_layers(curve.assign(lens_gold_logprob=[-2.0, -0.5, -3.0, -2.0, -0.1]), sweep, 4)
+    assert early["lens_peak_layer"] == 4 and early["lens_drop_block"] == 1
 
 
 def test_mlp_sweep_rows(m):

@@ -380,6 +380,6 @@ def gap_figure(panel: pd.DataFrame, *, facet: str = "task", title: str | None = 
         fig.update_xaxes(title_text=str(part["axis"].iloc[0]), row=2, col=c)
     fig.update_yaxes(title_text="accuracy / recovery", row=1, col=1)
     fig.update_yaxes(title_text="|cos|", row=2, col=1)
-    fig.update_layout(title=title or "Encoded vs expressed", height=520, width=max(520, 330 * len(keys)),
+    fig.update_layout(title=title or "Encoded vs expressed", height=560, width=max(640, 380 * len(keys) + 300),
                       template="plotly_white")
     return fig

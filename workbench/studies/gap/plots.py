@@ -17,7 +17,7 @@ def panel_figure(panel: pd.DataFrame, thread: str, *, title: str | None = None) 
     part = panel[panel.thread == thread]
     if part.empty:
         raise ValueError(f"no panel rows for thread {thread!r}; threads: {sorted(panel.thread.unique())}")
-    part = part.assign(facet=part.model + " · " + part.task)
+    part = part.assign(facet=part.model + "<br>" + part.task)
     return apply_theme(gap_figure(part, facet="facet", title=title or f"Encoded vs expressed: {thread}"))
 
 
@@ -37,29 +37,37 @@ def suppression_figure(suppression: pd.DataFrame, *, title: str | None = None) -
     return apply_theme(fig)
 
 
-def delimiter_figure(curves: pd.DataFrame, sweeps: pd.DataFrame, summary: pd.DataFrame, *,
+def delimiter_figure(panel: pd.DataFrame, curves: pd.DataFrame, sweeps: pd.DataFrame, summary: pd.DataFrame, *,
                      title: str | None = None) -> go.Figure:
-    """Left: the lens's gold log-probability (softmax over the digits) per layer and delimiter; right: the change of
-    the answer's gold log-probability when one block's MLP is zero-ablated. Markers: the overwrite layers."""
+    """Per layer and delimiter: the count probe's held-out accuracy, the lens's gold log-probability (softmax over
+    the digits), and the change of the answer's gold log-probability when one block's MLP is zero-ablated (stars:
+    the MLP whose ablation helps most)."""
     check_frame(curves, ("delimiter", "layer", "lens_gold_logprob"), "delimiter_figure")
     check_frame(sweeps, ("delimiter", "block", "logprob_change"), "delimiter_figure")
-    fig = make_subplots(rows=1, cols=2, subplot_titles=["lens: gold log-prob among digits",
-                                                        "zero-ablating one MLP: change of the answer's gold log-prob"])
+    check_frame(panel, ("delimiter", "index", "probe_acc"), "delimiter_figure")
+    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08,
+                        subplot_titles=["count probe: held-out accuracy", "lens: gold log-prob (digits)",
+                                        "one MLP zero-ablated: Δ gold log-prob"])
     for i, delim in enumerate(dict.fromkeys(curves.delimiter)):
         color = PAPER_COLORWAY[i % len(PAPER_COLORWAY)]
         c, s = curves[curves.delimiter == delim], sweeps[sweeps.delimiter == delim]
-        fig.add_scatter(x=c.layer, y=c.lens_gold_logprob, name=delim, legendgroup=delim, line={"color": color},
+        p = panel[panel.delimiter == delim]
+        fig.add_scatter(x=p["index"], y=p.probe_acc, name=delim, legendgroup=delim, line={"color": color},
                         row=1, col=1)
-        fig.add_scatter(x=s.block + 1, y=s.logprob_change, name=delim, legendgroup=delim, showlegend=False,
+        fig.add_scatter(x=c.layer, y=c.lens_gold_logprob, name=delim, legendgroup=delim, showlegend=False,
                         line={"color": color}, row=1, col=2)
+        fig.add_scatter(x=s.block + 1, y=s.logprob_change, name=delim, legendgroup=delim, showlegend=False,
+                        line={"color": color}, row=1, col=3)
         row = summary[summary.delimiter == delim]
         if not row.empty and pd.notna(row.mlp_block.iloc[0]):
             b = int(row.mlp_block.iloc[0])
             fig.add_scatter(x=[b + 1], y=s[s.block == b].logprob_change, mode="markers", showlegend=False,
-                            marker={"color": color, "size": 12, "symbol": "star"}, row=1, col=2)
+                            marker={"color": color, "size": 12, "symbol": "star"}, row=1, col=3)
     fig.update_xaxes(title_text="hidden-state layer", row=1, col=1)
-    fig.update_xaxes(title_text="block + 1 (its output layer)", row=1, col=2)
-    fig.update_layout(title=title or "Repeated-item counting: where the count is overwritten, by delimiter")
+    fig.update_xaxes(title_text="hidden-state layer", row=1, col=2)
+    fig.update_xaxes(title_text="block + 1 (its output layer)", row=1, col=3)
+    fig.update_layout(title=title or "Repeated-item counting: where the count is overwritten, by delimiter",
+                      width=1350)
     return apply_theme(fig)
 
 
@@ -68,8 +76,8 @@ def soft_threads_figure(steps: pd.DataFrame, summary: pd.DataFrame, *, title: st
     embeddings, one line per Gumbel temperature; accuracy per temperature in the legend."""
     check_frame(steps, ("gumbel_tau", "step", "top_share", "entropy", "max_cos"), "soft_threads_figure")
     acc = dict(zip(summary.gumbel_tau, summary.accuracy)) if "accuracy" in summary else {}
-    fig = make_subplots(rows=1, cols=3, subplot_titles=["top token's share of the mixture", "mixture entropy (nats)",
-                                                        "max |cos| to a token embedding"])
+    fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08,
+                        subplot_titles=["top token's share", "mixture entropy (nats)", "max |cos| to an embedding"])
     for i, tau in enumerate(dict.fromkeys(steps.gumbel_tau)):
         sub = steps[steps.gumbel_tau == tau]
         name = f"Gumbel τ={tau}" if tau != "none" else "plain Soft Thinking"

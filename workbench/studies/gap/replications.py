@@ -4,8 +4,9 @@
    arXiv 2605.09239: :func:`late_suppression` zero- and mean-ablates the MLP outputs of the last 1-3 blocks (every
    position) and reads the digit-restricted answer; :func:`mlp_sweep` zero-ablates one block's MLP at a time;
    :func:`delimiter_sweep` runs both on repeated-item lists joined by each delimiter and names the overwrite layer
-   two ways (the block whose output lowers the lens's gold log-probability most after its peak, and the MLP whose
-   ablation raises the answer's gold log-probability most), as a fraction of depth next to the paper's 88-93 %.
+   three ways (:func:`overwrite_layers`: the block whose output lowers the lens's gold log-probability most, the MLP
+   whose ablation raises the answer's gold log-probability most, and the layer where the count probe loses half its
+   margin over chance after its peak), as a fraction of depth next to the paper's 88-93 %.
 2. Latent reasoning, *Soft Thinking is single-threaded* (arXiv 2508.03440): :func:`soft_thinking_threads` reports
    per latent step the top token's share of the soft mixture and the mixture's entropy, with and without the
    paper's remedy (Gumbel-softmax noise on the mixture weights, ``LatentConfig.gumbel_tau``), and accuracy and
@@ -149,21 +150,34 @@ def lens_gold_curve(model: Model, features: torch.Tensor, layers: Sequence[int],
     return pd.DataFrame(rows)
 
 
-def overwrite_layers(curve: pd.DataFrame, sweep: pd.DataFrame, n_layers: int) -> dict:
-    """The overwrite layer two ways (see the module docstring), each with its fraction of depth."""
+def overwrite_layers(curve: pd.DataFrame, sweep: pd.DataFrame, n_layers: int,
+                     panel: pd.DataFrame | None = None) -> dict:
+    """Where the count is overwritten, three ways, each with its fraction of depth (layer / n_layers):
+
+    - ``lens_drop``: the block whose output lowers the lens's mean gold log-probability (softmax over the digits)
+      most (hidden-state layer l is the output of block l-1), and ``lens_peak``: the layer where that is highest;
+    - ``mlp``: the block whose MLP, zero-ablated, raises the answer's gold log-probability most;
+    - ``probe_drop`` (with ``panel``, the gap panel of the same prompts): the first layer after the probe's peak
+      where its held-out accuracy has lost half of its margin over chance.
+    """
     lp = curve.set_index("layer").lens_gold_logprob.sort_index()
     peak = int(lp.idxmax())
-    after = lp.loc[peak:].diff().dropna()
-    out = {"lens_peak_layer": peak, "lens_peak_depth": peak / n_layers}
-    if len(after):
-        layer = int(after.idxmin())  # hidden-state layer l is the output of block l-1
-        out |= {"lens_drop_block": layer - 1, "lens_drop_depth": layer / n_layers,
-                "lens_drop": float(after.min())}
-    else:
-        out |= {"lens_drop_block": math.nan, "lens_drop_depth": math.nan, "lens_drop": math.nan}
+    diffs = lp.diff().dropna()
+    layer = int(diffs.idxmin())
+    out = {"lens_peak_layer": peak, "lens_peak_depth": peak / n_layers, "lens_drop_block": layer - 1,
+           "lens_drop_depth": layer / n_layers, "lens_drop": float(diffs.min())}
     best = sweep.loc[sweep.logprob_change.idxmax()]
     out |= {"mlp_block": int(best.block), "mlp_depth": float(best.depth),
             "mlp_logprob_gain": float(best.logprob_change), "mlp_acc_gain": float(best.acc_change)}
+    if panel is not None:
+        acc = panel.set_index("index").probe_acc.sort_index()
+        chance = float(panel.chance.iloc[0])
+        top = int(acc.idxmax())
+        half = chance + (float(acc.max()) - chance) / 2
+        below = acc.loc[top:][acc.loc[top:] <= half]
+        drop = int(below.index[0]) if len(below) else math.nan
+        out |= {"probe_peak_layer": top, "probe_peak_acc": float(acc.max()), "probe_final_acc": float(acc.iloc[-1]),
+                "probe_drop_layer": drop, "probe_drop_depth": drop / n_layers}
     return out
 
 
@@ -186,13 +200,14 @@ def delimiter_sweep(model: Model, *, delimiters: Sequence[str] = tuple(DELIMITER
         te = extra["test_idx"]
         prompts = [extra["prompts"][i] for i in te]
         labels = (extra["counts"] - 1)[te]
-        panels.append(gap_panel(model, gt, progress=progress).assign(delimiter=label))
+        panel = gap_panel(model, gt, progress=progress)
+        panels.append(panel.assign(delimiter=label))
         curve = lens_gold_curve(model, gt.features[:, te], gt.axis_values, labels, extra["digit_ids"])
         sweep = mlp_sweep(model, prompts, labels, extra["digit_ids"], blocks=blocks, batch_size=batch_size)
         curves.append(curve.assign(delimiter=label))
         sweeps.append(sweep.assign(delimiter=label))
         summary.append({"delimiter": label, "n_test": len(te), "accuracy": extra["accuracy"],
-                        **overwrite_layers(curve, sweep, model.n_layers),
+                        **overwrite_layers(curve, sweep, model.n_layers, panel),
                         "paper_depth": f"{PAPER_OVERWRITE_DEPTH[0]:.0%}-{PAPER_OVERWRITE_DEPTH[1]:.0%}"})
     return (pd.concat(panels, ignore_index=True), pd.concat(curves, ignore_index=True),
             pd.concat(sweeps, ignore_index=True), pd.DataFrame(summary))

@@ -183,8 +183,8 @@ class GapResult:
         if not self.suppression.empty:
             figures["late_suppression"] = plots.suppression_figure(self.suppression)
         if not self.delimiter_curves.empty:
-            figures["delimiter_sweep"] = plots.delimiter_figure(self.delimiter_curves, self.delimiter_sweeps,
-                                                                self.delimiter_summary)
+            figures["delimiter_sweep"] = plots.delimiter_figure(self.delimiter_panel, self.delimiter_curves,
+                                                                self.delimiter_sweeps, self.delimiter_summary)
         if not self.soft_steps.empty:
             figures["soft_single_threaded"] = plots.soft_threads_figure(self.soft_steps, self.soft_summary)
         if not self.vip_curves.empty:
