@@ -200,3 +200,5 @@ def test_study_on_a_tiny_model_tables_figures_explorer(m, tmp_path, monkeypatch)
     assert shipped_tuned_lens(m, "none") is None
     with pytest.raises(ValueError, match="ablate_last"):
         run_gap_study(GapConfig(ablate_last=(m.n_layers + 1,)), model=m, progress=False)
+    with pytest.raises(ValueError, match="not a vision-language model"):  # before any forward of the text model
+        run_gap_study(GapConfig(vlms=("tiny",)), model=m, vlm_models={"tiny": tiny_model("gpt2")}, progress=False)

@@ -380,6 +380,6 @@ def gap_figure(panel: pd.DataFrame, *, facet: str = "task", title: str | None = 
         fig.update_xaxes(title_text=str(part["axis"].iloc[0]), row=2, col=c)
     fig.update_yaxes(title_text="accuracy / recovery", row=1, col=1)
     fig.update_yaxes(title_text="|cos|", row=2, col=1)
-    fig.update_layout(title=title or "Encoded vs expressed", height=560, width=max(640, 380 * len(keys) + 300),
-                      template="plotly_white")
+    fig.update_layout(title=title or "Encoded vs expressed", height=600, width=max(640, 380 * len(keys) + 300),
+                      template="plotly_white", margin={"t": 120})  # room for the title above two-line facet titles
     return fig

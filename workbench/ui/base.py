@@ -19,7 +19,8 @@ Caching
     current view.
 
 The explorers: :func:`workbench.ui.lens.lens_explorer`, :func:`workbench.studies.counting.explorer.probe_explorer`,
-:func:`workbench.studies.drift.explorer.latent_scrubber`, :func:`workbench.studies.visual.explorer.blur_explorer`.
+:func:`workbench.studies.drift.explorer.latent_scrubber`, :func:`workbench.studies.visual.explorer.blur_explorer`,
+:func:`workbench.studies.readout.explorer.patching_explorer`, :func:`workbench.studies.gap.explorer.gap_explorer`.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def delimiter_figure(panel: pd.DataFrame, curves: pd.DataFrame, sweeps: pd.DataF
     fig.update_xaxes(title_text="hidden-state layer", row=1, col=2)
     fig.update_xaxes(title_text="block + 1 (its output layer)", row=1, col=3)
     fig.update_layout(title=title or "Repeated-item counting: where the count is overwritten, by delimiter",
-                      width=1350)
+                      width=1350, margin={"t": 110})
     return apply_theme(fig)
 
 
@@ -88,7 +88,7 @@ def soft_threads_figure(steps: pd.DataFrame, summary: pd.DataFrame, *, title: st
             fig.add_scatter(x=sub.step, y=sub[col], name=name, legendgroup=tau, showlegend=c == 1,
                             line={"color": color}, row=1, col=c)
     fig.update_xaxes(title_text="latent step")
-    fig.update_layout(title=title or "Is Soft Thinking single-threaded?")
+    fig.update_layout(title=title or "Is Soft Thinking single-threaded?", width=1350, margin={"t": 110})
     return apply_theme(fig)
 
 

@@ -215,6 +215,13 @@ def run_gap_study(cfg: GapConfig | None = None, *, model: Model | None = None,
     layers = check_layers(cfg.layers, model.n_layers)  # checked before any forward
     tuned = shipped_tuned_lens(model, cfg.tuned_lens)
     vlm_models = dict(vlm_models or {})
+    for name in cfg.vlms:  # every VLM is loaded and checked before the first forward
+        vlm = vlm_models.get(name) or load_model(name)
+        if not getattr(vlm.arch, "is_vlm", False):
+            raise ValueError(f"vlms: {name!r} is not a vision-language model; the visual part needs one "
+                             f"(e.g. {list(TESTBEDS)})")
+        check_layers(cfg.layers, vlm.n_layers, name="layers (for the VLMs)")
+        vlm_models[name] = vlm
     timings: dict[str, float] = {}
     panels, accuracy, suppression = [], [], []
     parts = len(cfg.tasks) + 2 + len(cfg.latent_modes) + len(cfg.vlms)
@@ -267,7 +274,7 @@ def run_gap_study(cfg: GapConfig | None = None, *, model: Model | None = None,
     for name in cfg.vlms:  # 4. VLMs: panel + visual integration
         bar.set_postfix_str(name)
         t0 = time.perf_counter()
-        vlm = vlm_models.get(name) or load_model(name)
+        vlm = vlm_models[name]
         vlm_layers = check_layers(cfg.layers, vlm.n_layers)
         gt, extra = visual_task(vlm, n_train=cfg.n_vlm_train, n_items=cfg.n_vlm_items, seed=cfg.seed, layers=vlm_layers,
                                 n_pairs=cfg.n_pairs, min_pairs=cfg.min_pairs, batch_size=cfg.batch_size)
