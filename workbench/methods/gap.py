@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from workbench.core.models import Model
 from workbench.core.sites import layer_site
 from workbench.core.trace import trace
+from workbench.methods.patching import last_logits, last_position_only
 from workbench.methods.probes.base import standardise_stats
 from workbench.methods.probes.linear import fit_softmax_regression
 from workbench.methods.tuned_lens import TunedLens
@@ -136,17 +137,19 @@ def class_cosines(coef_raw: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _readout(model: Model, H: torch.Tensor, layer: int, ids: torch.Tensor, gold: torch.Tensor,
-             tuned: TunedLens | None, chunk: int = 256) -> tuple[float, float]:
-    """(share of rows whose gold class wins among the candidates, share whose gold token is the vocabulary's argmax)."""
-    restricted, top1 = 0, 0
+def lens_answers(model: Model, H: torch.Tensor, layer: int, candidate_ids: Sequence[int], *,
+                 tuned_lens: TunedLens | None = None, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lens's answer for residuals ``H`` [n, d] read at hidden-state ``layer`` (through ``tuned_lens`` when given):
+    (class index [n]: argmax over the candidate tokens, token id [n]: argmax over the vocabulary), on the CPU. At the
+    last layer the logit lens is the head, so these are the model's own answers."""
+    ids = torch.as_tensor(list(candidate_ids))
+    classes, tokens = [], []
     for s in range(0, H.shape[0], chunk):
         h = H[s: s + chunk].to(model.head_device, model.dtype)
-        z = (tuned.logits(model, h, layer) if tuned is not None else model.lens_logits(h)).float()
-        g = gold[s: s + chunk].to(z.device)
-        restricted += int((z[:, ids.to(z.device)].argmax(-1) == g).sum())
-        top1 += int((z.argmax(-1) == ids.to(z.device)[g]).sum())
-    return restricted / H.shape[0], top1 / H.shape[0]
+        z = (tuned_lens.logits(model, h, layer) if tuned_lens is not None else model.lens_logits(h)).float()
+        classes.append(z[:, ids.to(z.device)].argmax(-1).cpu())
+        tokens.append(z.argmax(-1).cpu())
+    return torch.cat(classes), torch.cat(tokens)
 
 
 def gap_panel(model: Model, task: GapTask, *, tuned_lens: TunedLens | None = None, C: float = 1.0,
@@ -192,9 +195,11 @@ def gap_panel(model: Model, task: GapTask, *, tuned_lens: TunedLens | None = Non
         row["probe_cos"] = float(class_cosines(coef / std, W_U[ids[present]]).mean())
         row["cos_random"] = random_baseline(d)
         H = task.features[s][te]
-        row["lens_acc"], row["lens_top1"] = _readout(model, H, task.read_layers[s], ids, gold_te, None)
-        if tuned_lens is not None:
-            row["tuned_acc"], row["tuned_top1"] = _readout(model, H, task.read_layers[s], ids, gold_te, tuned_lens)
+        for prefix, lens in (("lens", None), ("tuned", tuned_lens)):
+            if prefix == "lens" or lens is not None:
+                cls, tok = lens_answers(model, H, task.read_layers[s], task.candidate_ids, tuned_lens=lens)
+                row[f"{prefix}_acc"] = float((cls == gold_te).double().mean())
+                row[f"{prefix}_top1"] = float((tok == ids[gold_te]).double().mean())
         rows.append(row)
     frame = pd.DataFrame(rows)
     if task.patching is not None:
@@ -227,10 +232,6 @@ def make_pairs(labels: Sequence[int], right: Sequence[bool], *, n_pairs: int, se
     return pairs
 
 
-def _last_logits(model: Model, batch: dict) -> torch.Tensor:
-    return model.hf(**batch, logits_to_keep=1).logits[:, -1].float()
-
-
 # Families whose positions the model derives itself from the whole input (3-D M-RoPE): a last-token step on a cache
 # would need their rope deltas, so they take the full forward per layer.
 _FULL_FORWARD_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
@@ -241,7 +242,7 @@ def _prefix(model: Model, batch: dict):
     the last position changes nothing before it (causal attention), so each patched run only recomputes that token."""
     head = {k: (v[:, :-1] if k in ("input_ids", "attention_mask", "position_ids", "token_type_ids",
                                    "mm_token_type_ids") else v) for k, v in batch.items()}
-    out = model.hf(**head, use_cache=True, logits_to_keep=1)
+    out = model.hf(**head, use_cache=True, **last_position_only(model))
     step = {"input_ids": batch["input_ids"][:, -1:], "attention_mask": batch["attention_mask"]}
     if "position_ids" in batch:
         step["position_ids"] = batch["position_ids"][:, -1:]
@@ -292,12 +293,12 @@ def residual_patching(model: Model, clean: Sequence, corrupt: Sequence, answer_i
             return z[rows, a.to(z.device)] - z[rows, w.to(z.device)]
 
         with torch.no_grad(), trace(model, sites, positions=-1) as tc:
-            mc = metric(_last_logits(model, cb))
+            mc = metric(last_logits(model, cb).float())
         src = {site: tc[site] for site in sites}
         if method == "exact":
             cached = prefix_cache and model.arch.family not in _FULL_FORWARD_FAMILIES and xb["input_ids"].shape[1] > 1
             with torch.no_grad():
-                mx = metric(_last_logits(model, xb))
+                mx = metric(last_logits(model, xb).float())
                 if cached:
                     kv, step = _prefix(model, xb)
                 for v, site in zip(layer_list, sites, strict=True):
@@ -308,14 +309,13 @@ def residual_patching(model: Model, clean: Sequence, corrupt: Sequence, answer_i
                     with trace(model, edits={site: edit}):
                         if cached:
                             # a copy per layer: the step appends to the cache (and sliding-window caches cannot crop)
-                            z = model.hf(**step, past_key_values=copy.deepcopy(kv), use_cache=True,
-                                         logits_to_keep=1).logits[:, -1]
+                            z = last_logits(model, step, past_key_values=copy.deepcopy(kv), use_cache=True)
                         else:
-                            z = _last_logits(model, xb)
+                            z = last_logits(model, xb).float()
                     m_patch[v].append(metric(z.float()).cpu())
         else:
             with torch.no_grad(), trace(model, sites, positions=-1) as tx:
-                _last_logits(model, xb)
+                last_logits(model, xb).float()
             deltas = {}
 
             def add_delta(site):
@@ -328,7 +328,7 @@ def residual_patching(model: Model, clean: Sequence, corrupt: Sequence, answer_i
                 return edit
 
             with torch.enable_grad(), trace(model, edits={site: add_delta(site) for site in sites}):
-                mx_g = metric(_last_logits(model, xb))
+                mx_g = metric(last_logits(model, xb).float())
                 grads = torch.autograd.grad(mx_g.sum(), [deltas[site] for site in sites])
             mx = mx_g.detach()
             for v, site, g in zip(layer_list, sites, grads, strict=True):

@@ -158,7 +158,9 @@ def run_latent(model: Model, rs: ReasoningSet, cfg: LatentConfig | None = None, 
     """Run ``cfg.mode`` for ``cfg.n_steps`` on every item of ``rs``; see the module docstring.
 
     patch: ``{step index k (0-based): [len(rs), d] inputs}``: at step k every item is fed its row instead of what the
-    loop computed (activation patching along the latent axis; later steps follow from the patched input).
+    loop computed (activation patching along the latent axis; later steps follow from the patched input). The
+    step's record (``tokens``, ``mixture_entropy``, ``top_weight``) stays the loop's own, from before the patch;
+    ``inputs`` holds what was fed.
     """
     cfg = cfg or LatentConfig()
     if len(rs) == 0:

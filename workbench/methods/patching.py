@@ -190,11 +190,15 @@ def _slice(model: Model, head: int) -> slice:
     return slice(head * d_head, (head + 1) * d_head)
 
 
-def _last_logits(model: Model, enc: Mapping) -> torch.Tensor:
-    """Logits at the last position; the head runs on that position alone when the model supports it."""
-    if _keeps_logits(model.hf):
-        return model.hf(**enc, logits_to_keep=1).logits[:, -1]
-    return model.hf(**enc).logits[:, -1]
+def last_logits(model: Model, enc: Mapping, **kwargs) -> torch.Tensor:
+    """Logits at the last position of ``model.hf(**enc, **kwargs)``; the head runs on that position alone when the
+    model supports it (``logits_to_keep``)."""
+    return model.hf(**enc, **kwargs, **last_position_only(model)).logits[:, -1]
+
+
+def last_position_only(model: Model) -> dict:
+    """The forward keyword that makes the head run on the last position alone, where the model takes it."""
+    return {"logits_to_keep": 1} if _keeps_logits(model.hf) else {}
 
 
 def _keeps_logits(hf) -> bool:
@@ -249,9 +253,9 @@ def _rows(pair_idx: int, method: str, p: Pair, units: list[tuple], scores: Seque
 def _exact_pair(model: Model, p: Pair, units: list[tuple], fn, batch_size: int) -> tuple[list[float], float, float]:
     sites = sorted({site_of(st, layer) for st, layer, _, _ in units})
     with trace(model, sites) as tr:
-        clean_m = float(fn(_last_logits(model, p.clean), p.answer, p.wrong)[0])
+        clean_m = float(fn(last_logits(model, p.clean), p.answer, p.wrong)[0])
     clean = {s: tr[s] for s in sites}
-    corrupt_m = float(fn(_last_logits(model, p.corrupt), p.answer, p.wrong)[0])
+    corrupt_m = float(fn(last_logits(model, p.corrupt), p.answer, p.wrong)[0])
     scores: list[float] = []
     for start in range(0, len(units), batch_size):
         chunk = units[start : start + batch_size]
@@ -268,7 +272,7 @@ def _exact_pair(model: Model, p: Pair, units: list[tuple], fn, batch_size: int) 
             return lambda t: torch.where(mask.to(t.device), src.to(t.device, t.dtype), t)
 
         with trace(model, edits={s: edit_for(s) for s in masks}):
-            m = fn(_last_logits(model, _repeat(p.corrupt, n)), p.answer, p.wrong).float().cpu()
+            m = fn(last_logits(model, _repeat(p.corrupt, n)), p.answer, p.wrong).float().cpu()
         scores += (m[1:] - m[0]).tolist()
     return scores, clean_m, corrupt_m
 
@@ -276,7 +280,7 @@ def _exact_pair(model: Model, p: Pair, units: list[tuple], fn, batch_size: int) 
 def _attribution_pair(model: Model, p: Pair, units: list[tuple], fn, method: str, steps: int):
     sites = sorted({site_of(st, layer) for st, layer, _, _ in units})
     with torch.no_grad(), trace(model, [*sites, "hook_embed"]) as tr:
-        clean_m = float(fn(_last_logits(model, p.clean), p.answer, p.wrong)[0])
+        clean_m = float(fn(last_logits(model, p.clean), p.answer, p.wrong)[0])
     clean = {s: tr[s] for s in [*sites, "hook_embed"]}
     n = 1 if method == "atp" else steps
     alphas = (torch.arange(n, dtype=torch.float32) + 0.5) / n
@@ -291,14 +295,14 @@ def _attribution_pair(model: Model, p: Pair, units: list[tuple], fn, method: str
         return x
 
     with torch.enable_grad(), trace(model, sites, edits={"hook_embed": embed}, grads=True) as tg:
-        m = fn(_last_logits(model, _repeat(p.corrupt, n)), p.answer, p.wrong)
+        m = fn(last_logits(model, _repeat(p.corrupt, n)), p.answer, p.wrong)
         torch.autograd.grad(m.sum(), leaf)
     if method == "atp":
         corrupt_m = float(m[0].detach())
         corrupt = {s: tg[s] for s in sites}
     else:
         with torch.no_grad(), trace(model, sites) as tc:
-            corrupt_m = float(fn(_last_logits(model, p.corrupt), p.answer, p.wrong)[0])
+            corrupt_m = float(fn(last_logits(model, p.corrupt), p.answer, p.wrong)[0])
         corrupt = {s: tc[s] for s in sites}
     scores = []
     grads = {s: tg.grad(s).float().mean(0) for s in sites}  # [T, d]: averaged over the IG steps

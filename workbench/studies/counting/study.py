@@ -40,7 +40,6 @@ from workbench.data.tasks import (
     DEFAULT_ANSWER_PREFIX,
     TASKS,
     TaskSet,
-    check_single_token_answers,
     digit_token_ids,
     make_task,
     split,
@@ -192,14 +191,20 @@ def answer_setup(model: Model, task: str, probe_prompt: str) -> tuple[str, str]:
         raise
 
 
-def _make_sets(model: Model, task: str, seed: int, cfg: CountingConfig) -> tuple[TaskSet, TaskSet, TaskSet, list[int]]:
-    probe = make_task(task, 1, seed=seed)
+def answered_task(model: Model, task: str, n: int, *, seed: int, **options) -> tuple[TaskSet, list[int]]:
+    """``n`` prompts of counting ``task`` in the study's answer set-up (:func:`answer_setup`'s suffix appended, so the
+    next token is the answer) and the token ids of the answers 1..9, each checked to be one token as the continuation
+    of the first prompt. ``options`` go to :func:`workbench.data.tasks.make_task`."""
+    probe = make_task(task, 1, seed=seed, **options)
     suffix, prefix = answer_setup(model, task, probe.prompts[0])
-    ts = make_task(task, cfg.n_train + cfg.n_test, seed=seed, answer_prefix=prefix)
+    ts = make_task(task, n, seed=seed, answer_prefix=prefix, **options)
     if suffix:
         ts.prompts = [p + suffix for p in ts.prompts]
-    ids_by_answer = check_single_token_answers(model.tokenizer, ts)
-    digit_ids = [ids_by_answer[a] for a in ts.answer_strings()]
+    return ts, digit_token_ids(model.tokenizer, prefix, context=ts.prompts[0])
+
+
+def _make_sets(model: Model, task: str, seed: int, cfg: CountingConfig) -> tuple[TaskSet, TaskSet, TaskSet, list[int]]:
+    ts, digit_ids = answered_task(model, task, cfg.n_train + cfg.n_test, seed=seed)
     train, test = split(ts, [cfg.n_train, cfg.n_test], seed=seed)
     return ts, train, test, digit_ids
 

@@ -38,7 +38,7 @@ from workbench.data.vqa import VQAItem
 from workbench.methods.answering import vqa_inputs
 from workbench.methods.gap import gap_panel
 from workbench.methods.latent import LatentConfig, LatentRun, run_latent
-from workbench.methods.patching import site_of
+from workbench.methods.patching import last_logits, site_of
 from workbench.studies.drift.metrics import manifold_metrics
 from workbench.studies.gap.tasks import counting_task
 
@@ -61,7 +61,7 @@ def mlp_means(model: Model, prompts: Sequence[str], blocks: Sequence[int],
     for s, e in _batches(len(prompts), batch_size):
         enc = model.encode(prompts[s:e])
         with trace(model, list(sites)) as tr:
-            model.hf(**enc, logits_to_keep=1)
+            last_logits(model, enc)
         mask = enc["attention_mask"].bool()
         count += int(mask.sum())
         for site, b in sites.items():
@@ -79,9 +79,9 @@ def digit_readout(model: Model, prompts: Sequence[str], labels: np.ndarray, digi
         enc = model.encode(prompts[s:e])
         if edits:
             with trace(model, edits=dict(edits)):
-                z = model.hf(**enc, logits_to_keep=1).logits[:, -1].float().cpu()
+                z = last_logits(model, enc).float().cpu()
         else:
-            z = model.hf(**enc, logits_to_keep=1).logits[:, -1].float().cpu()
+            z = last_logits(model, enc).float().cpu()
         lp = torch.log_softmax(z[:, ids], -1)
         gold = torch.as_tensor(labels[s:e])
         correct.append(lp.argmax(-1) == gold)
@@ -283,9 +283,9 @@ def integration_curve(model, items: Sequence[VQAItem], *, batch_size: int = 16) 
         text_only = {"input_ids": text_ids.to(model.device), "attention_mask": mask.to(model.device),
                      "position_ids": ((mask.cumsum(-1) - 1).clamp(min=0)).to(model.device)}
         with trace(model, sites) as ti:
-            model.hf(**with_img, logits_to_keep=1)
+            last_logits(model, with_img)
         with trace(model, sites) as tt:
-            model.hf(**text_only, logits_to_keep=1)
+            last_logits(model, text_only)
         for v, site in enumerate(sites):
             hi, ht = ti[site].float(), tt[site].float()
             for i, q in enumerate(tails):

@@ -27,7 +27,6 @@ from workbench.core.models import DEFAULT_MODEL, Model, load_model
 from workbench.core.sites import check_layers
 from workbench.data.reasoning import MAX_HOPS, REASONING_TASKS, make_reasoning_task
 from workbench.data.tasks import TASKS
-from workbench.data.vqa import evaluation_set
 from workbench.io.figures import write_result_tables
 from workbench.methods.gap import gap_panel
 from workbench.methods.latent import MAX_STEPS, LatentConfig
@@ -40,7 +39,7 @@ from workbench.studies.gap.replications import (
     soft_thinking_threads,
     visual_integration,
 )
-from workbench.studies.gap.tasks import VISUAL_SPLITS, counting_task, latent_task, visual_task
+from workbench.studies.gap.tasks import counting_task, latent_task, visual_task
 from workbench.studies.notebook import NotebookConfig
 
 THREADS = ("counting", "latent", "visual")
@@ -282,9 +281,7 @@ def run_gap_study(cfg: GapConfig | None = None, *, model: Model | None = None,
                       .assign(thread="visual", model=vlm.name))
         for split, acc in extra["accuracy"].items():
             accuracy.append({"thread": "visual", "model": vlm.name, "task": f"colour/{split}", "accuracy": acc})
-        splits = evaluation_set(cfg.n_vlm_items, seed=cfg.seed)
-        curves, summary = visual_integration(vlm, {s: splits[s] for s in VISUAL_SPLITS},
-                                             batch_size=cfg.batch_size)
+        curves, summary = visual_integration(vlm, extra["splits"], batch_size=cfg.batch_size)
         vip_curves.append(curves.assign(model=vlm.name))
         vip_summary.append(summary.assign(model=vlm.name, says_red_violating=extra["says_red_violating"]))
         tick(f"visual_{name}", t0)

@@ -29,13 +29,13 @@ import torch
 from workbench.core.models import Model
 from workbench.core.sites import check_layers
 from workbench.data.reasoning import ReasoningSet
-from workbench.data.tasks import check_single_token_answers, make_task, split_indices
+from workbench.data.tasks import check_single_token_answers, split_indices
 from workbench.data.vqa import COLOURS, evaluation_set
 from workbench.methods.answering import candidate_token_ids, vqa_inputs
-from workbench.methods.gap import GapTask, make_pairs, residual_patching
+from workbench.methods.gap import GapTask, lens_answers, make_pairs, residual_patching
 from workbench.methods.latent import LatentConfig, LatentRun, run_latent
 from workbench.methods.probes.features import residual_features_many
-from workbench.studies.counting.study import answer_setup
+from workbench.studies.counting.study import answered_task
 from workbench.studies.visual.study import last_token_features, probe_training_items
 
 VISUAL_SPLITS = ("prior_violating", "prior_consistent", "colour")
@@ -45,33 +45,11 @@ def _stack(feats: dict[int, torch.Tensor], layers: Sequence[int]) -> torch.Tenso
     return torch.stack([feats[layer] for layer in layers])
 
 
-@torch.no_grad()
-def own_answers(model: Model, last: torch.Tensor, candidate_ids: Sequence[int], batch: int = 256) -> np.ndarray:
-    """The model's answer class per row from its last-layer residual (argmax over the candidates, the lens at the
-    last layer, which is the head itself)."""
-    ids = torch.tensor(list(candidate_ids))
-    out = []
-    for s in range(0, last.shape[0], batch):
-        z = model.lens_logits(last[s: s + batch].to(model.head_device, model.dtype)).float()
-        out.append(z[:, ids.to(z.device)].argmax(-1).cpu())
-    return torch.cat(out).numpy()
-
-
 def _pairs_and_method(labels, right, n_pairs: int, min_pairs: int, seed: int) -> tuple[list, str]:
     pairs = make_pairs(labels, right, n_pairs=n_pairs, seed=seed)
     if len(pairs) >= min_pairs:
         return pairs, "exact"
     return make_pairs(labels, np.ones(len(labels), bool), n_pairs=n_pairs, seed=seed, require_right=False), "atp"
-
-
-def counting_prompts(model: Model, task: str, n: int, seed: int, **options) -> tuple[list[str], np.ndarray, list[int]]:
-    """(prompts, counts, digit token ids for counts 1..9) with the counting study's answer set-up."""
-    probe = make_task(task, 1, seed=seed, **options)
-    suffix, prefix = answer_setup(model, task, probe.prompts[0])
-    ts = make_task(task, n, seed=seed, answer_prefix=prefix, **options)
-    prompts = [p + suffix for p in ts.prompts]
-    ids = check_single_token_answers(model.tokenizer, [f"{prefix}{c}" for c in range(1, 10)])
-    return prompts, np.asarray(ts.counts), [ids[f"{prefix}{c}"] for c in range(1, 10)]
 
 
 def counting_task(model: Model, task: str, *, n: int, n_train: int, seed: int = 0, layers=None, n_pairs: int = 32,
@@ -83,11 +61,12 @@ def counting_task(model: Model, task: str, *, n: int, n_train: int, seed: int = 
     layer_list = check_layers(layers, model.n_layers)
     if model.n_layers not in layer_list:
         layer_list = [*layer_list, model.n_layers]  # the last layer decides which rows the model answers right
-    prompts, counts, digit_ids = counting_prompts(model, task, n, seed, **options)
+    ts, digit_ids = answered_task(model, task, n, seed=seed, **options)
+    prompts, counts = ts.prompts, np.asarray(ts.counts)
     tr, te = split_indices(counts, [n_train, n - n_train], seed=seed, groups=prompts)[:2]
     feats = residual_features_many(model, prompts, layer_list, {"last": "last"}, batch_size=batch_size)["last"]
     labels = counts - 1
-    pred = own_answers(model, feats[model.n_layers], digit_ids)
+    pred = lens_answers(model, feats[model.n_layers], model.n_layers, digit_ids)[0].numpy()  # the model's answer
     right = pred == labels
     patching = None
     if patch:
@@ -119,7 +98,7 @@ def visual_task(model: Model, *, n_train: int, n_items: int, seed: int = 0, laye
     classes = list(COLOURS)
     ids = candidate_token_ids(model.processor.tokenizer, classes)
     labels = np.array([classes.index(it.answer) for it in items])
-    pred = own_answers(model, feats[model.n_layers], ids)
+    pred = lens_answers(model, feats[model.n_layers], model.n_layers, ids)[0].numpy()  # the model's answer
     right = pred == labels
     tr, te = np.arange(len(train)), np.arange(len(train), len(items))
     patching = None
@@ -136,7 +115,8 @@ def visual_task(model: Model, *, n_train: int, n_items: int, seed: int = 0, laye
     gt = GapTask(name="colour", features=_stack(feats, layer_list), labels=labels, classes=classes,
                  candidate_ids=ids, train_idx=tr, test_idx=te, axis_values=layer_list, patching=patching)
     by_split = pd.DataFrame({"split": split_of, "right": right[te], "says": [classes[p] for p in pred[te]]})
-    extra = {"items": items, "test_split": split_of, "accuracy": by_split.groupby("split").right.mean().to_dict(),
+    extra = {"splits": {name: splits[name] for name in VISUAL_SPLITS},
+             "accuracy": by_split.groupby("split").right.mean().to_dict(),
              "says_red_violating": float((by_split[by_split.split == "prior_violating"].says == "red").mean())
              if "prior_violating" in split_of else math.nan}
     return gt, extra

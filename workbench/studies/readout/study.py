@@ -25,7 +25,7 @@ import plotly.graph_objects as go
 
 from workbench.core.models import DEFAULT_MODEL, Model, load_model
 from workbench.data.ioi import make_ioi_pairs
-from workbench.data.tasks import TASKS, digit_token_ids, make_task
+from workbench.data.tasks import TASKS
 from workbench.io.figures import apply_theme
 from workbench.io.provenance import model_info
 from workbench.methods.lens import logit_lens
@@ -47,7 +47,7 @@ from workbench.methods.tuned_lens import (
     train_tuned_lens,
     tuned_lens_dir,
 )
-from workbench.studies.counting.study import answer_setup
+from workbench.studies.counting.study import answered_task
 from workbench.studies.notebook import NotebookConfig, checkout_root
 
 LENS_SOURCES = ("auto", "shipped", "train")
@@ -166,14 +166,12 @@ def get_tuned_lens(model: Model, cfg: ReadoutConfig, progress: bool = True) -> t
 
 def counting_by_layer(model: Model, lens: TunedLens | None, task: str, n: int, seed: int) -> pd.DataFrame:
     """Per layer, on ``n`` counting prompts at the last position, among the nine digit tokens, with the counting
-    study's answer set-up (:func:`workbench.studies.counting.study.answer_setup`: a tokenizer that splits the space
+    study's answer set-up (:func:`workbench.studies.counting.study.answered_task`: a tokenizer that splits the space
     from the digit gets the space at the end of the prompt, so the next token is the digit): the share of prompts whose gold count has the highest digit logit
     (``digit_accuracy``), the gold digit's probability renormalised over the digits (``gold_prob_digits``), and
     the gold digit's full-vocabulary rank (median)."""
-    suffix, prefix = answer_setup(model, task, make_task(task, 1, seed=seed).prompts[0])
-    ts = make_task(task, n, seed=seed, answer_prefix=prefix)
-    prompts = [p + suffix for p in ts.prompts]  # as the counting study: the next token is the digit itself
-    digits = digit_token_ids(model.tokenizer, prefix, context=prompts[0])
+    ts, digits = answered_task(model, task, n, seed=seed)  # as the counting study: the next token is the digit
+    prompts = ts.prompts
     frame = logit_lens(model, prompts, top_k=0, targets=[digits] * len(ts), lens=lens)
     logits = frame.pivot_table(index=["prompt_idx", "layer"], columns="token_id", values="logit")[digits]
     ranks = frame.pivot_table(index=["prompt_idx", "layer"], columns="token_id", values="rank")[digits]
