@@ -270,7 +270,8 @@ def write_feature_report(model, handle: SAEHandle, scan: FeatureScan, features: 
 
 # -- counting link ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def _last_token_site(model, site: str, prompts: Sequence[str], batch_size: int = 64) -> Tensor:
+def last_token_acts(model, site: str, prompts: Sequence[str], batch_size: int = 64) -> Tensor:
+    """[n, d] float32 activations of ``site`` at the last token of each prompt (left-padded batches)."""
     xs = []
     for s in range(0, len(prompts), batch_size):
         enc = model.encode(list(prompts[s : s + batch_size]))
@@ -295,7 +296,7 @@ def count_features(model, handle: SAEHandle, task: str = "entity", *, n: int = 4
     split) on the SAE code, on the top-``top`` features only, and on the raw residual."""
 
     ts = make_task(task, n, seed=seed)
-    x = _last_token_site(model, handle.site, ts.prompts)
+    x = last_token_acts(model, handle.site, ts.prompts)
     codes = handle.encode(x.to(handle.sae.W_enc.device)).float().cpu()
     y = ts.counts.astype(np.float64)
     c = codes.double().numpy()

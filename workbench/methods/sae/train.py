@@ -58,6 +58,7 @@ CARD_FORMAT = "workbench.sae_card/1"
 # sae-lens folds BatchTopK's learned threshold into a JumpReLU SAE, so a "batchtopk" card loads as "jumprelu".
 ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk", "jumprelu", "gated", "standard")
 _K_FAMILY = ("topk", "batchtopk", "matryoshka_batchtopk")
+B_DEC_INITS = ("zeros", "mean")
 DENSE_FREQ = 0.1  # a feature firing on more than 10 % of tokens is "dense" (SAELens dashboards use the same cut)
 
 
@@ -93,6 +94,11 @@ class SAETrainConfig:
     holdout_shards: int = 1  # last store shards kept out of training, for held-out FVU / L0
     n_batches_for_norm_estimate: int = 20  # sae-lens's default 1000 costs minutes on CPU
     dead_feature_window: int = 200  # steps without firing before TopK's auxiliary loss treats a feature as dead
+    # Where the decoder bias starts. sae-lens starts it at zero, so at step 0 every token's pre-activations share
+    # the residual stream's large mean direction and the same few latents win TopK for every token; the rest never
+    # fire, get no gradient, and stay dead. "mean": the mean of the training activations (in the scaled space the
+    # SAE sees), as EleutherAI's sparsify does; the latents then compete on what varies between tokens.
+    b_dec_init: str = "zeros"
 
     def validate(self) -> None:
         if self.architecture not in ARCHITECTURES:
@@ -121,6 +127,8 @@ class SAETrainConfig:
             raise SAEError(f"matryoshka_widths must be strictly increasing positive ints, got {widths!r}")
         if widths and self.architecture != "matryoshka_batchtopk":
             raise SAEError(f"matryoshka_widths is for architecture='matryoshka_batchtopk', not {self.architecture!r}")
+        if self.b_dec_init not in B_DEC_INITS:
+            raise SAEError(f"b_dec_init must be one of {list(B_DEC_INITS)}, got {self.b_dec_init!r}")
         allowed = ("none", "expected_average_only_in")
         if self.normalize_activations not in allowed:
             raise SAEError(f"normalize_activations must be one of {list(allowed)}, got {self.normalize_activations!r}")
@@ -293,6 +301,31 @@ def _training_sae(cfg: SAETrainConfig, d_in: int, metadata: dict):
         l1_coefficient=cfg.l1_coefficient, l1_warm_up_steps=cfg.l1_warm_up_steps, **common))
 
 
+@torch.no_grad()
+def _init_b_dec_to_mean(trainer, store: ActivationStore, site: str, cfg: SAETrainConfig,
+                        train_shards: list[int]) -> None:
+    """Set the SAE's decoder bias to the mean training activation, in the space the SAE is trained in.
+
+    The scaling factor is estimated here, on the same number of batches as sae-lens would use, and handed to the
+    trainer (``fit`` keeps a factor that is already set), so the bias and the trainer agree on the scale. The
+    batches come from a second stream with its own seed: the training stream is left untouched."""
+    sae = trainer.sae
+    n = cfg.n_batches_for_norm_estimate
+    stream = activation_batches(store, site, cfg.batch_size, shards=train_shards, seed=cfg.seed + 7_919)
+    batches = [next(stream) for _ in range(n)]
+    total = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
+    for b in batches:
+        total += b.double().sum(0)
+    mean = total / (n * cfg.batch_size)
+    if cfg.normalize_activations == "expected_average_only_in":
+        trainer.activation_scaler.estimate_scaling_factor(d_in=sae.cfg.d_in, data_provider=iter(batches),
+                                                          n_batches_for_norm_estimate=n)
+        mean = mean * trainer.activation_scaler.scaling_factor
+    if not torch.isfinite(mean).all():
+        raise SAEError(f"the mean activation of {site!r} is not finite: the store holds inf or nan")
+    sae.b_dec.data.copy_(mean.to(sae.b_dec.dtype))
+
+
 def train_sae(
     store: ActivationStore | str | os.PathLike,
     site: str,
@@ -349,6 +382,8 @@ def train_sae(
     if cfg.lr_decay_steps:
         trainer_cfg.lr_end = cfg.lr / 10
     trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=provider)
+    if cfg.b_dec_init == "mean":
+        _init_b_dec_to_mean(trainer, store, site, cfg, train_shards)
     t0 = time.perf_counter()
     trained = trainer.fit()  # sae-lens's tqdm bar (tokens)
     train_seconds = time.perf_counter() - t0
@@ -559,9 +594,19 @@ def splice_sae(model, handle: SAEHandle, *, error_term: bool = False, positions=
     return trace(model, edits={handle.site: _sae_edit(handle, error_term, index)})
 
 
-def zero_ablate(model, site: str):
-    """Context manager: the site's output replaced by zeros (the reference point of CE loss recovered)."""
-    return trace(model, edits={site: lambda t: torch.zeros_like(t)})
+def zero_ablate(model, site: str, *, positions=None):
+    """Context manager: the site's output replaced by zeros (the reference point of CE loss recovered); ``positions``
+    as in :func:`splice_sae`."""
+    if positions is None:
+        return trace(model, edits={site: lambda t: torch.zeros_like(t)})
+    index = seq_index(positions)
+
+    def edit(t: Tensor) -> Tensor:
+        out = t.clone()
+        out[:, index] = 0
+        return out
+
+    return trace(model, edits={site: edit})
 
 
 # -- evaluation on live forwards ------------------------------------------------------------------------------------
@@ -585,7 +630,134 @@ def corpus_token_windows(model, corpus: Corpus | Sequence[str], n_tokens: int, c
     return ids
 
 
+@dataclass
+class CoreData:
+    """What the core metrics of every SAE on one site are measured against, computed once: fresh corpus windows,
+    the site's activations on them (position 0 left out, as in training), and the clean and zero-ablated
+    next-token cross-entropies (mean over predicted tokens, position 0's prediction included)."""
+
+    site: str
+    ids: Tensor  # [n_windows, context_length] BOS + stream tokens
+    acts: Tensor  # [n_tokens, d] float32, position 0 of each window left out
+    ce_clean: float
+    ce_zero_ablation: float
+    batch_size: int
+    # the first position the SAE (and the zero-ablation) replaces. 1: position 0, the BOS attention sink, keeps its
+    # clean residual, as it is left out of training and of FVU (its norm is tens of times the others'; an SAE never
+    # trained on it breaks the sink and every later position with it). 0: every position, the protocol before
+    # issue 17.
+    first_position: int = 1
+    n_ce_windows: int | None = None  # the first windows carry the cross-entropies (None: all of them)
+
+    @property
+    def ce_ids(self) -> Tensor:
+        return self.ids if self.n_ce_windows is None else self.ids[: self.n_ce_windows]
+
+    @property
+    def n_pred(self) -> int:
+        return self.ce_ids.shape[0] * (self.ids.shape[1] - 1)
+
+
+def _skip(corpus: Corpus | Sequence[str], skip_documents: int) -> Corpus | Sequence[str]:
+    if not skip_documents:
+        return corpus
+    base = corpus.documents if isinstance(corpus, Corpus) else (lambda: iter(corpus))
+
+    def rest():
+        for i, d in enumerate(base()):
+            if i >= skip_documents:
+                yield d
+
+    return Corpus(rest)
+
+
+def _ce_sum(logits: Tensor, batch: Tensor) -> float:
+    targets = batch[:, 1:].reshape(-1)
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets,
+                                                   reduction="sum"))
+
+
 @torch.no_grad()
+def core_data(model, site: str, corpus: Corpus | Sequence[str], *, n_tokens: int = 32_768, context_length: int = 128,
+              batch_size: int = 8, skip_documents: int = 0, first_position: int = 1, ce_tokens: int | None = None,
+              progress: bool = True) -> CoreData:
+    """The shared part of the core metrics (see :class:`CoreData`): two forwards per batch, whatever the number of
+    SAEs evaluated on it afterwards. ``skip_documents`` skips the first documents of ``corpus``. ``ce_tokens``: the
+    cross-entropies (clean, zero-ablated, and each SAE's spliced forward) use only the first windows holding that many
+    tokens, while FVU, L0 and dead / dense latents use all ``n_tokens`` (collected by forwards stopped at the site,
+    without the unembedding)."""
+    if first_position not in (0, 1):
+        raise SAEError(f"first_position must be 0 (splice every position) or 1 (keep position 0, the BOS, clean), "
+                       f"got {first_position!r}")
+    if ce_tokens is not None and (isinstance(ce_tokens, bool) or not isinstance(ce_tokens, int) or ce_tokens < 1):
+        raise SAEError(f"ce_tokens must be a positive int or None, got {ce_tokens!r}")
+    ids = corpus_token_windows(model, _skip(corpus, skip_documents), n_tokens, context_length)
+    n_ce = len(ids) if ce_tokens is None else min(len(ids), math.ceil(ce_tokens / (ids.shape[1] - 1)))
+    ce_clean = ce_zero = 0.0
+    xs = []
+    for s in tqdm(range(0, len(ids), batch_size), desc=f"clean and zero-ablated {site}", unit="batch",
+                  disable=not progress):
+        batch = ids[s : min(s + batch_size, n_ce) if s < n_ce else s + batch_size].to(model.device)
+        if s < n_ce:
+            with trace(model, site) as tr:
+                ce_clean += _ce_sum(model.hf(input_ids=batch).logits, batch)
+            with zero_ablate(model, site, positions=_spliced(first_position)):
+                ce_zero += _ce_sum(model.hf(input_ids=batch).logits, batch)
+        else:
+            with trace(model, site, stop=True) as tr:
+                model.hf(input_ids=batch)
+        xs.append(tr[site][:, 1:].reshape(-1, tr[site].shape[-1]).float().cpu())
+        if s < n_ce < s + batch_size and n_ce < len(ids):  # the rest of this batch holds no CE windows
+            rest = ids[n_ce : s + batch_size].to(model.device)
+            with trace(model, site, stop=True) as tr:
+                model.hf(input_ids=rest)
+            xs.append(tr[site][:, 1:].reshape(-1, tr[site].shape[-1]).float().cpu())
+    n_pred = n_ce * (ids.shape[1] - 1)
+    return CoreData(site, ids, torch.cat(xs), ce_clean / n_pred, ce_zero / n_pred, batch_size, first_position,
+                    None if n_ce == len(ids) else n_ce)
+
+
+def _spliced(first_position: int):
+    return None if first_position == 0 else slice(first_position, None)
+
+
+@torch.no_grad()
+def core_metrics(model, handle: SAEHandle, data: CoreData, *, error_term: bool = False,
+                 progress: bool = True) -> dict:
+    """FVU, L0, dead / dense features and CE loss recovered of ``handle`` on ``data``: one spliced forward per batch
+    (two with ``error_term``, which also checks that the SAE plus its error term leaves the logits as they were)."""
+    if handle.site != data.site:
+        raise SAEError(f"the SAE reads {handle.site!r} but the data were taken at {data.site!r}")
+    ce_sae = ce_err = 0.0
+    max_diff = 0.0
+    ids = data.ce_ids
+    for s in tqdm(range(0, len(ids), data.batch_size), desc=f"evaluate {handle.site}", unit="batch",
+                  disable=not progress):
+        batch = ids[s : s + data.batch_size].to(model.device)
+        with splice_sae(model, handle, positions=_spliced(data.first_position)):
+            ce_sae += _ce_sum(model.hf(input_ids=batch).logits, batch)
+        if error_term:
+            clean = model.hf(input_ids=batch).logits
+            with splice_sae(model, handle, error_term=True, positions=_spliced(data.first_position)):
+                err_logits = model.hf(input_ids=batch).logits
+            ce_err += _ce_sum(err_logits, batch)
+            max_diff = max(max_diff, float((err_logits - clean).abs().max()))
+    rec = reconstruction_metrics(handle, data.acts)
+    freq = rec.pop("feature_freq")
+    ce = {"clean": data.ce_clean, "sae": ce_sae / data.n_pred}
+    if error_term:
+        ce["sae_with_error"] = ce_err / data.n_pred
+    ce["zero_ablation"] = data.ce_zero_ablation
+    denom = data.ce_zero_ablation - data.ce_clean
+    out = {**rec, **{f"ce_{k}": v for k, v in ce.items()},
+           "ce_loss_recovered": (data.ce_zero_ablation - ce["sae"]) / denom if denom > 0 else float("nan")}
+    if error_term:
+        out["max_logit_diff_error_term"] = max_diff
+    return out | {"n_windows": len(data.ids), "n_ce_windows": len(ids), "context_length": ids.shape[1],
+                  "first_position": data.first_position,
+                  "feature_freq": freq}
+
+
 def evaluate_sae(
     model,
     handle: SAEHandle,
@@ -595,6 +767,7 @@ def evaluate_sae(
     context_length: int = 128,
     batch_size: int = 8,
     skip_documents: int = 0,
+    first_position: int = 1,
     progress: bool = True,
 ) -> dict:
     """Reconstruction and downstream metrics of ``handle`` on fresh windows of ``corpus`` (BOS + stream tokens).
@@ -603,54 +776,11 @@ def evaluate_sae(
     (mean over predicted tokens, position 0's prediction included) of the clean model, with the SAE spliced in at
     every position, with the SAE + error term (must equal clean), and with the site zero-ablated, plus
     ``ce_loss_recovered = (ce_zero - ce_sae) / (ce_zero - ce_clean)``. ``skip_documents`` skips the first
-    documents (to evaluate on text the training store did not see). ``progress``: a tqdm bar over the windows.
+    documents (to evaluate on text the training store did not see). ``first_position``: 1 keeps position 0 (the BOS
+    attention sink, never trained on) clean in the spliced and zero-ablated forwards; 0 replaces every position.
+    ``progress``: a tqdm bar over the windows. :func:`core_data` + :func:`core_metrics`, for one SAE.
     """
-    if skip_documents:
-        base = corpus.documents if isinstance(corpus, Corpus) else (lambda: iter(corpus))
-
-        def rest():
-            for i, d in enumerate(base()):
-                if i >= skip_documents:
-                    yield d
-
-        corpus = Corpus(rest)
-    ids = corpus_token_windows(model, corpus, n_tokens, context_length)
-    device = model.device
-    ce = {"clean": 0.0, "sae": 0.0, "sae_with_error": 0.0, "zero_ablation": 0.0}
-    max_logit_diff_error_term = 0.0
-    xs = []
-    n_pred = 0
-    loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
-    for s in tqdm(range(0, len(ids), batch_size), desc=f"evaluate {handle.site}", unit="batch", disable=not progress):
-        batch = ids[s : s + batch_size].to(device)
-        targets = batch[:, 1:].reshape(-1)
-
-        def ce_of(logits):
-            return float(loss_fn(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets))
-
-        with trace(model, handle.site) as tr:
-            clean = model.hf(input_ids=batch).logits
-        xs.append(tr[handle.site][:, 1:].reshape(-1, handle.d_in).float().cpu())
-        ce["clean"] += ce_of(clean)
-        with splice_sae(model, handle):
-            ce["sae"] += ce_of(model.hf(input_ids=batch).logits)
-        with splice_sae(model, handle, error_term=True):
-            err_logits = model.hf(input_ids=batch).logits
-        ce["sae_with_error"] += ce_of(err_logits)
-        max_logit_diff_error_term = max(max_logit_diff_error_term, float((err_logits - clean).abs().max()))
-        with zero_ablate(model, handle.site):
-            ce["zero_ablation"] += ce_of(model.hf(input_ids=batch).logits)
-        n_pred += targets.numel()
-    ce = {k: v / n_pred for k, v in ce.items()}
-    rec = reconstruction_metrics(handle, torch.cat(xs))
-    freq = rec.pop("feature_freq")
-    denom = ce["zero_ablation"] - ce["clean"]
-    return {
-        **rec,
-        **{f"ce_{k}": v for k, v in ce.items()},
-        "ce_loss_recovered": (ce["zero_ablation"] - ce["sae"]) / denom if denom > 0 else float("nan"),
-        "max_logit_diff_error_term": max_logit_diff_error_term,
-        "n_windows": len(ids),
-        "context_length": ids.shape[1],
-        "feature_freq": freq,
-    }
+    data = core_data(model, handle.site, corpus, n_tokens=n_tokens, context_length=context_length,
+                     batch_size=batch_size, skip_documents=skip_documents, first_position=first_position,
+                     progress=progress)
+    return core_metrics(model, handle, data, error_term=True, progress=progress)
