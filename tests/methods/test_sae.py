@@ -321,7 +321,8 @@ def test_the_study_runs_end_to_end_on_a_tiny_model(model, tmp_path):
     train_sae(harvest(model, Corpus(DOCS), SITE, tmp_path / "st", context_length=32, shard_tokens=2048,
                       progress=False), SITE, SAETrainConfig(**SMALL), model=model, out_dir=folder)
     cfg = SAEStudyConfig.smoke_config(model="tiny", site=SITE, sae=str(folder), corpus=str(corpus), features=(0, 1),
-                                      eval_skip_documents=0)
+                                      eval_skip_documents=0, bench_architectures=())  # the bench: test_sae_bench
+    assert cfg.bench is None
     result = run_sae_study(cfg, model=model)
     paths = save_sae_result(result, tmp_path / "out")
     assert paths["report"].is_file() and (tmp_path / "out" / "metrics.csv").is_file()
@@ -331,6 +332,9 @@ def test_the_study_runs_end_to_end_on_a_tiny_model(model, tmp_path):
         SAEStudyConfig(sae="no/such/folder")
     with pytest.raises(ValueError, match="unknown counting task"):
         SAEStudyConfig(count_tasks=("nope",))
+    with pytest.raises(SAEError, match="architectures must be"):
+        SAEStudyConfig(bench_architectures=("topk", "nope"))
+    assert SAEStudyConfig(site=SITE).bench.site == SITE  # the comparison runs on the study's site
 
 
 def test_handle_checks_the_site_width_at_splice_time(model):

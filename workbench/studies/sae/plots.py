@@ -86,4 +86,41 @@ def sae_feature_histograms(scan, features: Sequence[int], *, title: str | None =
     return apply_theme(fig)
 
 
+BENCH_PANELS = {  # metric -> panel title (higher is better unless the title says otherwise)
+    "fvu": "FVU (lower is better)", "ce_loss_recovered": "CE loss recovered", "dead_frac": "dead fraction (lower)",
+    "l0": "L0", "absorption_fraction": "absorption fraction (lower)", "full_absorption": "full absorption (lower)",
+    "sparse_acc_k1": "sparse probing, k = 1", "sparse_acc_k5": "sparse probing, k = 5",
+    "best_cos_mean": "stability: best-match cos",
+}
+
+
+def sae_bench(runs: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+    """One panel per metric: each seed's SAE as a small dot and the mean over seeds with +-1 std, per architecture;
+    the full-residual probe's accuracy as a dotted line in the sparse-probing panels."""
+    check_frame(runs, ("architecture", "seed", "fvu", "l0", "dead_frac", "ce_loss_recovered"), "sae_bench")
+    panels = {m: t for m, t in BENCH_PANELS.items() if m in runs.columns and runs[m].notna().any()}
+    cols = 3
+    rows = -(-len(panels) // cols)
+    archs = list(dict.fromkeys(runs.architecture))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(panels.values()), vertical_spacing=0.12)
+    for i, metric in enumerate(panels):
+        r, c = i // cols + 1, i % cols + 1
+        g = runs.groupby("architecture", sort=False)[metric]
+        mean, std = g.mean().reindex(archs), g.std(ddof=1).reindex(archs).fillna(0)
+        fig.add_trace(go.Scatter(x=runs.architecture, y=runs[metric], mode="markers", showlegend=False,
+                                 marker=dict(size=5, color="#999"), hovertext=[f"seed {s}" for s in runs.seed]),
+                      row=r, col=c)
+        fig.add_trace(go.Scatter(x=archs, y=mean, mode="markers", showlegend=False,
+                                 marker=dict(size=10, color=PAPER_COLORWAY[0], symbol="diamond"),
+                                 error_y=dict(type="data", array=std, visible=True)), row=r, col=c)
+        if metric.startswith("sparse_acc") and "residual_acc" in runs:
+            fig.add_hline(y=float(runs.residual_acc.mean()), line_dash="dot", line_color="#666", row=r, col=c)
+        fig.update_xaxes(type="category", tickangle=30, row=r, col=c)
+    n_seeds = runs.groupby("architecture").size()
+    seeds = f"{n_seeds.min()}" if n_seeds.min() == n_seeds.max() else f"{n_seeds.min()}-{n_seeds.max()}"
+    fig.update_layout(title=title or f"SAE architectures compared (mean +- std over {seeds} seeds; dots: seeds)",
+                      height=300 * rows + 80, margin=dict(t=110))
+    return apply_theme(fig)
+
+
 # -- visual-ignorance routing ------------------------------------------------------------------------------------

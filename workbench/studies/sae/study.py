@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -33,9 +33,19 @@ from workbench.io.atomic import atomic_write_text
 from workbench.io.figures import write_result_tables
 from workbench.io.paths import cache_root, model_key, repo_root, safe_segment
 from workbench.methods.sae import features as sf
-from workbench.methods.sae.train import SAEError, SAEHandle, SAETrainConfig, evaluate_sae, load_sae, save_sae, train_sae
+from workbench.methods.sae.train import (
+    ARCHITECTURES,
+    SAEError,
+    SAEHandle,
+    SAETrainConfig,
+    evaluate_sae,
+    load_sae,
+    save_sae,
+    train_sae,
+)
 from workbench.studies.notebook import NotebookConfig
 from workbench.studies.sae import plots
+from workbench.studies.sae.bench import BenchConfig, BenchResult, run_bench
 
 REPO = repo_root()
 SAES_DIR = REPO / "saes"
@@ -55,23 +65,30 @@ class SAESpec:
     shipped: bool  # committed under saes/ (<= 20 MB) or built into the user cache on demand
 
 
+# The shipped recipe (issue 17). TopK 8x, k 32, and three changes against dead latents:
+# - the decoder bias starts at the data mean (sae-lens starts it at zero: every token then shares the residual's mean
+#   direction and the same few latents win TopK everywhere);
+# - TopK's auxiliary-k loss weighs 8 (sae-lens's default 1 left ~1,660 of 4,608 latents silent on 34k fresh tokens
+#   after 300k training tokens; 8 left 533 at a small FVU cost),
+# - on latents silent for 8 steps (16k tokens, under the 34k tokens the evaluation counts dead latents on);
+# and the learning rate decays linearly to a tenth over the last tenth of training. 1.5M tokens (1.3 passes over the
+# store's 1.13M training tokens), ~17 minutes per SAE on 2 cores.
+RECIPE = dict(architecture="topk", k=32, batch_size=2048, b_dec_init="mean", dead_feature_window=8,
+              aux_loss_coefficient=8.0, total_tokens=1_500_000, lr_decay_steps=73)
 SPECS = {
     # Shipped: 8x, stored as float16 (4,608 x 576 x 2 matrices = 10.6 MB each); the 16x one is 42 MB in float32.
-    "middle-topk-8x": SAESpec(MIDDLE_SITE, "topk-8x-k32",
-                              SAETrainConfig(architecture="topk", expansion=8, k=32, total_tokens=1_500_000,
-                                             batch_size=2048), shipped=True),
-    "counting-topk-8x": SAESpec(COUNTING_SITE, "topk-8x-k32",
-                                SAETrainConfig(architecture="topk", expansion=8, k=32, total_tokens=1_500_000,
-                                               batch_size=2048), shipped=True),
-    # The performance target: TopK, 16x, middle layer, within 30 minutes of training on 2 cores (~1,000 tokens/s
-    # on 2 cores: 1.7M tokens, 1.5 passes over the store's 1.13M training tokens).
+    "middle-topk-8x": SAESpec(MIDDLE_SITE, "topk-8x-k32", SAETrainConfig(expansion=8, **RECIPE), shipped=True),
+    "counting-topk-8x": SAESpec(COUNTING_SITE, "topk-8x-k32", SAETrainConfig(expansion=8, **RECIPE), shipped=True),
+    # TopK 16x at the middle layer, the same recipe on 1.7M tokens (~1,000 tokens/s on 2 cores: 30 minutes).
     "middle-topk-16x": SAESpec(MIDDLE_SITE, "topk-16x-k32",
-                               SAETrainConfig(architecture="topk", expansion=16, k=32, total_tokens=1_700_000,
-                                              batch_size=2048), shipped=False),
+                               SAETrainConfig(expansion=16, **(RECIPE | dict(total_tokens=1_700_000,
+                                                                              lr_decay_steps=83))),
+                               shipped=False),
     # The standard (ReLU + L1) architecture, for comparison.
     "middle-standard-8x": SAESpec(MIDDLE_SITE, "standard-8x",
                                   SAETrainConfig(architecture="standard", expansion=8, l1_coefficient=5.0,
-                                                 total_tokens=600_000, batch_size=2048), shipped=False),
+                                                 total_tokens=600_000, batch_size=2048, b_dec_init="mean"),
+                                  shipped=False),
 }
 
 
@@ -126,7 +143,8 @@ class SAEStudyConfig(NotebookConfig):
     # notebook 05's parameters -> fields (see workbench.studies.notebook); a smoke run sizes the last three itself
     NOTEBOOK = {"model": "model", "site": "site", "sae": "sae", "features": "features", "seed": "seed",
                 "n_eval_tokens": "n_eval_tokens", "n_scan_tokens": "n_scan_tokens",
-                "n_count_prompts": "n_count_prompts"}
+                "n_count_prompts": "n_count_prompts", "bench_architectures": "bench_architectures",
+                "bench_seeds": "bench_seeds", "bench_testbed": "bench_testbed"}
     SMOKE_SIZED = ("n_eval_tokens", "n_scan_tokens", "n_count_prompts")
 
     model: str = DEFAULT_MODEL
@@ -137,6 +155,9 @@ class SAEStudyConfig(NotebookConfig):
     n_eval_tokens: int = 32_768  # fresh corpus text for FVU / L0 / CE (after EVAL_SKIP_DOCUMENTS documents)
     n_scan_tokens: int = 65_536  # text scanned for top contexts and densities
     eval_skip_documents: int = EVAL_SKIP_DOCUMENTS  # evaluate on documents the training store never saw
+    # 1: the SAE and the zero-ablation replace positions 1.. and the BOS keeps its clean residual (it is never trained
+    # on); 0: every position (the protocol before issue 17; see methods.sae.train.CoreData)
+    eval_first_position: int = 1
     count_tasks: tuple[str, ...] = ("entity", "character", "addition", "list_length")
     n_count_prompts: int = 400  # per task; half train, half test for the probes on SAE codes
     n_select_per_source: int = 60  # data-selection pool: per source (3 counting tasks, 2 reasoning tasks, 2x corpus)
@@ -144,6 +165,12 @@ class SAEStudyConfig(NotebookConfig):
     train: SAETrainConfig = field(default_factory=lambda: SAETrainConfig(expansion=8, k=32, total_tokens=600_000,
                                                                           batch_size=2048))
     seed: int = 0
+    # the architecture comparison (workbench.studies.sae.bench): every architecture x seed trained on the training
+    # store and scored by the SAEBench-style suite; an empty tuple skips it
+    bench_architectures: tuple[str, ...] = ARCHITECTURES
+    bench_seeds: tuple[int, ...] = (0, 1, 2)
+    bench_testbed: str | None = "vlm-testbed-balanced"  # the VLM whose colour questions are a probing set
+    bench: BenchConfig | None = None  # the rest of the comparison's settings (None: BenchConfig's defaults)
     smoke: bool = False
 
     def __post_init__(self):
@@ -164,12 +191,28 @@ class SAEStudyConfig(NotebookConfig):
         if isinstance(self.train, dict):
             self.train = SAETrainConfig(**self.train)
         self.train.validate()
+        self.bench_architectures = tuple(self.bench_architectures or ())
+        self.bench_seeds = tuple(self.bench_seeds)
+        if isinstance(self.bench, dict):
+            self.bench = BenchConfig(**self.bench)
+        if self.bench_architectures:  # checked now, before any heavy work
+            self.bench = replace(self.bench or BenchConfig(), site=self.site, architectures=self.bench_architectures,
+                                 seeds=self.bench_seeds, testbed=self.bench_testbed or None,
+                                 first_position=self.eval_first_position)
+        else:
+            self.bench = None
 
     @classmethod
     def smoke_config(cls, **overrides) -> SAEStudyConfig:
         base = dict(n_eval_tokens=1024, n_scan_tokens=2048, count_tasks=("entity",), n_count_prompts=60,
                     n_select_per_source=8, train_tokens=20_000,
-                    train=SAETrainConfig(expansion=2, k=16, total_tokens=20_000, batch_size=1024), smoke=True)
+                    train=SAETrainConfig(expansion=2, k=16, total_tokens=20_000, batch_size=1024), smoke=True,
+                    bench_seeds=(0, 1),
+                    bench=BenchConfig(train=SAETrainConfig(expansion=1, total_tokens=4096, batch_size=512,
+                                                           b_dec_init="mean", dead_feature_window=4,
+                                                           n_batches_for_norm_estimate=2),
+                                      n_eval_tokens=1024, n_ce_tokens=512, words_per_letter=6, count_tasks=("entity",),
+                                      n_count_prompts=120, n_vqa_items=72, min_positives=4))
         return cls(**(base | overrides))
 
 
@@ -190,6 +233,7 @@ class SAEStudyResult:
     handle: SAEHandle | None = None
     scan: object = None
     timings: dict = field(default_factory=dict)
+    bench: BenchResult | None = None  # the architecture comparison
 
     def summary(self) -> pd.DataFrame:
         """The core metrics: FVU, L0, dead and dense features, CE clean / with the SAE / loss recovered."""
@@ -199,8 +243,11 @@ class SAEStudyResult:
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """The tables a notebook records in its manifest (all tables go to CSV by ``save_sae_result``)."""
-        return {"metrics_table": self.metrics, "count_probes_table": self.count_probes,
-                "selection_table": self.selection}
+        out = {"metrics_table": self.metrics, "count_probes_table": self.count_probes,
+               "selection_table": self.selection}
+        if self.bench is not None:
+            out["bench_summary_table"] = self.bench.summary
+        return out
 
     def figures(self) -> dict[str, go.Figure]:
         """CE and FVU, feature density, the report features' histograms, count features, data selection."""
@@ -210,11 +257,12 @@ class SAEStudyResult:
             "sae_feature_histograms": plots.sae_feature_histograms(self.scan, self.report_features.feature.tolist()),
             "sae_count_features": plots.sae_count_features(self.count_features),
             "sae_data_selection": plots.sae_data_selection(self.selection),
-        }
+        } | ({"sae_bench": plots.sae_bench(self.bench.runs)} if self.bench is not None else {})
 
 
 TABLES = ("metrics", "density", "report_features", "count_features", "count_probes", "selection",
           "selection_scores")
+BENCH_TABLES = ("runs", "summary", "absorption", "probing", "stability")
 
 
 def train_cache_paths(model, cfg: SAEStudyConfig) -> tuple[Path, Path]:
@@ -228,6 +276,21 @@ def train_cache_paths(model, cfg: SAEStudyConfig) -> tuple[Path, Path]:
             cache_root() / "saes" / model_key(model) / safe_segment(cfg.site) / safe_segment(name))
 
 
+def _study_store(model, cfg: SAEStudyConfig) -> ActivationStore:
+    """The store ``sae="train"`` trains on: ``cfg.train_tokens`` of ``cfg.site`` in the user cache (resumable)."""
+    return harvest(model, load_corpus(cfg.corpus), cfg.site, train_cache_paths(model, cfg)[0], batch_size=16,
+                   context_length=STORE_CONTEXT, max_tokens=cfg.train_tokens, shard_tokens=16_384)
+
+
+def bench_store(model, cfg: SAEStudyConfig) -> ActivationStore:
+    """The store the architecture comparison trains on: the default model's training store at full size (both
+    shipped sites), else the study's own store of ``cfg.site``."""
+    if not cfg.smoke and model.name == DEFAULT_MODEL and cfg.site in (COUNTING_SITE, MIDDLE_SITE) \
+            and cfg.corpus == DEFAULT_CORPUS:
+        return training_store(model)
+    return _study_store(model, cfg)
+
+
 def _resolve_sae(cfg: SAEStudyConfig, model) -> SAEHandle:
     if cfg.sae == "shipped":
         folder = SAES_DIR / safe_segment(model.name) / safe_segment(cfg.site)
@@ -239,10 +302,9 @@ def _resolve_sae(cfg: SAEStudyConfig, model) -> SAEHandle:
                            f"`python -m workbench.studies.sae.study train {' '.join(keys)}`")
         return load_sae(found[0], model)
     if cfg.sae == "train":
-        store_path, out = train_cache_paths(model, cfg)
+        _, out = train_cache_paths(model, cfg)
         t = cfg.train
-        store = harvest(model, load_corpus(cfg.corpus), cfg.site, store_path, batch_size=16,
-                        context_length=STORE_CONTEXT, max_tokens=cfg.train_tokens, shard_tokens=16_384)
+        store = _study_store(model, cfg)
         try:
             return load_sae(out, model)
         except SAEError:
@@ -259,7 +321,8 @@ def run_sae_study(cfg: SAEStudyConfig | None = None, *, model=None, progress: bo
     cfg = cfg or SAEStudyConfig()
     model = model or load_model(cfg.model)
     timings = {}
-    bar = tqdm(total=4 + len(cfg.count_tasks), desc=f"sae study {model.name}", unit="part", disable=not progress)
+    bar = tqdm(total=4 + len(cfg.count_tasks) + (cfg.bench is not None), desc=f"sae study {model.name}", unit="part",
+               disable=not progress)
     bar.set_postfix_str("SAE")
     t = time.perf_counter()
     handle = _resolve_sae(cfg, model)
@@ -270,7 +333,7 @@ def run_sae_study(cfg: SAEStudyConfig | None = None, *, model=None, progress: bo
     t = time.perf_counter()
     bar.set_postfix_str("evaluate")
     ev = evaluate_sae(model, handle, corpus, n_tokens=cfg.n_eval_tokens, skip_documents=cfg.eval_skip_documents,
-                      progress=progress)
+                      first_position=cfg.eval_first_position, progress=progress)
     ev.pop("feature_freq")
     metrics = pd.DataFrame([{"model": model.name, "site": handle.site, "architecture": handle.architecture,
                              "d_in": handle.d_in, "d_sae": handle.d_sae, **ev}])
@@ -309,6 +372,13 @@ def run_sae_study(cfg: SAEStudyConfig | None = None, *, model=None, progress: bo
                                                     seed=cfg.seed, corpus=corpus)
     timings["selection"] = time.perf_counter() - t
     bar.update()
+    bench = None
+    if cfg.bench is not None:
+        bar.set_postfix_str("architecture comparison")
+        t = time.perf_counter()
+        bench = run_bench(model, cfg.bench, store=bench_store(model, cfg), corpus=corpus, progress=progress)
+        timings["bench"] = time.perf_counter() - t
+        bar.update()
     bar.close()
     return SAEStudyResult(
         config=asdict(cfg), model=model.name, weights_hash=model.weights_hash, sae_path=str(handle.path),
@@ -316,16 +386,20 @@ def run_sae_study(cfg: SAEStudyConfig | None = None, *, model=None, progress: bo
         count_features=pd.concat(count_tables, ignore_index=True), count_probes=pd.concat(probe_tables,
                                                                                             ignore_index=True),
         selection=selection, selection_scores=scores, report_html=report, handle=handle, scan=scan, timings=timings,
+        bench=bench,
     )
 
 
 def save_sae_result(result: SAEStudyResult, out_dir: str | Path) -> dict[str, Path]:
     """Every table as CSV, ``study.json`` (model, SAE, card, config, timings) and ``feature_report.html``."""
 
-    paths = write_result_tables(out_dir, {name: getattr(result, name) for name in TABLES}, {
+    tables = {name: getattr(result, name) for name in TABLES}
+    if result.bench is not None:
+        tables |= {f"bench_{name}": getattr(result.bench, name) for name in BENCH_TABLES}
+    paths = write_result_tables(out_dir, tables, {
         "model": result.model, "weights_hash": result.weights_hash, "sae_path": result.sae_path,
         "sae_card": result.handle.card if result.handle else None, "config": result.config,
-        "timings": result.timings})
+        "timings": result.timings, "bench_sae_paths": result.bench.sae_paths if result.bench else None})
     paths["report"] = Path(out_dir) / "feature_report.html"
     atomic_write_text(paths["report"], result.report_html)
     return paths
