@@ -138,7 +138,7 @@ class SAEStudyConfig(NotebookConfig):
                 "n_eval_tokens": "n_eval_tokens", "n_scan_tokens": "n_scan_tokens",
                 "n_count_prompts": "n_count_prompts", "bench_architectures": "bench_architectures",
                 "bench_seeds": "bench_seeds", "bench_testbed": "bench_testbed"}
-    SMOKE_SIZED = ("n_eval_tokens", "n_scan_tokens", "n_count_prompts")
+    SMOKE_SIZED = ("n_eval_tokens", "n_scan_tokens", "n_count_prompts", "bench_seeds")
 
     model: str = DEFAULT_MODEL
     site: str = MIDDLE_SITE
