@@ -21,20 +21,18 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from workbench.core.models import load_model
+from workbench.core.sites import layer_site
 from workbench.core.store import ActivationStore
-from workbench.core.trace import trace
 from workbench.data.corpus import load_corpus
 from workbench.data.tasks import TASKS, make_task
 from workbench.io.paths import cache_root, model_key, safe_segment
-from workbench.methods.answering import vqa_inputs
 from workbench.methods.sae import bench as sb
 from workbench.methods.sae.features import last_token_acts
 from workbench.methods.sae.train import ARCHITECTURES, SAEError, SAETrainConfig, load_sae, train_sae
-from workbench.studies.visual.study import probe_training_items
+from workbench.studies.visual.study import last_token_features, probe_training_items
 
 # Each architecture's sparsity setting at the comparison's width. The TopK family is set to k = 32 directly; the
 # penalised architectures (L1, L0) have no k, and their coefficients are sae-lens-scale values chosen to land near
@@ -145,19 +143,15 @@ def count_probing_sets(model, site: str, tasks, n: int, seed: int) -> dict:
     return out
 
 
-@torch.no_grad()
 def vqa_probing_sets(vlm, site: str, n: int, seed: int, batch_size: int = 32) -> dict:
-    """{"vqa:colour": ..., "vqa:shape": ...}: the testbed's last-prompt-token activations at ``site`` for colour
-    questions naming the shape (easy-VQA training images), labelled by the colour and by the shape."""
+    """{"vqa:colour": ..., "vqa:shape": ...}: the testbed's last-prompt-token activations at ``site`` (a residual
+    site, ``blocks.{l-1}.hook_resid_post``) for colour questions naming the shape (easy-VQA training images), labelled
+    by the colour and by the shape."""
+    layers = [l for l in range(vlm.n_layers + 1) if layer_site(l) == site]
+    if not layers:
+        raise SAEError(f"VQA probing reads a residual site (blocks.N.hook_resid_post), not {site!r}")
     items = probe_training_items(n, seed=seed)
-    xs = []
-    for s in range(0, len(items), batch_size):
-        chunk = items[s : s + batch_size]
-        batch = vqa_inputs(vlm, [it.image for it in chunk], [it.question for it in chunk])
-        with trace(vlm, site, positions=-1, stop=True) as tr:
-            vlm.hf(**batch)
-        xs.append(tr[site].reshape(len(chunk), -1).float().cpu())
-    acts = torch.cat(xs)
+    acts = last_token_features(vlm, items, layers, batch_size)[layers[0]]
     return {"vqa:colour": (acts, [it.colour for it in items]), "vqa:shape": (acts, [it.shape for it in items])}
 
 
