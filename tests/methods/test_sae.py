@@ -3,6 +3,7 @@ splicing (the error term reproduces the clean logits), evaluation metrics, featu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -352,16 +353,21 @@ def test_handle_checks_the_site_width_at_splice_time(model):
 def test_the_shipped_saes_load_match_their_cards_and_reconstruct(smollm2, site):
     from sae_lens import SAE
 
-    from workbench.studies.sae.study import SAES_DIR
+    from workbench.studies.sae.study import SAES_DIR, SPECS
 
     folder = SAES_DIR / "smollm2-135m" / site / "topk-8x-k32"
     handle = load_sae(folder, smollm2)
     assert handle.site == site and handle.d_sae == 8 * smollm2.d_model and handle.card["stored_dtype"] == "float16"
     assert (folder / SAE_WEIGHTS_FILE).stat().st_size <= 20 * 10**6
     assert SAE.load_from_disk(str(folder)).cfg.d_sae == handle.d_sae
+    # the artifact is what SPECS says it is, and the issue-17 target holds on the store's held-out shard
+    key = {"blocks.14.hook_resid_post": "middle-topk-8x", "blocks.9.hook_resid_post": "counting-topk-8x"}[site]
+    assert handle.card["train_config"] == json.loads(json.dumps(dataclasses.asdict(SPECS[key].config)))
+    assert handle.card["metrics"]["heldout_n_dead"] <= 0.1 * handle.d_sae
     m = evaluate_sae(smollm2, handle, ["The workbench measures what a sparse autoencoder keeps of the residual "
                                        "stream, token by token, on text it never saw during training."] * 4,
                      n_tokens=100, context_length=32)
-    assert m["fvu"] < 0.5 and m["l0"] == pytest.approx(32.0)
+    # TopK keeps at most k = 32 latents, fewer where fewer than 32 pre-activations are positive (a few tokens here)
+    assert m["fvu"] < 0.5 and 31.0 < m["l0"] <= 32.0
     assert m["ce_sae_with_error"] == pytest.approx(m["ce_clean"], abs=1e-5)
     assert m["ce_sae"] < m["ce_zero_ablation"]

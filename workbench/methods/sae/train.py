@@ -68,7 +68,8 @@ class SAEError(ValueError):
 
 @dataclass
 class SAETrainConfig:
-    """How to train one SAE. Defaults: the TopK recipe that reaches FVU <= 0.3 on SmolLM2's middle layer."""
+    """How to train one SAE. Defaults: the shipped SAEs' recipe (issue 17) but for width and length: on SmolLM2's
+    middle layer, 8x, 1.5M tokens with the last 1,000 steps decaying, it leaves no latent silent on fresh text."""
 
     # "topk" (k largest pre-activations per token), "batchtopk" (k x batch largest over the batch; a threshold is
     # learned for inference), "matryoshka_batchtopk" (BatchTopK whose nested prefixes must each reconstruct),
@@ -84,21 +85,24 @@ class SAETrainConfig:
     l0_coefficient: float = 1.0  # jumprelu only: weight of the L0 penalty
     jumprelu_init_threshold: float = 0.01  # jumprelu only: initial threshold of every feature
     jumprelu_bandwidth: float = 0.05  # jumprelu only: the straight-through estimator's kernel width
-    lr: float = 4e-4  # Adam; TopK SAEs tolerate a high rate because the sparsity is structural, not a penalty
+    # Adam. The number of steps and their size decide how many latents live: at batch 2048 / lr 4e-4, 1.5M tokens
+    # are 732 steps of 4e-4 and 65 % of SmolLM2's middle-layer latents never fired on fresh text; batch 512 / lr 1e-3
+    # left none silent on the same tokens (docs/results/sae.md). TopK tolerates the rate: its sparsity is structural.
+    lr: float = 1e-3
     lr_warm_up_steps: int = 0
-    lr_decay_steps: int = 0  # linear decay to lr_end over the last steps (0 = constant)
-    batch_size: int = 4096  # tokens per step: big batches keep the 2-core matmuls efficient
+    lr_decay_steps: int = 0  # linear decay to lr / 10 over the last steps (0 = constant)
+    batch_size: int = 512  # tokens per step: 4x the steps of 2048 at 86 % of its speed on 2 cores (1,680 tokens/s)
     total_tokens: int = 2_000_000  # training samples (the store is cycled if smaller)
     normalize_activations: str = "expected_average_only_in"  # scale inputs to norm sqrt(d_in); folded in at the end
     seed: int = 0  # SAE init and data order
     holdout_shards: int = 1  # last store shards kept out of training, for held-out FVU / L0
     n_batches_for_norm_estimate: int = 20  # sae-lens's default 1000 costs minutes on CPU
-    dead_feature_window: int = 200  # steps without firing before TopK's auxiliary loss treats a feature as dead
+    dead_feature_window: int = 50  # steps without firing before TopK's auxiliary loss treats a feature as dead
     # Where the decoder bias starts. sae-lens starts it at zero, so at step 0 every token's pre-activations share
     # the residual stream's large mean direction and the same few latents win TopK for every token; the rest never
     # fire, get no gradient, and stay dead. "mean": the mean of the training activations (in the scaled space the
     # SAE sees), as EleutherAI's sparsify does; the latents then compete on what varies between tokens.
-    b_dec_init: str = "zeros"
+    b_dec_init: str = "mean"
 
     def validate(self) -> None:
         if self.architecture not in ARCHITECTURES:
