@@ -162,7 +162,7 @@ def test_corpus_from_txt_file_and_function(tmp_path, model):
     kw = dict(context_length=12, batch_size=2, progress=False)
     from_path = harvest(model, path, "hook_embed", tmp_path / "a", **kw)  # a .txt path = Corpus(path)
     from_list = harvest(model, Corpus(paragraphs), "hook_embed", tmp_path / "b", **kw)
-    from_fn = harvest(model, Corpus(lambda: iter(paragraphs)), "hook_embed", tmp_path / "c", **kw)
+    harvest(model, Corpus(lambda: iter(paragraphs)), "hook_embed", tmp_path / "c", **kw)
     assert from_path.manifest["data"]["sha256"] == from_list.manifest["data"]["sha256"]
     assert store_files(tmp_path / "a") == store_files(tmp_path / "b") == store_files(tmp_path / "c")
     assert from_path.manifest["data_source"] == str(path.resolve())

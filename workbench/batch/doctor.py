@@ -23,11 +23,11 @@ from workbench.io.manifest import MANIFEST_NAME
 from workbench.io.owned import OWNER_FILE, folder_kind
 from workbench.io.paths import cache_root, repo_root
 from workbench.methods.probes.base import PROBE_CARD_FILE, load_probe
+from workbench.methods.sae.train import CARD_FILE as SAE_CARD_FILE
+from workbench.methods.sae.train import SAE_CFG_FILE, SAE_WEIGHTS_FILE
 from workbench.methods.tuned_lens import CONFIG_FILE as TUNED_LENS_CONFIG
 from workbench.methods.tuned_lens import WEIGHTS_FILE as TUNED_LENS_WEIGHTS
 from workbench.methods.tuned_lens import load_tuned_lens
-from workbench.methods.sae.train import CARD_FILE as SAE_CARD_FILE
-from workbench.methods.sae.train import SAE_CFG_FILE, SAE_WEIGHTS_FILE
 
 
 @dataclass
