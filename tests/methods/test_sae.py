@@ -361,8 +361,8 @@ def test_the_shipped_saes_load_match_their_cards_and_reconstruct(smollm2, site):
     assert (folder / SAE_WEIGHTS_FILE).stat().st_size <= 20 * 10**6
     assert SAE.load_from_disk(str(folder)).cfg.d_sae == handle.d_sae
     # the artifact is what SPECS says it is, and the issue-17 target holds on the store's held-out shard
-    key = {"blocks.14.hook_resid_post": "middle-topk-8x", "blocks.9.hook_resid_post": "counting-topk-8x"}[site]
-    assert handle.card["train_config"] == json.loads(json.dumps(dataclasses.asdict(SPECS[key].config)))
+    (spec,) = [s for s in SPECS.values() if s.shipped and s.site == site and s.name == folder.name]
+    assert handle.card["train_config"] == json.loads(json.dumps(dataclasses.asdict(spec.config)))
     assert handle.card["metrics"]["heldout_n_dead"] <= 0.1 * handle.d_sae
     m = evaluate_sae(smollm2, handle, ["The workbench measures what a sparse autoencoder keeps of the residual "
                                        "stream, token by token, on text it never saw during training."] * 4,
