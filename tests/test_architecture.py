@@ -1,23 +1,21 @@
-"""The package's architecture: import-linter contracts, a light ``workbench.core``, the public names, the old paths."""
+"""The package's architecture: import-linter contracts, a light ``workbench.core``, the public names, the plugins."""
 
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 from importlinter.cli import lint_imports
 
 import workbench as wb
-from workbench.compat import MOVED
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_import_contracts_are_kept(monkeypatch):
     """Layers (io < data < core < methods < testbed/testing < ui < studies < batch), no cycles at any depth, no
-    _private name across subpackages, no in-package use of the old paths, inner imports only for optional
-    libraries: the contracts in pyproject.toml, checked by import-linter itself."""
+    _private name across subpackages, inner imports only for optional libraries: the contracts in pyproject.toml,
+    checked by import-linter itself."""
     monkeypatch.chdir(ROOT)
     assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0
 
@@ -63,35 +61,15 @@ def test_every_public_name_resolves():
         wb.nope  # noqa: B018
 
 
-@pytest.mark.parametrize("old", sorted(MOVED))
-def test_old_module_paths_forward_with_a_warning(old):
-    """``from workbench.<old flat module> import X`` still works (a DeprecationWarning names the new home)."""
-    sys.modules.pop(f"workbench.{old}", None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        module = __import__(f"workbench.{old}", fromlist=["_"])
-    assert any(issubclass(w.category, DeprecationWarning) and "moved to" in str(w.message) for w in caught)
-    public = [n for n in dir(module) if not n.startswith("_")]
-    assert public, f"workbench.{old} forwards nothing"
-    for name in public[:5]:
-        assert getattr(module, name) is not None
-
-
-def test_old_names_are_the_new_objects():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from workbench.models import REGISTRY, load_model
-        from workbench.probes import RidgeProbe, residual_features
-        from workbench.store import Corpus, harvest
-    from workbench.core.models import load_model as new_load
-    from workbench.core.store import harvest as new_harvest
-    from workbench.core.zoo import REGISTRY as new_registry
-    from workbench.data.corpus import Corpus as new_corpus
-    from workbench.methods.probes.features import residual_features as new_features
-    from workbench.methods.probes.linear import RidgeProbe as new_ridge
-
-    assert (load_model, REGISTRY, RidgeProbe, residual_features, Corpus, harvest) == (
-        new_load, new_registry, new_ridge, new_features, new_corpus, new_harvest)
+def test_the_old_flat_module_paths_are_gone():
+    """Version 0.1's flat modules (``workbench.probes``, ...) no longer import: the new paths are the only ones."""
+    code = ("import importlib, workbench as wb\n"
+            "for old in ('probes', 'models', 'widgets', 'compat'):\n"
+            "    try:\n        importlib.import_module('workbench.' + old)\n    except ModuleNotFoundError:\n"
+            "        pass\n    else:\n        print('imports', old)\n"
+            "print(hasattr(wb, 'probes'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split() == ["False"], out.stdout
 
 
 def test_the_testbed_registers_with_the_zoo_through_its_entry_point():

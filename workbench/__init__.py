@@ -9,10 +9,7 @@ beside them. See docs/index.md.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
-from workbench import compat
 from workbench.io.provenance import __version__
 
 _EXPORTS = {
@@ -63,26 +60,10 @@ _EXPORTS = {
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
-compat.install()
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name: str, value) -> None:
-        # Importing an old flat module path (``import workbench.trace``) makes the import system bind the module
-        # as an attribute of this package; it must not hide the function of the same name (``wb.trace``).
-        if name in _EXPORTS and isinstance(value, compat.Forwarder):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
 
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
-        if name in compat.MOVED:  # `workbench.probes` as an attribute, like the old flat modules
-            return importlib.import_module(f"workbench.{name}")
         raise AttributeError(f"module 'workbench' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value

@@ -8,17 +8,30 @@
     workbench run --grid GRID.yaml [--force] [--smoke] ...   one run per grid cell, completed cells skipped
     workbench run ... --dask [ADDRESS] [--workers N]       the cells on Dask: a local cluster of N processes
                                                           (default 2), or the scheduler at ADDRESS
+    workbench train-lens MODEL [--recipe cpu|gpu|smoke] [--steps N] [--seed S] [--device D] [--out DIR] [--overwrite]
+                                                the shipped tuned lens, probes/<model>/tuned-lens
+    workbench train-sae harvest                 the default model's SAE training store (user cache, resumable)
+    workbench train-sae train KEY...            SAEs of workbench.studies.sae.study.SPECS into saes/ or the cache
+    workbench build-testbed [--variant biased|balanced|both] [--n-train N] [--seed S] [--out DIR]
+                                                retrain the VLM testbed's projector + LoRA parts
 
 ``run`` executes the named notebooks (default: all) with papermill; see :mod:`workbench.batch.runner` for where files
 go. ``-p`` values are read as YAML (``-p layers=[0,10,20]``, ``-p top_k=3``, ``-p layers=None``), anything else
 stays a string. ``--figures-dir`` defaults to the repository's ``figures/``; a relative DIR is relative to the
 current directory. Exit status: 0 if every notebook ran, 1 if any failed (each failure and its error is printed),
 2 for bad input (unknown notebook or parameter), found before any kernel starts.
+
+``train-lens``, ``train-sae`` and ``build-testbed`` only parse their options and call the library functions
+:func:`workbench.studies.readout.train.build_tuned_lens`, :func:`workbench.studies.sae.study.harvest_training_store`
+/ :func:`~workbench.studies.sae.study.build_saes` and :func:`workbench.testbed.model.build_testbed`. Bad input (an
+unknown model, recipe, SAE key or variant, a count that is not a positive int, an unusable device, a folder that may
+not be replaced) exits with status 2 and a message naming it, before any model loads.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -35,7 +48,14 @@ from workbench.batch.runner import (
     resolve_names,
     run_notebooks,
 )
+from workbench.core.models import check_model_name, resolve_device
 from workbench.core.zoo import fetch_models
+from workbench.data.vqa import VARIANTS
+from workbench.io.owned import FolderOwnershipError
+from workbench.studies.readout.study import RECIPES
+from workbench.studies.readout.train import build_tuned_lens, lens_summary
+from workbench.studies.sae.study import SPECS, build_saes, harvest_training_store
+from workbench.testbed.model import TestbedConfig, build_testbed
 
 
 def _parse_param(text: str) -> tuple[str, object]:
@@ -53,8 +73,34 @@ def _parse_param(text: str) -> tuple[str, object]:
     return key, raw if value is None and raw.strip() not in ("null", "~") else value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive int")
+    return value
+
+
+def _model_name(text: str) -> str:
+    try:  # a registry name or folder at once; a hub id costs one look-up (see check_model_name)
+        return check_model_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _device(text: str) -> str:
+    try:
+        resolve_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="workbench", description="Interpretability workbench: notebook runner.")
+    parser = argparse.ArgumentParser(prog="workbench", description="Interpretability workbench: notebook runner, "
+                                     "artifact checks, and the builders of the shipped lenses, SAEs and testbed.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the notebooks and their parameters")
     run = sub.add_parser("run", help="execute notebooks headless with papermill")
@@ -82,11 +128,53 @@ def _parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=what)
         cmd.add_argument("paths", nargs="*", help="folders to walk")
         cmd.add_argument("--all", action="store_true", help="also list the artifacts that are fine")
+
+    lens = sub.add_parser("train-lens", help="train a tuned lens and write it to probes/<model>/tuned-lens")
+    lens.add_argument("model", type=_model_name, help="a registry name, a hub id or a local folder")
+    lens.add_argument("--recipe", choices=sorted(RECIPES), default="cpu", help="training recipe (default: cpu)")
+    lens.add_argument("--steps", type=_positive_int, default=None, help="override the recipe's number of KL steps")
+    lens.add_argument("--seed", type=int, default=0)
+    lens.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
+    lens.add_argument("--out", default=None, help="folder (default: probes/<model>/tuned-lens of the checkout)")
+    lens.add_argument("--overwrite", action="store_true", help="replace a tuned lens already in the folder")
+
+    sae = sub.add_parser("train-sae", help="the default model's SAE training store and SAEs")
+    sae_sub = sae.add_subparsers(dest="sae_command", required=True)
+    sae_sub.add_parser("harvest", help="harvest the training store into the user cache (resumable)")
+    sae_train = sae_sub.add_parser("train", help="train SAEs of SPECS (shipped ones into saes/, float16)")
+    sae_train.add_argument("keys", nargs="+", choices=sorted(SPECS), metavar="KEY",
+                           help=f"one or more of: {', '.join(sorted(SPECS))}")
+
+    testbed = sub.add_parser("build-testbed", help="train the VLM testbed's projector + LoRA and write its parts")
+    testbed.add_argument("--variant", choices=[*VARIANTS, "both"], default="both")
+    testbed.add_argument("--n-train", type=_positive_int, default=TestbedConfig.n_train,
+                         help=f"training items (default {TestbedConfig.n_train})")
+    testbed.add_argument("--seed", type=int, default=0)
+    testbed.add_argument("--out", default=None, help="folder for the parts, one subfolder per variant (default: "
+                         "inside the package)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "train-lens":
+        try:
+            lens, folder = build_tuned_lens(args.model, args.recipe, steps=args.steps, seed=args.seed,
+                                            device=args.device, out=args.out, overwrite=args.overwrite)
+        except FolderOwnershipError as e:  # raised before the model loads
+            print(f"workbench train-lens: error: {e}", file=sys.stderr)
+            return 2
+        print(lens_summary(lens, folder))
+        return 0
+    if args.command == "train-sae":
+        records = [harvest_training_store()] if args.sae_command == "harvest" else build_saes(args.keys)
+        for record in records:
+            print(json.dumps(record))
+        return 0
+    if args.command == "build-testbed":
+        for result, folder in build_testbed(args.variant, n_train=args.n_train, seed=args.seed, out=args.out):
+            print(f"{result.config.variant}: {result.steps} steps in {result.seconds / 60:.1f} min -> {folder}")
+        return 0
     if args.command in ("doctor", "verify"):
         findings = doctor(args.paths or None, full=args.command == "verify")
         bad = [f for f in findings if f.problem is not None]

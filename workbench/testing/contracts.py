@@ -2,8 +2,7 @@
 ``tests/test_architecture.py``; configured in ``pyproject.toml`` under ``[tool.importlinter]``):
 
 * ``private_names``: no ``_private`` name is imported from a module of another subpackage (``workbench.core``,
-  ``workbench.methods``, ...): what crosses a subpackage boundary is public; and nothing inside the package uses
-  the old flat module paths kept for users (``workbench.probes``, ...).
+  ``workbench.methods``, ...): what crosses a subpackage boundary is public.
 * ``inner_imports``: an import inside a function or method is allowed only for an optional third-party library
   (one of ``allowed``): the package's own modules and its required dependencies are imported at module top, where
   the layer contracts see them.
@@ -18,8 +17,6 @@ import importlib.util
 from pathlib import Path
 
 from importlinter import Contract, ContractCheck, fields, output
-
-from workbench.compat import MOVED
 
 
 def _source(module: str) -> tuple[Path, ast.Module] | None:
@@ -52,7 +49,7 @@ class PrivateNamesContract(Contract):
         root = self.root
         problems = []
         for module in sorted(graph.modules):
-            if not module.startswith(root + ".") or module == f"{root}.compat":
+            if not module.startswith(root + "."):
                 continue
             found = _source(module)
             if found is None:
@@ -64,9 +61,6 @@ class PrivateNamesContract(Contract):
                     continue
                 target = _absolute(node, module, is_package)
                 if not target or not (target == root or target.startswith(root + ".")):
-                    continue
-                if target.split(".")[1:2] and target.split(".")[1] in MOVED:
-                    problems.append(f"{module}:{node.lineno} imports the old path {target}")
                     continue
                 if _subpackage(target, root) == _subpackage(module, root):
                     continue
