@@ -2,7 +2,7 @@
 
 On one task's held-out prompts (default: character counting, 200 prompts, seed 11) three evaluations are run the
 way the study runs them -- baseline, a swapped head (digit-row repair with a random delta), steering at a middle
-layer -- first each on its own (each runs the prompts), then all three from one shared ``PromptCache``. The lens
+layer -- first each on its own (each runs the prompts), then all three from one shared ``PrefixCache``. The lens
 is timed against the direct computation (full [rows, vocab] logits from the head module, chunked by rows) on the
 same residuals, and its ranks must agree. The last line printed is one JSON object:
 
@@ -25,7 +25,8 @@ import torch
 
 import workbench as wb
 from workbench.studies.counting.study import CountingConfig, _make_sets
-from workbench.studies.counting.evaluation import PromptCache, _gold_rank_prob, evaluate_answers
+from workbench.methods.activations import PrefixCache
+from workbench.studies.counting.evaluation import _gold_rank_prob, evaluate_answers
 from workbench.studies.counting.interventions import DigitRowHead, steering_edit
 from workbench.core.sites import layer_site
 from workbench.core.swap import swap_modules
@@ -71,13 +72,13 @@ def main() -> None:
     separate = three(None)
     separate_s = time.perf_counter() - t
     t = time.perf_counter()
-    shared = three(PromptCache.build(model, test.prompts))
+    shared = three(PrefixCache.build(model, test.prompts))
     shared_s = time.perf_counter() - t
     same = all(a.items.drop(columns="gen_text").equals(b.items.drop(columns="gen_text"))
                for a, b in zip(separate, shared))
 
-    cache = PromptCache.build(model, test.prompts)
-    H = torch.cat([b.last for b in cache.batches], dim=1).flatten(0, 1)
+    cache = PrefixCache.build(model, test.prompts)
+    H = torch.cat([b.residuals(cache.layers) for b in cache.batches], dim=1).flatten(0, 1)
     gold = torch.tensor(digit_ids)[torch.randint(0, 9, (H.shape[0],))]
     t = time.perf_counter()
     r0, p0 = _direct_rank_prob(model, H, gold)

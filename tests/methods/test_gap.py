@@ -16,9 +16,9 @@ from workbench.methods.gap import (
     gap_panel,
     make_pairs,
     random_baseline,
-    residual_patching,
 )
 from workbench.methods.latent import LatentConfig, run_latent
+from workbench.methods.patching import residual_patching
 from workbench.methods.tuned_lens import TunedLens
 from workbench.testing.tiny import tiny_model
 

@@ -1,6 +1,10 @@
 """Activation and attribution patching: exact scores equal hand-made patches, attribution equals autograd, IG is
-complete, checkpoints resume, bad pairs fail before any forward."""
+complete, checkpoints resume, bad pairs fail before any forward. The residual patching of the last position (inputs
+of any length, on a prefix cache) against whole forwards patched by hooks placed by hand."""
 
+import random
+
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -14,9 +18,10 @@ from workbench.methods.patching import (
     attribution_patching,
     check_pairs,
     patching_agreement,
+    residual_patching,
     site_of,
 )
-from workbench.testing.tiny import tiny_model
+from workbench.testing.tiny import tiny_model, tiny_vlm
 
 PAIRS = [
     {"clean": "abcdef", "corrupt": "abxdef", "answer": "a", "wrong": "b"},
@@ -105,7 +110,7 @@ def test_atp_equals_the_gradient_from_plain_autograd(llama):
 
 def test_ig_is_complete_at_the_embedding_site(llama):
     """Integrated gradients from the embedding: the layer-0 residual scores sum to metric(clean) - metric(corrupt)."""
-    ig = attribution_patching(llama, PAIRS, method="ig", steps=64, site_types="resid", layers=[0], progress=False)
+    ig = attribution_patching(llama, PAIRS, method="ig", steps=64, site_types="resid", blocks=[0], progress=False)
     for i, b in ig.baselines.iterrows():
         total = ig.frame.query("pair == @i").score.sum()
         assert total == pytest.approx(b.clean_metric - b.corrupt_metric, rel=2e-3, abs=1e-4)
@@ -159,8 +164,8 @@ def test_bad_input_fails_before_any_forward(llama):
             activation_patching(llama, [{**PAIRS[0], "wrong": "a"}], progress=False)
         with pytest.raises(ValueError, match="site_types"):
             activation_patching(llama, PAIRS, site_types=("resid", "neurons"), progress=False)
-        with pytest.raises(ValueError, match=r"layers \[7\] out of range"):
-            activation_patching(llama, PAIRS, layers=[7], progress=False)
+        with pytest.raises(ValueError, match=r"blocks \[7\] out of range"):
+            activation_patching(llama, PAIRS, blocks=[7], progress=False)
         with pytest.raises(ValueError, match="positions"):
             activation_patching(llama, PAIRS, positions=[40], progress=False)
         with pytest.raises(ValueError, match="metric"):
@@ -194,3 +199,129 @@ def test_ioi_pairs_line_up_for_the_real_tokenizer(smollm2):
     assert make_ioi_pairs(12, seed=1, tokenizer=smollm2.tokenizer).equals(pairs)
     with pytest.raises(ValueError, match="at least 2 names"):
         make_ioi_pairs(3, names=("Mary",))
+
+
+# -- the residual at the last position (residual_patching) -----------------------------------------------------------
+CLEAN = ["the cat sat on the mat", "a dog ran in the park", "one bird flew over the mat", "xy"]
+CORRUPT = ["my fish swam in the mat", "two cows ate the park", "the frog sat on a log mat", "a long prompt here y"]
+
+
+def _by_hand(m, enc_of, clean, corrupt, a, w, layers, method):
+    """Recovery per hidden-state layer from whole forwards patched (exact) or differentiated (AtP) through hooks placed
+    by hand on the decoder layers (layer v < L: the input of decoder layer v; v = L: the output of the last one)."""
+    L = m.n_layers
+    r = torch.arange(len(a))
+    a, w = torch.tensor(a), torch.tensor(w)
+
+    def run(enc, layer=None, fn=None):
+        """Last-position logits of a whole forward whose residual at ``layer`` goes through ``fn``; and the input."""
+        seen = {}
+        if layer is None:
+            handle = None
+        elif layer < L:
+            def pre(mod, args, kwargs):
+                if args:
+                    h = fn(args[0])
+                    seen["h"] = h
+                    return (h, *args[1:]), kwargs
+                kwargs["hidden_states"] = seen["h"] = fn(kwargs["hidden_states"])
+                return args, kwargs
+            handle = m.module(m.arch.layer_path(layer)).register_forward_pre_hook(pre, with_kwargs=True)
+        else:
+            def post(mod, args, out):
+                h = fn(out[0] if isinstance(out, tuple) else out)
+                seen["h"] = h
+                return (h, *out[1:]) if isinstance(out, tuple) else h
+            handle = m.module(m.arch.layer_path(L - 1)).register_forward_hook(post)
+        try:
+            z = m.hf(**enc).logits[:, -1].double()
+        finally:
+            if handle is not None:
+                handle.remove()
+        return z[r, a] - z[r, w], seen.get("h")
+
+    cb, xb = enc_of(clean), enc_of(corrupt)
+    rows = {}
+    with torch.no_grad():
+        mc, _ = run(cb)
+        mx, _ = run(xb)
+    for v in layers:
+        with torch.no_grad():
+            _, hc = run(cb, v, lambda h: h)
+            _, hx = run(xb, v, lambda h: h)
+        if method == "exact":
+            def patch(h, src=hc[:, -1]):
+                out = h.clone()
+                out[:, -1] = src
+                return out
+            with torch.no_grad():
+                mp, _ = run(xb, v, patch)
+        else:
+            delta = torch.zeros(len(a), m.d_model, requires_grad=True)
+
+            def add(h, delta=delta):
+                out = h.clone()
+                out[:, -1] = out[:, -1] + delta.to(h.dtype)
+                return out
+            metric, _ = run(xb, v, add)
+            (g,) = torch.autograd.grad(metric.sum(), delta)
+            mp = mx + ((hc[:, -1] - hx[:, -1]).double() * g.double()).sum(-1)
+        rows[v] = float((mp - mx).mean())  # the mean change of the logit difference (logit units)
+    return rows, float(mc.mean()), float(mx.mean())
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("method", ["exact", "atp"])
+def test_residual_patching_equals_hand_patched_whole_forwards(family, method):
+    m = tiny_model(family)
+    a, w = [7, 8, 9, 10], [11, 12, 13, 14]
+    layers = list(range(m.n_layers + 1))
+    want, mc, mx = _by_hand(m, m.encode, CLEAN, CORRUPT, a, w, layers, method)
+    for prefix_cache in ((True, False) if method == "exact" else (True,)):
+        got = residual_patching(m, CLEAN, CORRUPT, a, w, m.encode, method=method, batch_size=3,
+                                prefix_cache=prefix_cache)
+        assert got["index"].tolist() == layers
+        assert got.clean_metric.iloc[0] == pytest.approx(mc, abs=1e-5)
+        assert got.corrupt_metric.iloc[0] == pytest.approx(mx, abs=1e-5)
+        # compared in logit units (recovery x the clean - corrupt gap): a small gap would magnify float noise
+        change = got.patch_recovery * (got.clean_metric - got.corrupt_metric)
+        np.testing.assert_allclose(change, [want[v] for v in layers], rtol=1e-4, atol=2e-6)
+    if method == "exact":
+        assert got.patch_recovery.iloc[-1] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["exact", "atp"])
+def test_residual_patching_of_vlm_inputs_equals_hand_patched_whole_forwards(method):
+    from PIL import Image
+
+    from workbench.data.vqa import VQAItem
+    from workbench.methods.answering import vqa_inputs
+
+    vlm = tiny_vlm("llava", seed=0, processor=True)
+    rng = random.Random(0)
+    items = [VQAItem(Image.new("RGB", (32, 32), tuple(rng.randint(0, 255) for _ in range(3))), q, "red", "colour")
+             for q in ["what color is the circle?", "what is the color of this shape?", "colour?", "which colour?"]]
+
+    def encode(chunk):
+        return vqa_inputs(vlm, [it.image for it in chunk], [it.question for it in chunk])
+
+    a, w = [ord("r")] * 2, [ord("g")] * 2
+    layers = [0, 1, vlm.n_layers]
+    want, mc, mx = _by_hand(vlm, encode, items[:2], items[2:], a, w, layers, method)
+    got = residual_patching(vlm, items[:2], items[2:], a, w, encode, layers=layers, method=method, batch_size=2)
+    change = got.patch_recovery * (got.clean_metric - got.corrupt_metric)
+    np.testing.assert_allclose(change, [want[v] for v in layers], rtol=1e-4, atol=2e-6)
+
+
+def test_one_meaning_of_layers_and_blocks(llama):
+    """``layers=`` is hidden-state layers (check_layers) wherever it appears; the patching of block units takes
+    ``blocks=`` and refuses ``layers=``."""
+    L = llama.n_layers
+    frame = residual_patching(llama, CLEAN[:2], CORRUPT[:2], [7, 8], [9, 10], llama.encode, layers=[-1, 0])
+    assert frame["index"].tolist() == [0, L]
+    with pytest.raises(ValueError, match="layers"):
+        residual_patching(llama, CLEAN[:2], CORRUPT[:2], [7, 8], [9, 10], llama.encode, layers=[L + 1])
+    with pytest.raises(TypeError, match="layers"):
+        activation_patching(llama, PAIRS, layers=[0], progress=False)
+    res = activation_patching(llama, PAIRS, site_types="resid", blocks=[-1], positions=-1, progress=False)
+    assert res.frame["layer"].unique().tolist() == [L - 1] and res.config["blocks"] == [L - 1]

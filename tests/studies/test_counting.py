@@ -10,8 +10,9 @@ import torch
 import workbench as wb
 from workbench.core.swap import swap_modules
 from workbench.data.tasks import DEFAULT_ANSWER_PREFIX
+from workbench.methods.activations import PrefixCache
 from workbench.methods.probes.base import load_probe
-from workbench.studies.counting.evaluation import PromptCache, evaluate_answers, parse_answer
+from workbench.studies.counting.evaluation import evaluate_answers, parse_answer
 from workbench.studies.counting.interventions import DigitRowHead, steering_edit, train_digit_rows, train_lora_qv
 from workbench.studies.counting.study import CountingConfig, run_counting_study, save_counting_result
 from workbench.testing.tiny import tiny_model
@@ -58,12 +59,12 @@ def _hf_reference(m, prompts, gen_tokens, edits=None):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text", "gpt2", "gpt_neox"])
 def test_shared_prompt_cache_equals_fresh_runs_for_baseline_head_swap_and_steering(family):
-    """One PromptCache serves the baseline, a swapped head and steering; each equals plain HF runs (forward and
+    """One PrefixCache serves the baseline, a swapped head and steering; each equals plain HF runs (forward and
     generate), and equals an evaluation that runs the prompts itself."""
     m = tiny_model(family)
     prompts = PROMPTS + ["a b c d e f g h i j k l m n o p q r s t u v w x y z Count: "]  # past tiny sliding windows
     counts = COUNTS + [9]
-    cache = PromptCache.build(m, prompts, batch_size=2)
+    cache = PrefixCache.build(m, prompts, batch_size=2)
     torch.manual_seed(0)
     head = DigitRowHead(m.module(m.arch.unembed), DIGITS)
     with torch.no_grad():
@@ -94,7 +95,7 @@ def test_prompt_cache_features_equal_residual_features_and_refuse_other_prompts(
 
     m = tiny_model("llama")
     mentions = [[1, 3], [0], [2, 4, 5]]
-    cache = PromptCache.build(m, PROMPTS, batch_size=2, positions={"mentions": mentions})
+    cache = PrefixCache.build(m, PROMPTS, batch_size=2, positions={"mentions": mentions})
     ref = residual_features_many(m, PROMPTS, None, {"last": "last", "mentions": mentions}, batch_size=3)
     layers = list(range(m.n_layers + 1))
     for layer in layers:
@@ -105,7 +106,7 @@ def test_prompt_cache_features_equal_residual_features_and_refuse_other_prompts(
     with pytest.raises(ValueError, match="other prompts or another model"):
         evaluate_answers(tiny_model("llama"), PROMPTS, COUNTS, DIGITS, cache=cache)
     with pytest.raises(ValueError, match="reserved"):
-        PromptCache.build(m, PROMPTS, positions={"last": "last"})
+        PrefixCache.build(m, PROMPTS, positions={"last": "last"})
 
 
 def test_generation_stops_once_every_answer_is_decided(monkeypatch):

@@ -70,6 +70,20 @@ def vqa_inputs(model, images: Sequence[Image.Image], questions: Sequence[str]) -
     return encode_multimodal(model, list(images), [format_prompt(model, q) for q in questions])
 
 
+def vqa_batches(model, items: Sequence[VQAItem], batch_size: int = 32, *,
+                images: Sequence[Image.Image] | None = None):
+    """``(indices, vqa_inputs(...))`` per batch of ``items`` in their order (``images`` replaces their images): the
+    encoded batches the activation engine (:mod:`workbench.methods.activations`) reads."""
+
+    items = list(items)
+    if images is not None and len(images) != len(items):
+        raise ValueError(f"{len(images)} images for {len(items)} items: give one image per item")
+    for s in range(0, len(items), batch_size):
+        chunk = items[s: s + batch_size]
+        imgs = [it.image for it in chunk] if images is None else list(images[s: s + batch_size])
+        yield np.arange(s, s + len(chunk)), vqa_inputs(model, imgs, [it.question for it in chunk])
+
+
 def parse_generated(text: str) -> str:
     """The parse rule for generated answers: lower-case, first run of letters or digits ("" when none)."""
     m = re.search(r"[a-z0-9]+", text.lower())

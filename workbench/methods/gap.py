@@ -12,8 +12,9 @@ measurements that answer it side by side, for any task with a known answer among
   (minus their mean over the classes, which is what decides an argmax among them), averaged over the classes;
   ``cos_random`` is the expected |cos| of a random direction, sqrt(2 / (pi d));
 - ``patch_recovery``: how much of the answer comes back when that layer's residual at the readout position is
-  patched from a run where the model answers right (:func:`residual_patching`; ``patch_method`` "exact"), or its
-  first-order estimate where no such run exists (``"atp"``). Computed by the caller, merged by axis value.
+  patched from a run where the model answers right (:func:`workbench.methods.patching.residual_patching`;
+  ``patch_method`` "exact"), or its first-order estimate where no such run exists (``"atp"``). Computed by the
+  caller, merged by axis value.
 
 The input is a :class:`GapTask`: features ``[slices, n, d]`` (slices = hidden-state layers 0..L, or latent steps),
 class labels, the candidate token of each class and a train/test split. :func:`gap_panel` returns one tidy frame;
@@ -22,9 +23,8 @@ class labels, the candidate token of each class and a train/test split. :func:`g
 
 from __future__ import annotations
 
-import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,15 +35,11 @@ from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 
 from workbench.core.models import Model
-from workbench.core.sites import layer_site
-from workbench.core.trace import trace
-from workbench.methods.patching import last_logits, last_position_only
 from workbench.methods.probes.base import standardise_stats
 from workbench.methods.probes.linear import fit_softmax_regression
 from workbench.methods.tuned_lens import TunedLens
 
 AXES = ("layer", "step")
-PATCH_METHODS = ("exact", "atp")
 
 
 def random_baseline(d: int) -> float:
@@ -230,121 +226,6 @@ def make_pairs(labels: Sequence[int], right: Sequence[bool], *, n_pairs: int, se
         if len(pairs) >= n_pairs:
             break
     return pairs
-
-
-# Families whose positions the model derives itself from the whole input (3-D M-RoPE): a last-token step on a cache
-# would need their rope deltas, so they take the full forward per layer.
-_FULL_FORWARD_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-
-
-def _prefix(model: Model, batch: dict):
-    """The key/value cache of every input token but the last, and the last-token step that continues it. Patching
-    the last position changes nothing before it (causal attention), so each patched run only recomputes that token."""
-    head = {k: (v[:, :-1] if k in ("input_ids", "attention_mask", "position_ids", "token_type_ids",
-                                   "mm_token_type_ids") else v) for k, v in batch.items()}
-    out = model.hf(**head, use_cache=True, **last_position_only(model))
-    step = {"input_ids": batch["input_ids"][:, -1:], "attention_mask": batch["attention_mask"]}
-    if "position_ids" in batch:
-        step["position_ids"] = batch["position_ids"][:, -1:]
-    return out.past_key_values, step
-
-
-def residual_patching(model: Model, clean: Sequence, corrupt: Sequence, answer_ids: Sequence[int],
-                      wrong_ids: Sequence[int], encode: Callable[[Sequence], dict], *,
-                      layers: Sequence[int] | None = None, method: str = "exact", batch_size: int = 16,
-                      prefix_cache: bool = True, progress: bool = False) -> pd.DataFrame:
-    """Patch the residual at the last position of each corrupt input, one hidden-state layer at a time, from its clean
-    partner, and measure the logit difference ``answer - wrong`` at the last position.
-
-    clean / corrupt: inputs (prompts, VQA items, ...) that ``encode`` turns into a left-padded batch for
-    ``model.hf``; answer_ids: the clean run's answer per pair, wrong_ids: the corrupt run's. Left padding puts every
-    input's last token at position -1, so the two inputs need not have the same length.
-    method: "exact" (per layer and batch, the last token recomputed on the key/value cache of the others: patching
-    the last position changes nothing before it) or "atp" (attribution patching: the patch's first-order estimate
-    ``(a_clean - a_corrupt) . d metric / d a`` from one forward and backward of the corrupt batch). prefix_cache=False
-    runs the whole corrupt input per layer instead (the same numbers to float tolerance; M-RoPE VLMs always do).
-
-    Returns one row per layer: index (hidden-state layer), patch_recovery = mean over pairs of (patched - corrupt)
-    divided by the mean of (clean - corrupt), patch_method, n_pairs, clean_metric, corrupt_metric (means). At the
-    last layer an exact patch reproduces the clean logits, so its recovery is 1.
-    """
-    if method not in PATCH_METHODS:
-        raise ValueError(f"method must be one of {list(PATCH_METHODS)}, got {method!r}")
-    n = len(clean)
-    if not n or len(corrupt) != n or len(answer_ids) != n or len(wrong_ids) != n:
-        raise ValueError(f"give as many corrupt inputs, answer ids and wrong ids as clean inputs ({n}, "
-                         f"{len(corrupt)}, {len(answer_ids)}, {len(wrong_ids)}); at least one pair")
-    if any(a == w for a, w in zip(answer_ids, wrong_ids)):
-        raise ValueError("a pair has the same answer and wrong token: the logit difference would be 0")
-    layer_list = list(range(model.n_layers + 1)) if layers is None else sorted({int(v) for v in layers})
-    bad = [v for v in layer_list if not 0 <= v <= model.n_layers]
-    if bad or not layer_list:
-        raise ValueError(f"layers {bad or '(none)'} not allowed: hidden-state layers are 0..{model.n_layers}")
-    sites = [layer_site(v) for v in layer_list]
-    m_clean, m_corrupt = [], []
-    m_patch = {v: [] for v in layer_list}
-    for s in tqdm(range(0, n, batch_size), desc=f"residual patching ({method})", disable=not progress):
-        cb, xb = encode(clean[s: s + batch_size]), encode(corrupt[s: s + batch_size])
-        a = torch.tensor(answer_ids[s: s + batch_size])
-        w = torch.tensor(wrong_ids[s: s + batch_size])
-
-        def metric(z):
-            rows = torch.arange(z.shape[0], device=z.device)
-            return z[rows, a.to(z.device)] - z[rows, w.to(z.device)]
-
-        with torch.no_grad(), trace(model, sites, positions=-1) as tc:
-            mc = metric(last_logits(model, cb).float())
-        src = {site: tc[site] for site in sites}
-        if method == "exact":
-            cached = prefix_cache and model.arch.family not in _FULL_FORWARD_FAMILIES and xb["input_ids"].shape[1] > 1
-            with torch.no_grad():
-                mx = metric(last_logits(model, xb).float())
-                if cached:
-                    kv, step = _prefix(model, xb)
-                for v, site in zip(layer_list, sites, strict=True):
-                    def edit(t, value=src[site]):
-                        out = t.clone()
-                        out[:, -1] = value.to(t.device, t.dtype)
-                        return out
-                    with trace(model, edits={site: edit}):
-                        if cached:
-                            # a copy per layer: the step appends to the cache (and sliding-window caches cannot crop)
-                            z = last_logits(model, step, past_key_values=copy.deepcopy(kv), use_cache=True)
-                        else:
-                            z = last_logits(model, xb).float()
-                    m_patch[v].append(metric(z.float()).cpu())
-        else:
-            with torch.no_grad(), trace(model, sites, positions=-1) as tx:
-                last_logits(model, xb).float()
-            deltas = {}
-
-            def add_delta(site):
-                def edit(t):
-                    delta = torch.zeros(t.shape[0], t.shape[-1], device=t.device, dtype=t.dtype, requires_grad=True)
-                    deltas[site] = delta
-                    out = t.clone()
-                    out[:, -1] = out[:, -1] + delta
-                    return out
-                return edit
-
-            with torch.enable_grad(), trace(model, edits={site: add_delta(site) for site in sites}):
-                mx_g = metric(last_logits(model, xb).float())
-                grads = torch.autograd.grad(mx_g.sum(), [deltas[site] for site in sites])
-            mx = mx_g.detach()
-            for v, site, g in zip(layer_list, sites, grads, strict=True):
-                est = ((src[site].float() - tx[site].float()).to(g.device) * g.float()).sum(-1)
-                m_patch[v].append((mx + est.to(mx.device)).cpu())
-        m_clean.append(mc.cpu())
-        m_corrupt.append(mx.cpu())
-    mc, mx = torch.cat(m_clean).double(), torch.cat(m_corrupt).double()
-    gap = float((mc - mx).mean())
-    rows = []
-    for v in layer_list:
-        mp = torch.cat(m_patch[v]).double()
-        rows.append({"index": v, "patch_recovery": float((mp - mx).mean()) / gap if gap != 0 else math.nan,
-                     "patch_method": method, "n_pairs": n, "clean_metric": float(mc.mean()),
-                     "corrupt_metric": float(mx.mean())})
-    return pd.DataFrame(rows)
 
 
 # -- figure --------------------------------------------------------------------------------------------------------

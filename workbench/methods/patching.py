@@ -1,9 +1,16 @@
-"""Activation patching (the ground truth) and attribution patching (its one-backward estimate).
+"""Activation patching (the ground truth) and attribution patching (its one-backward estimate): one engine each.
 
     pairs = make_ioi_pairs(16, tokenizer=model.tokenizer)            # clean, corrupt, answer, wrong
-    exact = activation_patching(model, pairs, site_types=("resid", "attn", "mlp"))
+    exact = activation_patching(model, pairs, site_types=("resid", "attn", "mlp"), blocks=None)
     atp = attribution_patching(model, pairs, method="atp")           # or method="ig", steps=5
     patching_agreement(exact, atp)                                   # rank correlation per site type
+    residual_patching(model, clean, corrupt, answer_ids, wrong_ids, model.encode, layers=None)   # last position
+
+:func:`residual_patching` patches the residual at the last position of inputs of any length (prompts, VQA items),
+one hidden-state layer at a time (``layers=``, :func:`workbench.core.sites.check_layers`): the same exact patch, run
+on a prefix cache (:class:`workbench.methods.activations.PrefixCache`: only the last token is recomputed), and the
+same AtP estimate. The units of :func:`activation_patching` are chosen by block (``blocks=``): a ``resid`` unit of
+block l is the residual entering it, hidden-state layer l.
 
 Both patch *clean into corrupt* ("denoising"): the score of a unit (a site type, a layer, a position and, for heads,
 a head) is the change of the metric on the corrupt prompt when that unit takes its value from the clean prompt.
@@ -30,8 +37,8 @@ to the embedding output only).
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -44,14 +51,16 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench.core.models import Model
-from workbench.core.sites import head_shape
-from workbench.core.trace import trace
+from workbench.core.sites import check_layers, head_shape, layer_site
+from workbench.core.trace import Edit, trace
 from workbench.io.checkpoint import UnitCheckpoint
 from workbench.io.provenance import jsonable
+from workbench.methods.activations import PrefixCache, can_step, forward_batches, last_logits
 
 SITE_TYPES = ("resid", "attn", "mlp", "head")
 METRICS = ("logit_diff", "prob", "logprob")
 METHODS = ("exact", "atp", "ig")
+RESIDUAL_METHODS = ("exact", "atp")
 PAIR_COLUMNS = ("clean", "corrupt", "answer", "wrong")
 FRAME_COLUMNS = ["pair", "method", "site_type", "layer", "head", "position", "from_end", "token", "score", "recovery"]
 _SITE = {"resid": "blocks.{}.hook_resid_pre", "attn": "blocks.{}.hook_attn_out", "mlp": "blocks.{}.hook_mlp_out",
@@ -159,17 +168,17 @@ def _check_positions(positions, T: int, i: int) -> list[int]:
     return sorted({p % T for p in plist})
 
 
-def _check_blocks(layers, n_blocks: int) -> list[int]:
-    """Block indices 0..n_blocks-1 (None = all; negative from the end): the units' ``layer``."""
-    if layers is None:
+def _check_blocks(blocks, n_blocks: int) -> list[int]:
+    """Block indices 0..n_blocks-1 (None = all; negative from the end): the units' block (frame column ``layer``)."""
+    if blocks is None:
         return list(range(n_blocks))
-    vals = [layers] if isinstance(layers, int) else list(layers) if isinstance(layers, (list, tuple, range)) else None
-    allowed = f"layers are block indices 0..{n_blocks - 1} (negative from the end), or None for all"
+    vals = [blocks] if isinstance(blocks, int) else list(blocks) if isinstance(blocks, (list, tuple, range)) else None
+    allowed = f"blocks are block indices 0..{n_blocks - 1} (negative from the end), or None for all"
     if not vals or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in vals):
-        raise ValueError(f"layers {layers!r} invalid: {allowed}")
+        raise ValueError(f"blocks {blocks!r} invalid: {allowed}")
     bad = [int(v) for v in vals if not -n_blocks <= v < n_blocks]
     if bad:
-        raise ValueError(f"layers {bad} out of range: {allowed}")
+        raise ValueError(f"blocks {bad} out of range: {allowed}")
     return sorted({int(v) % n_blocks for v in vals})
 
 
@@ -188,21 +197,6 @@ def _slice(model: Model, head: int) -> slice:
         return slice(None)
     d_head = head_shape(model.hf.config)[1]
     return slice(head * d_head, (head + 1) * d_head)
-
-
-def last_logits(model: Model, enc: Mapping, **kwargs) -> torch.Tensor:
-    """Logits at the last position of ``model.hf(**enc, **kwargs)``; the head runs on that position alone when the
-    model supports it (``logits_to_keep``)."""
-    return model.hf(**enc, **kwargs, **last_position_only(model)).logits[:, -1]
-
-
-def last_position_only(model: Model) -> dict:
-    """The forward keyword that makes the head run on the last position alone, where the model takes it."""
-    return {"logits_to_keep": 1} if _keeps_logits(model.hf) else {}
-
-
-def _keeps_logits(hf) -> bool:
-    return "logits_to_keep" in inspect.signature(type(hf).forward).parameters
 
 
 def _repeat(enc: Mapping, n: int) -> dict:
@@ -249,6 +243,66 @@ def _rows(pair_idx: int, method: str, p: Pair, units: list[tuple], scores: Seque
             for (st, layer, head, pos), s in zip(units, scores, strict=True)]
 
 
+# -- the two engines ------------------------------------------------------------------------------------------------
+def _replace(src: torch.Tensor, mask: torch.Tensor) -> Edit:
+    """The one patch: the entries where ``mask`` holds take ``src``'s values (both broadcast against the
+    activation)."""
+    return lambda t: torch.where(mask.to(t.device), src.to(t.device, t.dtype), t)
+
+
+@torch.no_grad()
+def _patched_logits(model: Model, corrupt, edits: Mapping[str, Edit]) -> torch.Tensor:
+    """Exact patching: the last-position logits of the corrupt run under ``edits``. ``corrupt`` is an encoding (a
+    whole forward) or ``(PrefixCache, CachedBatch)``: then only the last token is recomputed, on the cache of the
+    others (the edits must touch the last position alone; patching it changes nothing before it)."""
+    if isinstance(corrupt, tuple):
+        cache, b = corrupt
+        return cache.step(b, edits=edits).logits
+    with trace(model, edits=dict(edits)):
+        return last_logits(model, corrupt)
+
+
+def _attribution(model: Model, clean: Mapping, corrupt: Mapping, sites: Sequence[str], metric: Callable, *,
+                 method: str = "atp", steps: int = 1, positions=None):
+    """Attribution patching: per site, the activation difference clean - corrupt and the gradient of ``metric``
+    (logits at the last position [N, vocab] -> [N]) at the corrupt run (``"atp"``), or averaged over ``steps``
+    inputs whose embeddings run from corrupt to clean (``"ig"``, one row per batch). One clean forward, one corrupt
+    forward + backward; gradients through ``trace(grads=True)``. ``positions``: None (every position) or what
+    ``trace`` takes (e.g. -1). Returns (clean metric [B], corrupt metric [B], {site: diff}, {site: grad}), float32."""
+    sites = list(sites)
+    with torch.no_grad(), trace(model, [*sites, "hook_embed"], positions=positions) as tr:
+        clean_m = metric(last_logits(model, clean)).detach().float()
+    src = {s: tr[s] for s in sites}
+    embed_clean = tr["hook_embed"]
+    n = 1 if method == "atp" else steps
+    alphas = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+    leaf: list[torch.Tensor] = []
+
+    def embed(t: torch.Tensor) -> torch.Tensor:
+        if method == "ig":  # corrupt -> clean, at the embedding output
+            a = alphas.to(t.device, t.dtype)[:, None, None]
+            t = t + a * (embed_clean.to(t.device, t.dtype) - t)
+        x = t.detach().requires_grad_(True)
+        leaf.append(x)
+        return x
+
+    run = corrupt if n == 1 else _repeat(corrupt, n)
+    with torch.enable_grad(), trace(model, sites, positions=positions, edits={"hook_embed": embed}, grads=True) as tg:
+        m = metric(last_logits(model, run))
+        torch.autograd.grad(m.sum(), leaf, allow_unused=True)  # a VLM may call its embedding more than once
+    if method == "atp":
+        corrupt_m = m.detach().float()
+        base = {s: tg[s] for s in sites}
+    else:
+        with torch.no_grad(), trace(model, sites, positions=positions) as tc:
+            corrupt_m = metric(last_logits(model, corrupt)).detach().float()
+        base = {s: tc[s] for s in sites}
+    grads = {s: tg.grad(s).float() if n == 1 else tg.grad(s).float().mean(0, keepdim=True) for s in sites}
+    diffs = {s: (src[s] - base[s]).float() for s in sites}
+    return clean_m, corrupt_m, diffs, grads
+
+
+# -- units of prompt pairs (activation_patching, attribution_patching) ----------------------------------------------
 @torch.no_grad()
 def _exact_pair(model: Model, p: Pair, units: list[tuple], fn, batch_size: int) -> tuple[list[float], float, float]:
     sites = sorted({site_of(st, layer) for st, layer, _, _ in units})
@@ -266,69 +320,39 @@ def _exact_pair(model: Model, p: Pair, units: list[tuple], fn, batch_size: int) 
             if site not in masks:
                 masks[site] = torch.zeros((n, *clean[site].shape[1:]), dtype=torch.bool, device=model.device)
             masks[site][r, pos, _slice(model, head)] = True
-
-        def edit_for(site):
-            src, mask = clean[site], masks[site]
-            return lambda t: torch.where(mask.to(t.device), src.to(t.device, t.dtype), t)
-
-        with trace(model, edits={s: edit_for(s) for s in masks}):
-            m = fn(last_logits(model, _repeat(p.corrupt, n)), p.answer, p.wrong).float().cpu()
+        edits = {s: _replace(clean[s], mask) for s, mask in masks.items()}
+        m = fn(_patched_logits(model, _repeat(p.corrupt, n), edits), p.answer, p.wrong).float().cpu()
         scores += (m[1:] - m[0]).tolist()
     return scores, clean_m, corrupt_m
 
 
 def _attribution_pair(model: Model, p: Pair, units: list[tuple], fn, method: str, steps: int):
     sites = sorted({site_of(st, layer) for st, layer, _, _ in units})
-    with torch.no_grad(), trace(model, [*sites, "hook_embed"]) as tr:
-        clean_m = float(fn(last_logits(model, p.clean), p.answer, p.wrong)[0])
-    clean = {s: tr[s] for s in [*sites, "hook_embed"]}
-    n = 1 if method == "atp" else steps
-    alphas = (torch.arange(n, dtype=torch.float32) + 0.5) / n
-    leaf: list[torch.Tensor] = []
-
-    def embed(t: torch.Tensor) -> torch.Tensor:
-        if method == "ig":  # corrupt -> clean, at the embedding output
-            a = alphas.to(t.device, t.dtype)[:, None, None]
-            t = t + a * (clean["hook_embed"].to(t.device, t.dtype) - t)
-        x = t.detach().requires_grad_(True)
-        leaf.append(x)
-        return x
-
-    with torch.enable_grad(), trace(model, sites, edits={"hook_embed": embed}, grads=True) as tg:
-        m = fn(last_logits(model, _repeat(p.corrupt, n)), p.answer, p.wrong)
-        torch.autograd.grad(m.sum(), leaf)
-    if method == "atp":
-        corrupt_m = float(m[0].detach())
-        corrupt = {s: tg[s] for s in sites}
-    else:
-        with torch.no_grad(), trace(model, sites) as tc:
-            corrupt_m = float(fn(last_logits(model, p.corrupt), p.answer, p.wrong)[0])
-        corrupt = {s: tc[s] for s in sites}
+    clean_m, corrupt_m, diffs, grads = _attribution(model, p.clean, p.corrupt, sites,
+                                                    lambda z: fn(z, p.answer, p.wrong), method=method, steps=steps)
     scores = []
-    grads = {s: tg.grad(s).float().mean(0) for s in sites}  # [T, d]: averaged over the IG steps
-    diffs = {s: (clean[s][0] - corrupt[s][0]).float() for s in sites}
     for st, layer, head, pos in units:
         s = site_of(st, layer)
         sl = _slice(model, head)
-        scores.append(float((diffs[s][pos, sl] * grads[s][pos, sl]).sum()))
-    return scores, clean_m, corrupt_m
+        scores.append(float((diffs[s][0, pos, sl] * grads[s][0, pos, sl]).sum()))
+    return scores, float(clean_m[0]), float(corrupt_m[0])
 
 
-def _run(model: Model, pairs, method: str, *, site_types, layers, positions, metric, batch_size: int, steps: int,
+def _run(model: Model, pairs, method: str, *, site_types, blocks, positions, metric, batch_size: int, steps: int,
          checkpoint, progress: bool) -> PatchingResult:
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     fn = metric_fn(metric)
     types = _check_site_types(site_types)
-    layer_list = _check_blocks(layers, model.n_layers)
+    block_list = _check_blocks(blocks, model.n_layers)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     checked = check_pairs(model, pairs)
-    plans = [_units(model, types, layer_list, _check_positions(positions, len(p.tokens), i))
+    plans = [_units(model, types, block_list, _check_positions(positions, len(p.tokens), i))
              for i, p in enumerate(checked)]
-    config = {"method": method, "site_types": types, "layers": layer_list, "positions": positions,
+    config = {"method": method, "site_types": types, "blocks": block_list, "positions": positions,
               "metric": metric if isinstance(metric, str) else getattr(metric, "__name__", "callable"),
               "steps": steps if method == "ig" else None}
     store = None
@@ -360,18 +384,19 @@ def _run(model: Model, pairs, method: str, *, site_types, layers, positions, met
 
 
 def activation_patching(model: Model, pairs, *, site_types: Sequence[str] | str = ("resid", "attn", "mlp"),
-                        layers=None, positions: str | int | Sequence[int] = "all", metric: str | Callable = "logit_diff",
+                        blocks=None, positions: str | int | Sequence[int] = "all", metric: str | Callable = "logit_diff",
                         batch_size: int = 32, checkpoint: str | os.PathLike | None = None,
                         progress: bool = True) -> PatchingResult:
     """Exact patching, clean into corrupt, of every unit (site type x block x position [x head]); see the module
-    docstring. layers: block indices 0..L-1 (None = all). positions: "all" or ints (negative from the end).
+    docstring. blocks: block indices 0..L-1 (None = all; a ``resid`` unit of block l is hidden-state layer l, the
+    residual entering block l). positions: "all" or ints (negative from the end).
     checkpoint: a folder keeping each finished pair; a rerun of the same sweep resumes with identical results."""
-    return _run(model, pairs, "exact", site_types=site_types, layers=layers, positions=positions, metric=metric,
+    return _run(model, pairs, "exact", site_types=site_types, blocks=blocks, positions=positions, metric=metric,
                 batch_size=batch_size, steps=1, checkpoint=checkpoint, progress=progress)
 
 
 def attribution_patching(model: Model, pairs, *, method: str = "atp",
-                         site_types: Sequence[str] | str = ("resid", "attn", "mlp"), layers=None,
+                         site_types: Sequence[str] | str = ("resid", "attn", "mlp"), blocks=None,
                          positions: str | int | Sequence[int] = "all", metric: str | Callable = "logit_diff",
                          steps: int = 5, checkpoint: str | os.PathLike | None = None,
                          progress: bool = True) -> PatchingResult:
@@ -379,8 +404,90 @@ def attribution_patching(model: Model, pairs, *, method: str = "atp",
     the same units as :func:`activation_patching`, whose scores it estimates."""
     if method not in ("atp", "ig"):
         raise ValueError(f"attribution method must be 'atp' or 'ig', got {method!r}")
-    return _run(model, pairs, method, site_types=site_types, layers=layers, positions=positions, metric=metric,
+    return _run(model, pairs, method, site_types=site_types, blocks=blocks, positions=positions, metric=metric,
                 batch_size=1, steps=steps, checkpoint=checkpoint, progress=progress)
+
+
+# -- the residual at the last position of inputs of any length (the gap panel's patching) -----------------------------
+def residual_patching(model: Model, clean: Sequence, corrupt: Sequence, answer_ids: Sequence[int],
+                      wrong_ids: Sequence[int], encode: Callable[[Sequence], dict], *, layers=None,
+                      method: str = "exact", batch_size: int = 16, prefix_cache: bool = True,
+                      progress: bool = False) -> pd.DataFrame:
+    """Patch the residual at the last position of each corrupt input, one hidden-state layer at a time, from its clean
+    partner, and measure the logit difference ``answer - wrong`` at the last position.
+
+    clean / corrupt: inputs (prompts, VQA items, ...) that ``encode`` turns into a left-padded batch for
+    ``model.hf``; answer_ids: the clean run's answer per pair, wrong_ids: the corrupt run's. Left padding puts every
+    input's last token at position -1, so the two inputs need not have the same length. layers: hidden-state layers
+    (:func:`workbench.core.sites.check_layers`; None = all), patched at ``layer_site(l)``.
+    method: "exact" (the patch of :func:`activation_patching`; on a prefix cache
+    (:class:`~workbench.methods.activations.PrefixCache`) the last token alone is recomputed per layer, on the
+    key/value cache of the others: patching the last position changes nothing before it) or "atp" (the estimate of
+    :func:`attribution_patching`, ``(a_clean - a_corrupt) . d metric / d a`` from one forward and backward of the
+    corrupt batch). prefix_cache=False runs the whole corrupt input per layer instead (the same numbers to float
+    tolerance; M-RoPE VLMs always do).
+
+    Returns one row per layer: index (hidden-state layer), patch_recovery = mean over pairs of (patched - corrupt)
+    divided by the mean of (clean - corrupt), patch_method, n_pairs, clean_metric, corrupt_metric (means). At the
+    last layer an exact patch reproduces the clean logits, so its recovery is 1.
+    """
+    if method not in RESIDUAL_METHODS:
+        raise ValueError(f"method must be one of {list(RESIDUAL_METHODS)}, got {method!r}")
+    n = len(clean)
+    if not n or len(corrupt) != n or len(answer_ids) != n or len(wrong_ids) != n:
+        raise ValueError(f"give as many corrupt inputs, answer ids and wrong ids as clean inputs ({n}, "
+                         f"{len(corrupt)}, {len(answer_ids)}, {len(wrong_ids)}); at least one pair")
+    if any(a == w for a, w in zip(answer_ids, wrong_ids)):
+        raise ValueError("a pair has the same answer and wrong token: the logit difference would be 0")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    layer_list = check_layers(layers, model.n_layers)
+    sites = {layer: layer_site(layer) for layer in layer_list}
+    m_clean, m_corrupt = [], []
+    m_patch = {v: [] for v in layer_list}
+    for s in tqdm(range(0, n, batch_size), desc=f"residual patching ({method})", disable=not progress):
+        cb, xb = encode(clean[s: s + batch_size]), encode(corrupt[s: s + batch_size])
+        a = torch.tensor(answer_ids[s: s + batch_size])
+        w = torch.tensor(wrong_ids[s: s + batch_size])
+
+        def metric(z):
+            rows = torch.arange(z.shape[0], device=z.device)
+            z = z.float()
+            return z[rows, a.to(z.device)] - z[rows, w.to(z.device)]
+
+        if method == "exact":
+            index = np.arange(len(a))
+            ca = next(forward_batches(model, [(index, cb)], sites, {"last": "last"}, logits=True))
+            mc, src = metric(ca.logits), ca.values["last"]
+            if prefix_cache and can_step(model, xb):
+                cache = PrefixCache.build(model, batches=[(index, xb)], layers=layer_list[-1:])
+                corrupt_run, T = (cache, cache.batches[0]), 1  # the step sees the last position alone
+                mx = metric(cache.batches[0].logits)
+            else:
+                corrupt_run, T = xb, xb["input_ids"].shape[1]
+                with torch.no_grad():
+                    mx = metric(last_logits(model, xb))
+            mask = torch.zeros(len(a), T, 1, dtype=torch.bool)
+            mask[:, -1] = True
+            for v, site in sites.items():
+                edit = _replace(src[v][:, None], mask)
+                m_patch[v].append(metric(_patched_logits(model, corrupt_run, {site: edit})).cpu())
+        else:
+            mc, mx, diffs, grads = _attribution(model, cb, xb, list(sites.values()), metric, positions=-1)
+            for v, site in sites.items():
+                est = (diffs[site].to(grads[site].device) * grads[site]).sum(-1)
+                m_patch[v].append((mx + est.to(mx.device)).cpu())
+        m_clean.append(mc.cpu())
+        m_corrupt.append(mx.cpu())
+    mc, mx = torch.cat(m_clean).double(), torch.cat(m_corrupt).double()
+    gap = float((mc - mx).mean())
+    rows = []
+    for v in layer_list:
+        mp = torch.cat(m_patch[v]).double()
+        rows.append({"index": v, "patch_recovery": float((mp - mx).mean()) / gap if gap != 0 else math.nan,
+                     "patch_method": method, "n_pairs": n, "clean_metric": float(mc.mean()),
+                     "corrupt_metric": float(mx.mean())})
+    return pd.DataFrame(rows)
 
 
 def patching_agreement(exact: PatchingResult, *estimates: PatchingResult, large: float = 0.1) -> pd.DataFrame:
@@ -403,7 +510,7 @@ def patching_agreement(exact: PatchingResult, *estimates: PatchingResult, large:
         if len(merged) != len(exact.frame) or len(merged) != len(est.frame):
             raise ValueError(f"{est.method} covers other units than the exact sweep ({len(est.frame)} vs "
                              f"{len(exact.frame)} rows, {len(merged)} shared): run both with the same pairs, "
-                             "site_types, layers and positions")
+                             "site_types, blocks and positions")
         for st, g in [*merged.groupby("site_type", observed=True), ("all", merged)]:
             if len(g) < 3:
                 continue

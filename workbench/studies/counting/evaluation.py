@@ -11,7 +11,6 @@ counts as wrong.
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -23,8 +22,8 @@ import torch
 
 from workbench.core.models import Model
 from workbench.core.sites import layer_site
-from workbench.core.trace import Edit, trace
-from workbench.methods.probes.features import feature_batches
+from workbench.core.trace import Edit
+from workbench.methods.activations import PrefixCache
 
 _DIGITS = re.compile(r"[0-9]+")
 
@@ -60,70 +59,6 @@ class AnswerEval:
         }).reset_index()
 
 
-@dataclass
-class _CachedBatch:
-    index: np.ndarray  # positions of this length batch's prompts in PromptCache.prompts
-    enc: dict[str, torch.Tensor]  # left-padded input ids, attention mask, position ids
-    cache: object  # transformers DynamicCache: keys/values of every prompt token at every layer
-    last: torch.Tensor  # [n_layers + 1, B, d_model] residual at the last prompt token (embeddings = 0)
-
-
-@dataclass
-class PromptCache:
-    """Prompts run once through a model and kept, so that many evaluations share one forward pass.
-
-    Per length batch: the encoding, the key/value cache of every prompt token, and the last token's residual at every
-    layer. An evaluation without edits reads the lens and the next token from the stored residuals and generates
-    from a copy of the cache; one with edits (steering) recomputes only the last prompt token on the cache cut by
-    one position (a key/value entry depends on earlier tokens only, so the cut cache is exactly the cache of the
-    prompt without its last token), then generates under the edits. ``features`` holds the extra position specs
-    asked for at build time (e.g. the mean over entity mentions), float32 on the CPU, rows in prompt order.
-    """
-
-    model: Model
-    prompts: list[str]
-    batches: list[_CachedBatch]
-    features: dict[str, dict[int, torch.Tensor]]
-
-    @classmethod
-    @torch.no_grad()
-    def build(cls, model: Model, prompts: Sequence[str], *, batch_size: int = 64,
-              positions: Mapping[str, object] | None = None) -> PromptCache:
-
-        prompts = list(prompts)
-        extra = dict(positions or {})
-        if "last" in extra:
-            raise ValueError("'last' is reserved for the last-token residuals; name the position spec differently")
-        layers = list(range(model.n_layers + 1))
-        batches, features = [], {name: {} for name in extra}
-        parts = {name: {layer: [] for layer in layers} for name in extra}
-        order = []
-        for index, enc, values, cache in feature_batches(model, prompts, layers, {"last": "last"} | extra,
-                                                         batch_size=batch_size, keep_cache=True):
-            last = torch.stack([values["last"][layer] for layer in layers])
-            batches.append(_CachedBatch(index=np.asarray(index), enc=enc, cache=cache, last=last))
-            order.append(np.asarray(index))
-            for name in extra:
-                for layer in layers:
-                    parts[name][layer].append(values[name][layer].to("cpu", torch.float32))
-        if extra:
-            inverse = torch.as_tensor(np.argsort(np.concatenate(order), kind="stable"))
-            features = {name: {layer: torch.cat(p)[inverse] for layer, p in by_layer.items()}
-                        for name, by_layer in parts.items()}
-        return cls(model=model, prompts=prompts, batches=batches, features=features)
-
-    def last_token(self, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """{layer: [n, d]} last-token residuals (float32, CPU), rows in prompt order."""
-        n, d = len(self.prompts), self.model.d_model
-        out = {}
-        for layer in layers:
-            x = torch.empty(n, d)
-            for b in self.batches:
-                x[torch.as_tensor(b.index)] = b.last[layer].to("cpu", torch.float32)
-            out[layer] = x
-        return out
-
-
 @torch.no_grad()
 def evaluate_answers(
     model: Model,
@@ -136,7 +71,7 @@ def evaluate_answers(
     batch_size: int = 64,
     generate: bool = True,
     lens: bool = True,
-    cache: PromptCache | None = None,
+    cache: PrefixCache | None = None,
 ) -> AnswerEval:
     """Answers under the three rules plus the gold token's logit-lens rank at every layer.
 
@@ -145,8 +80,9 @@ def evaluate_answers(
     the last prompt token's forward and to every generation step; a swapped head (``swap_modules``) applies to all
     of it. ``lens=False`` reads only the last layer (``ranks`` then holds the last layer alone).
 
-    ``cache``: a :class:`PromptCache` of exactly these prompts on this model, shared by several evaluations (the
-    prompts are not run again); without one, the prompts are run once here. Generation is greedy decoding (argmax at
+    ``cache``: a :class:`~workbench.methods.activations.PrefixCache` of exactly these prompts on this model (every
+    layer cached), shared by several evaluations (the prompts are not run again); without one, the prompts are run
+    once here. Generation is greedy decoding (argmax at
     every step, no sampling, penalties or other processors) of up to ``gen_tokens`` tokens; a batch stops early once
     every answer is decided (a run of digits closed by a non-digit, or an end-of-sequence token), which changes no
     parsed answer.
@@ -159,31 +95,31 @@ def evaluate_answers(
     if gen_tokens < 1:
         raise ValueError(f"gen_tokens must be >= 1, got {gen_tokens}")
     if cache is None:
-        cache = PromptCache.build(model, prompts, batch_size=batch_size)
+        cache = PrefixCache.build(model, prompts, batch_size=batch_size)
     elif cache.model is not model or cache.prompts != list(prompts):
-        raise ValueError("cache was built for other prompts or another model: build PromptCache.build(model, "
+        raise ValueError("cache was built for other prompts or another model: build PrefixCache.build(model, "
                          "prompts) for these")
-    ids = torch.tensor(list(answer_ids), dtype=torch.long)
     L = model.n_layers
+    if L not in cache.layers or (lens and len(cache.layers) != L + 1):
+        raise ValueError(f"the cache holds layers {cache.layers}; the evaluation reads "
+                         f"{'every layer' if lens else f'layer {L}'}")
+    ids = torch.tensor(list(answer_ids), dtype=torch.long)
     layers = list(range(L + 1)) if lens else [L]
     sites = [layer_site(layer) for layer in layers]
     rows, rank_parts = [], []
     for b in cache.batches:
         batch = b.index
         if edits:
-            kv = copy.deepcopy(b.cache)
-            kv.crop(-1)  # remove one position: the cache of the prompt without its last token
-            with trace(model, sites, positions=-1, edits=edits) as tr:
-                step = {"input_ids": b.enc["input_ids"][:, -1:], "attention_mask": b.enc["attention_mask"],
-                        "position_ids": b.enc["position_ids"][:, -1:]}
-                model.hf(**step, past_key_values=kv, use_cache=True, logits_to_keep=1)
-                H = torch.stack([tr.captures(site)[0] for site in sites])  # [n_layers, B, d]
-                final = model.lens_logits(H[-1])  # the model's next-token logits (lens of the last layer)
-                new = _greedy(model, final, kv, b.enc, gen_tokens) if generate else None
+            # the last prompt token recomputed under the edits on the cache of the others, then generation under them
+            out = cache.step(b, edits=edits, sites=sites, generate=gen_tokens if generate else 0, decided=_decided,
+                             first_logits=lambda caps, _: model.lens_logits(caps[sites[-1]]))
+            H = torch.stack([out.captures[site] for site in sites])  # [n_layers, B, d]
+            final = model.lens_logits(H[-1])  # the model's next-token logits (lens of the last layer)
+            new = out.tokens
         else:
-            H = b.last[layers]
+            H = b.residuals(layers)
             final = model.lens_logits(H[-1])
-            new = _greedy(model, final, copy.deepcopy(b.cache), b.enc, gen_tokens) if generate else None
+            new = cache.generate(b, gen_tokens, first_logits=final, decided=_decided) if generate else None
         gold = torch.as_tensor(counts[batch])
         gold_ids = ids[gold - 1]
         rank, prob = _gold_rank_prob(model, H.flatten(0, 1), gold_ids.repeat(len(layers)))
@@ -220,39 +156,9 @@ def evaluate_answers(
 _DECIDED = re.compile(r"[0-9]+[^0-9]")
 
 
-def _eos_ids(model: Model) -> list[int]:
-    eos = getattr(model.hf.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = model.tokenizer.eos_token_id
-    return [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
-
-
-def _greedy(model: Model, first_logits: torch.Tensor, kv, enc: Mapping[str, torch.Tensor], n_tokens: int
-            ) -> torch.Tensor:
-    """Greedy continuation [B, <= n_tokens] from the next-token logits of the prompt and its key/value cache.
-
-    A row that emits an end-of-sequence token is padded from then on (as ``generate`` does); the loop ends early
-    once every row has emitted one or has a decided answer (a digit run followed by a non-digit).
-    """
-    pad = model.tokenizer.pad_token_id
-    eos = torch.tensor(_eos_ids(model), dtype=torch.long, device=first_logits.device)
-    tok = first_logits.argmax(-1)
-    done = torch.isin(tok, eos)
-    out = [tok]
-    mask, pos = enc["attention_mask"], enc["position_ids"][:, -1:]
-    for _ in range(1, n_tokens):
-        texts = model.tokenizer.batch_decode(torch.stack(out, 1), skip_special_tokens=True)
-        decided = torch.tensor([bool(_DECIDED.search(t)) for t in texts], device=done.device)
-        if bool((done | decided).all()):
-            break
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        pos = pos + 1
-        logits = model.hf(input_ids=tok[:, None], attention_mask=mask, position_ids=pos, past_key_values=kv,
-                          use_cache=True, logits_to_keep=1).logits[:, -1]
-        tok = torch.where(done, torch.full_like(tok, pad), logits.argmax(-1))
-        done = done | torch.isin(tok, eos)
-        out.append(tok)
-    return torch.stack(out, 1).cpu()
+def _decided(texts: list[str]) -> list[bool]:
+    """Which generated texts hold a decided answer: a run of digits closed by a non-digit."""
+    return [bool(_DECIDED.search(t)) for t in texts]
 
 
 _LENS_TILE = 512  # head rows per matmul: a tile of logits stays in cache for the comparisons and the exp

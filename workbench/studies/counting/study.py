@@ -49,11 +49,12 @@ from workbench.io.checkpoint import UnitCheckpoint
 from workbench.io.figures import write_result_tables
 from workbench.io.paths import cache_root, model_key, safe_segment
 from workbench.io.provenance import jsonable
+from workbench.methods.activations import PrefixCache
 from workbench.methods.probes.base import probe_dir, save_probe
 from workbench.methods.probes.features import residual_features_many
 from workbench.methods.probes.layerwise import layerwise_logistic, layerwise_ridge
 from workbench.studies.counting import plots
-from workbench.studies.counting.evaluation import PromptCache, evaluate_answers
+from workbench.studies.counting.evaluation import evaluate_answers
 from workbench.studies.counting.geometry import (
     geometry_table,
     permutation_test,
@@ -218,7 +219,7 @@ def _rank_rows(frame: pd.DataFrame, **keys) -> pd.DataFrame:
 
 def _select_steering_alpha(model, site, direction, scale, prompts, counts, digit_ids, cfg) -> tuple[float, dict]:
     curve = {}
-    cache = PromptCache.build(model, prompts, batch_size=cfg.batch_size)  # the prompts run once for all alphas
+    cache = PrefixCache.build(model, prompts, batch_size=cfg.batch_size)  # the prompts run once for all alphas
     for a in cfg.steer_alphas:
         edit = steering_edit(direction, a * scale)
         acc = evaluate_answers(model, prompts, counts, digit_ids, edits={site: edit}, generate=False, lens=False,
@@ -248,10 +249,7 @@ def task_probes(model: Model, task: str, seed: int, cfg: CountingConfig, layers:
     digit-row geometry per layer, and the probes' predictions on the held-out prompts."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; valid tasks: {list(TASKS)}")
-    layers = sorted({int(x) for x in layers})
-    bad = [x for x in layers if not 0 <= x <= model.n_layers]
-    if bad or not layers:
-        raise ValueError(f"layers {bad or '(none)'} not allowed: probe layers are 0..{model.n_layers}")
+    layers = check_layers(layers, model.n_layers)  # hidden-state layers, the package's one meaning of layers
     _, train, test, digit_ids = _make_sets(model, task, seed, cfg)
     prompts = train.prompts + test.prompts
     counts = np.concatenate([train.counts, test.counts]).astype(float)
@@ -372,7 +370,7 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
             specs["mention_mean"] = train.mention_token_positions(model.tokenizer)
             test_specs["mention_mean"] = test.mention_token_positions(model.tokenizer)
         variants = residual_features_many(model, train.prompts, layers, specs, batch_size=cfg.batch_size)
-        test_cache = PromptCache.build(model, test.prompts, batch_size=cfg.batch_size, positions=test_specs)
+        test_cache = PrefixCache.build(model, test.prompts, batch_size=cfg.batch_size, positions=test_specs)
         test_variants = {"last_token": test_cache.last_token(layers)} | test_cache.features
         variants = {name: {layer: torch.cat([by_layer[layer], test_variants[name][layer]]) for layer in layers}
                     for name, by_layer in variants.items()}

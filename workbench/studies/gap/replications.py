@@ -35,10 +35,11 @@ from workbench.core.trace import trace
 from workbench.core.vlm import image_token_mask
 from workbench.data.reasoning import ReasoningSet
 from workbench.data.vqa import VQAItem
+from workbench.methods.activations import last_logits
 from workbench.methods.answering import vqa_inputs
 from workbench.methods.gap import gap_panel
 from workbench.methods.latent import LatentConfig, LatentRun, run_latent
-from workbench.methods.patching import last_logits, site_of
+from workbench.methods.patching import site_of
 from workbench.studies.drift.metrics import manifold_metrics
 from workbench.studies.gap.tasks import counting_task
 

@@ -31,12 +31,14 @@ from workbench.core.sites import check_layers
 from workbench.data.reasoning import ReasoningSet
 from workbench.data.tasks import check_single_token_answers, split_indices
 from workbench.data.vqa import COLOURS, evaluation_set
-from workbench.methods.answering import candidate_token_ids, vqa_inputs
-from workbench.methods.gap import GapTask, lens_answers, make_pairs, residual_patching
+from workbench.methods.activations import last_token
+from workbench.methods.answering import candidate_token_ids, vqa_batches, vqa_inputs
+from workbench.methods.gap import GapTask, lens_answers, make_pairs
 from workbench.methods.latent import LatentConfig, LatentRun, run_latent
+from workbench.methods.patching import residual_patching
 from workbench.methods.probes.features import residual_features_many
 from workbench.studies.counting.study import answered_task
-from workbench.studies.visual.study import last_token_features, probe_training_items
+from workbench.studies.visual.study import probe_training_items
 
 VISUAL_SPLITS = ("prior_violating", "prior_consistent", "colour")
 
@@ -94,7 +96,7 @@ def visual_task(model: Model, *, n_train: int, n_items: int, seed: int = 0, laye
     test = [it for name in VISUAL_SPLITS for it in splits[name]]
     split_of = [name for name in VISUAL_SPLITS for _ in splits[name]]
     items = train + test
-    feats = last_token_features(model, items, layer_list, batch_size)
+    feats = last_token(model, layers=layer_list, batches=vqa_batches(model, items, batch_size))
     classes = list(COLOURS)
     ids = candidate_token_ids(model.processor.tokenizer, classes)
     labels = np.array([classes.index(it.answer) for it in items])
