@@ -164,10 +164,11 @@ def main(argv=None) -> dict:
         corpus = Corpus(docs)
         site = f"blocks.{L - 1}.hook_resid_post"
         shard_tokens = max(B * T * 2, 4096)
-        from workbench.core.store import _pad_left, corpus_windows
+        from workbench.core.store import _pad_left
+        from workbench.data.corpus import token_windows
 
         tok = model.tokenizer
-        windows = corpus_windows(corpus, tok, T, tok.bos_token_id, tok.eos_token_id)
+        windows = token_windows(corpus, tok, T)
         batches = [_pad_left([next(windows) for _ in range(B)], tok.pad_token_id, device) for _ in range(n_batches)]
         n_tok = n_batches * B * T
 

@@ -29,7 +29,8 @@ from workbench.io.owned import FolderOwnershipError
 from workbench.io.paths import model_key, repo_root, resolve_output_path, run_output_dir, safe_segment
 from workbench.methods.probes.base import load_probe, save_probe
 from workbench.methods.probes.linear import RidgeProbe
-from workbench.methods.sae.train import SAEError, SAETrainConfig, load_sae, save_sae, train_sae
+from workbench.methods.sae.handle import SAEError, load_sae, save_sae
+from workbench.methods.sae.train import SAETrainConfig, train_sae
 from workbench.studies.counting.interventions import train_lora_qv
 from workbench.studies.counting.study import CountingConfig, run_counting_study
 from workbench.studies.sae.study import SAEStudyConfig, train_cache_paths

@@ -174,6 +174,18 @@ def test_corpus_from_txt_file_and_function(tmp_path, model):
         Corpus("just some text")
 
 
+def test_a_corpus_argument_goes_through_the_one_coercion(tmp_path, model):
+    """A string or path is a corpus by workbench.data.corpus.as_corpus: a .jsonl file gives its "text" fields
+    (the same windows as the texts themselves), and a string that is no corpus is refused naming both options."""
+    texts = ["para one", "para two is longer", "three"]
+    jl = tmp_path / "docs.jsonl"
+    jl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    kw = dict(context_length=8, batch_size=2, progress=False)
+    harvest(model, jl, "hook_embed", tmp_path / "a", **kw)
+    harvest(model, Corpus(texts), "hook_embed", tmp_path / "b", **kw)
+    assert store_files(tmp_path / "a") == store_files(tmp_path / "b")
+
+
 def test_max_tokens_exact(tmp_path, model):
     st = harvest(model, Corpus(DOCS), "hook_embed", tmp_path / "m", context_length=16, batch_size=2,
                  shard_tokens=20, max_tokens=37, progress=False)
@@ -352,7 +364,7 @@ def test_iter_batches(tmp_path, model):
         (dict(data=[]), "data is empty"),
         (dict(data=["ok", ""]), "prompt 1"),
         (dict(data=Corpus(["", ""])), "no non-empty document"),
-        (dict(data="not a file"), "not an existing file"),
+        (dict(data="not a file"), "neither a registry corpus .* nor an existing file"),
         (dict(positions="first"), "positions must be one of \\['all', 'last'\\]"),
         (dict(positions=-1), "positions must be one of"),
         (dict(batch_size=0), "batch_size"),

@@ -13,23 +13,22 @@ import torch
 
 import workbench
 import workbench.methods.sae.features as sf
+import workbench.studies.sae.links as links
 from workbench.core.sites import SiteError
 from workbench.core.store import harvest
 from workbench.core.trace import trace
 from workbench.data.corpus import Corpus
-from workbench.methods.sae.train import (
+from workbench.methods.sae.evaluate import evaluate_sae, reconstruction_metrics
+from workbench.methods.sae.handle import (
     CARD_FILE,
     SAE_CFG_FILE,
     SAE_WEIGHTS_FILE,
     SAEError,
     SAEHandle,
-    SAETrainConfig,
-    evaluate_sae,
     load_sae,
-    reconstruction_metrics,
     splice_sae,
-    train_sae,
 )
+from workbench.methods.sae.train import SAETrainConfig, train_sae
 from workbench.testing.tiny import tiny_model
 
 SITE = "blocks.1.hook_resid_post"
@@ -286,13 +285,13 @@ def test_contexts_logit_effects_and_the_offline_report(scan, trained, model, tmp
 
 def test_count_features_and_data_selection_on_a_tiny_model(trained, model):
     handle = load_sae(trained.path, model)
-    cf = sf.count_features(model, handle, "entity", n=60, seed=0, top=5)
+    cf = links.count_features(model, handle, "entity", n=60, seed=0, top=5)
     assert list(cf.probes.features) == ["sae_code", "sae_top5", "residual"]
     assert cf.codes.shape == (60, handle.d_sae) and (cf.table.abs_corr.diff().dropna() <= 1e-12).all()
     top = int(cf.table.feature[0])
     r = np.corrcoef(cf.codes[:, top].numpy(), cf.counts)[0, 1]
     assert cf.table["corr"][0] == pytest.approx(r, abs=1e-6)
-    summary, scores = sf.data_selection_benchmark(model, handle, n_target=8, n_per_source=6, corpus=DOCS)
+    summary, scores = links.data_selection_benchmark(model, handle, n_target=8, n_per_source=6, corpus=DOCS)
     assert set(zip(summary.representation, summary.similarity)) == {("sae", "cosine"), ("sae", "jaccard"),
                                                                    ("neurons", "cosine")}
     assert len(scores) == 6 * 5 + 12 and scores.label.sum() == 18
@@ -300,17 +299,17 @@ def test_count_features_and_data_selection_on_a_tiny_model(trained, model):
 
 
 def test_auroc_and_similarity_are_right_on_toy_data():
-    assert sf.auroc(np.array([3, 2, 1, 0]), np.array([1, 1, 0, 0])) == 1.0
-    assert sf.auroc(np.array([0, 1, 2, 3]), np.array([1, 1, 0, 0])) == 0.0
-    assert sf.auroc(np.array([1, 1]), np.array([1, 0])) == 0.5
+    assert links.auroc(np.array([3, 2, 1, 0]), np.array([1, 1, 0, 0])) == 1.0
+    assert links.auroc(np.array([0, 1, 2, 3]), np.array([1, 1, 0, 0])) == 0.0
+    assert links.auroc(np.array([1, 1]), np.array([1, 0])) == 0.5
     pool = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     target = torch.tensor([[2.0, 0.0]])
-    torch.testing.assert_close(sf.similarity(pool, target, "cosine"), torch.tensor([1.0, 0.0, 2 ** -0.5]))
-    torch.testing.assert_close(sf.similarity(pool, target, "jaccard"), torch.tensor([0.5, 0.0, 1 / 3]))
+    torch.testing.assert_close(links.similarity(pool, target, "cosine"), torch.tensor([1.0, 0.0, 2 ** -0.5]))
+    torch.testing.assert_close(links.similarity(pool, target, "jaccard"), torch.tensor([0.5, 0.0, 1 / 3]))
     with pytest.raises(SAEError, match="non-negative"):
-        sf.similarity(-pool, target, "jaccard")
+        links.similarity(-pool, target, "jaccard")
     with pytest.raises(SAEError, match="similarity must be"):
-        sf.similarity(pool, target, "dot")
+        links.similarity(pool, target, "dot")
 
 
 def test_the_study_runs_end_to_end_on_a_tiny_model(model, tmp_path):

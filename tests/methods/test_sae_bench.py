@@ -16,19 +16,9 @@ from workbench.core.store import harvest
 from workbench.core.trace import trace
 from workbench.data.corpus import Corpus
 from workbench.methods.sae import bench as sb
-from workbench.methods.sae.train import (
-    SAE_WEIGHTS_FILE,
-    SAEError,
-    SAEHandle,
-    SAETrainConfig,
-    core_data,
-    core_metrics,
-    evaluate_sae,
-    load_sae,
-    splice_sae,
-    train_sae,
-    zero_ablate,
-)
+from workbench.methods.sae.evaluate import core_data, core_metrics, evaluate_sae
+from workbench.methods.sae.handle import SAE_WEIGHTS_FILE, SAEError, SAEHandle, load_sae, splice_sae, zero_ablate
+from workbench.methods.sae.train import SAETrainConfig, train_sae
 from workbench.testing.tiny import tiny_model
 
 SITE = "blocks.1.hook_resid_post"

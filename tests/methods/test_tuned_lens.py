@@ -146,7 +146,11 @@ def test_save_load_roundtrip_and_refusals(tmp_path, trained, llama):
     cfg = json.loads((folder2 / CONFIG_FILE).read_text())
     cfg["n_layers"] = 2
     (folder2 / CONFIG_FILE).write_text(json.dumps(cfg))
-    with pytest.raises(TunedLensError, match="does not match its card"):
+    with pytest.raises(TunedLensError, match="cfg.json: sha256"):  # the card records every file's sha256
+        load_tuned_lens(folder2)
+    card = json.loads((folder2 / CARD_FILE).read_text())
+    (folder2 / CARD_FILE).write_text(json.dumps({k: v for k, v in card.items() if k != "files"}))  # an older card
+    with pytest.raises(TunedLensError, match="does not match its card"):  # its config_sha256 still holds
         load_tuned_lens(folder2)
 
 

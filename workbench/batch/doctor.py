@@ -1,6 +1,8 @@
 """``workbench doctor`` / ``workbench verify``: find every artifact under some folders and say what is wrong with
-each. Artifacts: converted models in the cache (their recorded weights files), activation stores, SAE, probe and
-tuned-lens folders, figure folders (every file their manifest records), counting checkpoints, and temporaries left by a crash.
+each. Artifacts: converted models in the cache (their recorded weights files), activation stores, the artifact kinds
+registered with :mod:`workbench.io.artifact` (probe, tuned-lens and SAE folders: each checked by its card and the
+kind's own check, with no format known here), figure folders (every file their manifest records), counting
+checkpoints, and temporaries left by a crash.
 
 ``doctor`` is cheap: a file whose size and mtime are unchanged since it was last hashed is not read again.
 ``verify`` re-hashes every byte. Neither changes anything.
@@ -15,19 +17,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import workbench.methods.probes.base  # noqa: F401 - importing a kind's module registers it with io.artifact
+import workbench.methods.sae.handle  # noqa: F401
+import workbench.methods.tuned_lens  # noqa: F401
 from workbench.core.store import FORMAT as STORE_FORMAT
 from workbench.core.store import MANIFEST as STORE_MANIFEST
 from workbench.core.store import ActivationStore, StoreError
+from workbench.io.artifact import ArtifactKind, kind_of, read_artifact, recorded_files
 from workbench.io.atomic import COMPLETE_MARKER, IntegrityError, sha256_file, sha256_file_cached, verify_files
 from workbench.io.manifest import MANIFEST_NAME
 from workbench.io.owned import OWNER_FILE, folder_kind
 from workbench.io.paths import cache_root, repo_root
-from workbench.methods.probes.base import PROBE_CARD_FILE, load_probe
-from workbench.methods.sae.train import CARD_FILE as SAE_CARD_FILE
-from workbench.methods.sae.train import SAE_CFG_FILE, SAE_WEIGHTS_FILE
-from workbench.methods.tuned_lens import CONFIG_FILE as TUNED_LENS_CONFIG
-from workbench.methods.tuned_lens import WEIGHTS_FILE as TUNED_LENS_WEIGHTS
-from workbench.methods.tuned_lens import load_tuned_lens
 
 
 @dataclass
@@ -59,6 +59,24 @@ def _files_ok(folder: Path, files: dict, full: bool) -> str | None:
     return None
 
 
+def _artifact_problem(folder: Path, kind: ArtifactKind, full: bool) -> str | None:
+    """What is wrong with an artifact folder of a registered kind: its card and the sha256 of every file it records
+    (:func:`workbench.io.artifact.read_artifact`), the kind's own deeper check, files readable by their owner only."""
+    try:
+        card = read_artifact(folder, kind, full=full)
+        if not card:  # a kind whose folders may come from elsewhere without our card (SAELens)
+            return "no workbench card: its files cannot be checked" if full else None
+        if kind.check is not None:
+            kind.check(folder)
+        files = recorded_files(kind, card)
+    except (ValueError, KeyError, OSError) as e:  # ArtifactError, and whatever a damaged file makes a loader raise
+        return str(e)
+    private = [n for n in files if (folder / n).is_file() and not (folder / n).stat().st_mode & stat.S_IROTH]
+    if private and os.name == "posix":
+        return f"files readable by their owner only (mode 0600): {private[:3]}"
+    return None
+
+
 def _check(folder: Path, full: bool) -> Finding | None:
     names = {p.name for p in folder.iterdir()}
     if COMPLETE_MARKER in names:
@@ -76,26 +94,9 @@ def _check(folder: Path, full: bool) -> Finding | None:
                            f"incomplete (status {status!r}): run the harvest again to resume it")
         except (StoreError, FileNotFoundError) as e:
             return Finding(folder, "activation store", str(e))
-    if SAE_CFG_FILE in names and SAE_WEIGHTS_FILE in names:
-        if SAE_CARD_FILE not in names:
-            return Finding(folder, "SAE", None if not full else "no workbench card: its files cannot be checked")
-        card = json.loads((folder / SAE_CARD_FILE).read_text())
-        files = card.get("files")
-        if not isinstance(files, dict) or not {SAE_CFG_FILE, SAE_WEIGHTS_FILE} <= set(files):
-            return Finding(folder, "SAE", "its card records no sha256 of its files: load_sae refuses it")
-        return Finding(folder, "SAE", _files_ok(folder, files, full))
-    if TUNED_LENS_WEIGHTS in names and TUNED_LENS_CONFIG in names:
-        try:
-            load_tuned_lens(folder)  # hashes of the weights and the config against the card, every tensor's shape
-            return Finding(folder, "tuned lens", None)
-        except (ValueError, FileNotFoundError, KeyError) as e:
-            return Finding(folder, "tuned lens", str(e))
-    if PROBE_CARD_FILE in names:
-        try:
-            load_probe(folder)
-            return Finding(folder, "probe", None)
-        except (ValueError, FileNotFoundError, KeyError) as e:
-            return Finding(folder, "probe", str(e))
+    kind = kind_of(folder)
+    if kind is not None:
+        return Finding(folder, kind.label or kind.name, _artifact_problem(folder, kind, full))
     if MANIFEST_NAME in names:
         try:
             records = json.loads((folder / MANIFEST_NAME).read_text()).get("records", {})

@@ -10,10 +10,12 @@ Data
 * a list of prompts (strings): each prompt is one *row*, tokenised by :meth:`Model.encode` (the tokenizer's special
   tokens, left padding inside a batch). ``positions="all"`` stores every real (non-pad) token of the prompt,
   ``positions="last"`` only its last token. A prompt longer than ``context_length`` tokens is an error.
-* a :class:`Corpus` (or a path to a local ``.txt`` file, which becomes ``Corpus(path)``): documents are tokenised
-  without special tokens, each followed by EOS, concatenated into one stream and cut into windows of exactly
-  ``context_length`` tokens (the first being BOS when ``prepend_bos``); each window is one row and every token is
-  stored. Only the last window may be shorter. Documents are read lazily, so a corpus of any size streams through.
+* a :class:`Corpus` (or a registry corpus name or a local ``.txt`` / ``.jsonl`` file, coerced by
+  :func:`workbench.data.corpus.as_corpus`): cut into windows of ``context_length`` tokens by
+  :func:`workbench.data.corpus.token_windows` (documents tokenised without special tokens, each followed by EOS,
+  one stream; every window starts with BOS under the BOS rule of :func:`~workbench.data.corpus.window_bos`); each
+  window is one row and every token is stored. Only the last window may be shorter (``last="keep"``). Documents
+  are read lazily, so a corpus of any size streams through.
 
 On-disk format (``out_dir``)
 ----------------------------
@@ -79,7 +81,7 @@ from workbench.core.models import _to_device
 from workbench.core.sites import resolve_site
 from workbench.core.trace import trace
 from workbench.core.vlm import check_multimodal, encode_multimodal
-from workbench.data.corpus import Corpus
+from workbench.data.corpus import Corpus, as_corpus, token_windows, window_bos
 from workbench.io.atomic import atomic_write_json, file_lock, remember_sha256, sha256_file, sha256_file_cached
 from workbench.io.provenance import now, package_versions
 
@@ -162,16 +164,9 @@ def _describe_corpus(corpus: Corpus, bos_id: int | None) -> dict:
 
 
 def _as_data(data) -> list[str] | Corpus:
-    if isinstance(data, Corpus):
-        return data
-    if isinstance(data, (str, os.PathLike)):
-        path = Path(data).expanduser()
-        if path.is_file():
-            return Corpus(path)
-        raise ValueError(
-            f"data {str(data)[:80]!r} is a string but not an existing file; give a list of prompts (e.g. [prompt]), "
-            "a Corpus, or the path of a local .txt file"
-        )
+    """A list of prompts stays prompts; a Corpus, a registry corpus name or a file is a corpus (:func:`as_corpus`)."""
+    if isinstance(data, (Corpus, str, os.PathLike)):
+        return as_corpus(data)
     if isinstance(data, Iterable) and not isinstance(data, (bytes, dict)):
         if iter(data) is data:
             raise ValueError(
@@ -180,44 +175,6 @@ def _as_data(data) -> list[str] | Corpus:
             )
         return list(data)
     raise ValueError(f"data must be a list of prompts, a Corpus or a .txt path; got {type(data).__name__}")
-
-
-def corpus_windows(
-    corpus: Corpus, tokenizer, context_length: int, bos_id: int | None, eos_id: int, doc_chunk: int = 64
-) -> Iterator[list[int]]:
-    """The token windows of a corpus, lazily: [BOS] + the next stream tokens, ``context_length`` in all (the last
-    window may be shorter). Documents are tokenised without special tokens, each followed by ``eos_id``."""
-    prefix = [bos_id] if bos_id is not None else []
-    body = context_length - len(prefix)
-    buf: list[int] = []
-    start = 0
-
-    def tokenise(docs: list[str]) -> None:
-        for ids in tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]:
-            buf.extend(ids)
-            buf.append(eos_id)
-
-    chunk: list[str] = []
-    for doc in corpus.documents():
-        if doc:
-            chunk.append(doc)
-        if len(chunk) < doc_chunk:
-            continue
-        tokenise(chunk)
-        chunk = []
-        while len(buf) - start >= body:
-            yield prefix + buf[start : start + body]
-            start += body
-        if start > 1 << 16:
-            del buf[:start]
-            start = 0
-    if chunk:
-        tokenise(chunk)
-    while len(buf) - start >= body:
-        yield prefix + buf[start : start + body]
-        start += body
-    if len(buf) > start:
-        yield prefix + buf[start:]
 
 
 def _batched(it: Iterable, n: int) -> Iterator[list]:
@@ -479,7 +436,7 @@ def harvest(
 
     model: a workbench :class:`~workbench.core.models.Model`.
     data: a list of prompts (one row each), a :class:`Corpus` (fixed ``context_length`` windows, one row each), or
-        the path of a local text file (= ``Corpus(path)``).
+        a registry corpus name or the path of a ``.txt`` / ``.jsonl`` file (= ``as_corpus(data)``).
     sites: one site name or a list (``workbench.site_names(model.arch)``, or raw module paths); every name is
         checked before any forward pass. The forward stops right after the last site fires.
     batch_size: rows per forward pass. context_length: window length of a corpus; the longest prompt allowed.
@@ -525,15 +482,8 @@ def harvest(
     if isinstance(source, Corpus) and images is not None:
         raise ValueError("images go with a list of prompts (one entry per prompt), not with a Corpus")
     if isinstance(source, Corpus):
-        if tok.eos_token_id is None:
-            raise ValueError("a corpus needs an EOS token between documents, but the tokenizer has none")
-        want_bos = tok.bos_token_id is not None if source.prepend_bos is None else source.prepend_bos
-        if want_bos and tok.bos_token_id is None:
-            raise ValueError("Corpus(prepend_bos=True) but the tokenizer has no BOS token")
-        bos_id = tok.bos_token_id if want_bos else None
-        if context_length < 1 + (bos_id is not None):
-            raise ValueError(f"context_length must be >= 2 when every window starts with BOS, got {context_length}")
-        data_desc = _describe_corpus(source, bos_id)
+        token_windows(source, tok, context_length)  # checks EOS, the BOS rule and the length now, reads nothing
+        data_desc = _describe_corpus(source, window_bos(source, tok))
         total_hint = max_tokens
     else:
         if images is not None:
@@ -606,7 +556,7 @@ def harvest(
             "status": "partial",
             "created_at": old.get("created_at", now()) if old else now(),
         }
-        _run(model, source, site_list, out, manifest, bos_id if isinstance(source, Corpus) else None,
+        _run(model, source, site_list, out, manifest,
              store_dtype, total_hint, progress)
     return ActivationStore(out)
 
@@ -620,7 +570,7 @@ def _write_manifest(out: Path, manifest: dict, status: str) -> None:
     atomic_write_json(out / MANIFEST, manifest)
 
 
-def _run(model, source, site_list, out, manifest, bos_id, store_dtype, total_hint, progress) -> None:
+def _run(model, source, site_list, out, manifest, store_dtype, total_hint, progress) -> None:
 
     batch_size, positions = manifest["batch_size"], manifest["positions"]
     shard_tokens, max_tokens = manifest["shard_tokens"], manifest["max_tokens"]
@@ -632,7 +582,7 @@ def _run(model, source, site_list, out, manifest, bos_id, store_dtype, total_hin
 
     tok = model.tokenizer
     if isinstance(source, Corpus):
-        rows: Iterator = corpus_windows(source, tok, manifest["context_length"], bos_id, tok.eos_token_id)
+        rows: Iterator = token_windows(source, tok, manifest["context_length"])
         for _ in range(next_row):  # the windows before the resume point: tokenised again, not run
             if next(rows, None) is None:
                 break

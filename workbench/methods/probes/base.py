@@ -8,14 +8,14 @@ class at load, as SAELens picks an SAE class from its config.
 
 On disk a probe is a folder: ``probe.safetensors`` (tensors only, no pickles) and ``card.json`` (model, weights
 hash, site, task and generator parameters, metrics, hyper-parameters, library versions, and the sha256 of the
-tensors file). Loading recomputes that hash and refuses a mismatch.
+tensors file). It is written and read through :mod:`workbench.io.artifact` (:data:`PROBE_KIND`): one atomic folder,
+and loading recomputes the hashes and refuses a mismatch with an ``ArtifactError``.
 """
 
 from __future__ import annotations
 
 import abc
 import hashlib
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,8 +26,8 @@ import torch
 from jaxtyping import Float
 from safetensors.torch import load_file, save
 
-from workbench.io.atomic import atomic_write_bytes, atomic_write_json, sha256_file
-from workbench.io.owned import claim_folder, mark_owned
+from workbench.io.artifact import ArtifactError, ArtifactKind, read_artifact, register_kind, write_artifact
+from workbench.io.artifact import read_card as read_json_card
 from workbench.io.paths import safe_segment
 from workbench.io.provenance import json_roundtrip, now, package_versions
 
@@ -238,12 +238,13 @@ def save_probe(
     metrics: Mapping[str, Any],
     overwrite: bool = False,
 ) -> Path:
-    """Write ``folder/probe.safetensors`` then ``folder/card.json``, each atomically; return the folder.
+    """Write ``probe.safetensors`` and ``card.json`` as one folder by :func:`workbench.io.artifact.write_artifact`
+    (claimed, staged, card last, renamed into place); return the folder.
 
     model: the :class:`workbench.Model` the features came from (its name, weights hash, family, tied head), or a
-    mapping with at least ``name`` and ``weights_hash``. The card records the sha256 of the tensors file; it is
-    written last, so a crash between the two writes leaves a card whose hash does not match, which
-    :func:`load_probe` refuses rather than mixing old and new.
+    mapping with at least ``name`` and ``weights_hash``. The card records the sha256 of the tensors file
+    (``weights_sha256`` and ``files``); a crash leaves the old folder (or none) and a ``.tmp-probe-*`` sibling,
+    never a mix of old and new.
     """
     if type(probe).probe_type not in PROBE_TYPES or PROBE_TYPES[type(probe).probe_type] is not type(probe):
         raise ValueError(f"probe type {type(probe).__name__} is not registered; registered: {sorted(PROBE_TYPES)}")
@@ -275,64 +276,59 @@ def save_probe(
     })
     data = save(tensors, metadata={"probe_type": probe.probe_type, "format": "pt"})
     card["weights_file"] = PROBE_WEIGHTS_FILE
-    card["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    card["weights_sha256"] = hashlib.sha256(data).hexdigest()  # as cards before io.artifact recorded it
     folder = Path(folder)
-    claim_folder(folder, "probe", overwrite=overwrite, legacy=lambda f: (f / PROBE_CARD_FILE).is_file())
-    atomic_write_bytes(folder / PROBE_WEIGHTS_FILE, data)
-    atomic_write_json(folder / PROBE_CARD_FILE, card)
-    mark_owned(folder, "probe")
+    write_artifact(folder, PROBE_KIND, card, files={PROBE_WEIGHTS_FILE: data}, overwrite=overwrite)
     return folder
 
 
+def _recorded(card: dict) -> dict:
+    """The files a probe card vouches for: ``files`` (cards written through :mod:`workbench.io.artifact`) and the
+    tensors file under ``weights_file`` / ``weights_sha256`` (every card, the committed ones included)."""
+    files = dict(card["files"]) if isinstance(card.get("files"), dict) else {}
+    name = card.get("weights_file", PROBE_WEIGHTS_FILE)
+    return files | {name if isinstance(name, str) else repr(name): card.get("weights_sha256")}
+
+
 def read_card(folder: str | Path) -> dict[str, Any]:
-    """The card of a saved probe (no hash check; :func:`load_probe` checks). A card that is not a JSON object raises
-    ``ValueError`` naming the file."""
-    path = Path(folder) / PROBE_CARD_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no probe card {PROBE_CARD_FILE} in {folder}")
-    try:
-        card = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"probe card {path} is not valid JSON ({e}); the folder is damaged") from None
-    if not isinstance(card, dict):
-        raise ValueError(f"probe card {path} is a JSON {type(card).__name__}, not an object; the folder is damaged")
-    return card
+    """The card of a saved probe (no hash check; :func:`load_probe` checks): :func:`workbench.io.artifact.read_card`
+    of its ``card.json``, so a missing card, invalid JSON or anything but an object is an ``ArtifactError``."""
+    return read_json_card(Path(folder) / PROBE_CARD_FILE)
 
 
 def load_probe(folder: str | Path):
     """Load a probe saved by :func:`save_probe`; the card is attached as ``probe.card``.
 
-    Recomputes the sha256 of the tensors file and raises ValueError (naming both hashes) when it differs from the
-    card's; the card's ``probe_type`` picks the class from :data:`PROBE_TYPES`.
+    Reads the folder through :func:`workbench.io.artifact.read_artifact`: the card, and the sha256 of every file it
+    records (the tensors file included), must match, else :class:`~workbench.io.artifact.ArtifactError` (a
+    ``ValueError``) naming both hashes; the tensors must be the ones the card declares; the card's ``probe_type``
+    picks the class from :data:`PROBE_TYPES`.
     """
     folder = Path(folder)
-    card = read_card(folder)
-    name = card.get("weights_file", PROBE_WEIGHTS_FILE)
-    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-        raise ValueError(f"probe card in {folder} names weights_file {name!r}: it must be a file name inside the "
-                         f"probe's folder (e.g. {PROBE_WEIGHTS_FILE!r})")
-    weights = folder / name
-    if not weights.is_file():
-        raise FileNotFoundError(f"probe card in {folder} names {weights.name}, which does not exist")
-    expected = card.get("weights_sha256")
-    actual = sha256_file(weights)
-    if actual != expected:
-        raise ValueError(f"refusing probe in {folder}: {weights.name} has sha256 {actual} but the card records "
-                         f"{expected}; the weights were changed or the card belongs to other weights")
+    card = read_artifact(folder, PROBE_KIND)
+    weights = folder / card.get("weights_file", PROBE_WEIGHTS_FILE)
     ptype = card.get("probe_type")
     if ptype not in PROBE_TYPES:
-        raise ValueError(f"probe card in {folder} has probe_type {ptype!r}; known types: {sorted(PROBE_TYPES)}")
+        raise ArtifactError(f"probe card in {folder} has probe_type {ptype!r}; known types: {sorted(PROBE_TYPES)}")
     tensors = load_file(str(weights))
     declared = card.get("tensors")
     if not isinstance(declared, dict) or not declared:
-        raise ValueError(f"probe card in {folder} declares no tensors; refusing an unchecked probe")
+        raise ArtifactError(f"probe card in {folder} declares no tensors; refusing an unchecked probe")
     if set(declared) != set(tensors):
-        raise ValueError(f"{weights.name} holds tensors {sorted(tensors)} but the card lists {sorted(declared)}")
+        raise ArtifactError(f"{weights.name} holds tensors {sorted(tensors)} but the card lists {sorted(declared)}")
     for key, spec in declared.items():
         got = {"shape": list(tensors[key].shape), "dtype": str(tensors[key].dtype).removeprefix("torch.")}
-        if {"shape": spec.get("shape"), "dtype": spec.get("dtype")} != got:
-            raise ValueError(f"{weights.name}: tensor {key!r} is {got['dtype']} {got['shape']} but the card declares "
-                             f"{spec.get('dtype')} {spec.get('shape')}")
+        if not isinstance(spec, dict) or {"shape": spec.get("shape"), "dtype": spec.get("dtype")} != got:
+            spec = spec if isinstance(spec, dict) else {}
+            raise ArtifactError(f"{weights.name}: tensor {key!r} is {got['dtype']} {got['shape']} but the card "
+                                f"declares {spec.get('dtype')} {spec.get('shape')}")
+    if not isinstance(card.get("hyperparams"), dict):
+        raise ArtifactError(f"probe card in {folder} has no hyperparams object; the folder is damaged")
     probe = PROBE_TYPES[ptype].from_state(tensors, card["hyperparams"])
     probe.card = card
     return probe
+
+
+# A probe folder (probe.safetensors + card.json), written and read through workbench.io.artifact.
+PROBE_KIND = register_kind(ArtifactKind("probe", card_file=PROBE_CARD_FILE, signature=(PROBE_CARD_FILE,),
+                                        recorded=_recorded, check=load_probe, label="probe"))

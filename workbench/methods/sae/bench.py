@@ -52,7 +52,8 @@ from workbench.core.trace import trace
 from workbench.data.corpus import Corpus
 from workbench.methods.probes.base import standardise_stats
 from workbench.methods.probes.linear import LogisticProbe, fit_softmax_regression
-from workbench.methods.sae.train import CoreData, SAEError, SAEHandle, core_data, core_metrics
+from workbench.methods.sae.evaluate import CoreData, core_data, core_metrics
+from workbench.methods.sae.handle import SAEError, SAEHandle
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 TEMPLATE_SUFFIX = " has the first letter:"

@@ -29,10 +29,12 @@ from workbench.core.store import ActivationStore
 from workbench.data.corpus import load_corpus
 from workbench.data.tasks import TASKS, make_task
 from workbench.io.paths import cache_root, model_key, safe_segment
+from workbench.methods.activations import last_token
+from workbench.methods.answering import vqa_batches
 from workbench.methods.sae import bench as sb
-from workbench.methods.sae.features import last_token_acts
-from workbench.methods.sae.train import ARCHITECTURES, SAEError, SAETrainConfig, load_sae, train_sae
-from workbench.studies.visual.study import last_token_features, probe_training_items
+from workbench.methods.sae.handle import SAEError, load_sae
+from workbench.methods.sae.train import ARCHITECTURES, SAETrainConfig, train_sae
+from workbench.studies.visual.study import probe_training_items
 
 # Each architecture's sparsity setting at the comparison's width. The TopK family is set to k = 32 directly; the
 # penalised architectures (L1, L0) have no k, and their settings were picked in single-seed runs of the shared recipe
@@ -141,7 +143,7 @@ def count_probing_sets(model, site: str, tasks, n: int, seed: int) -> dict:
     out = {}
     for task in tasks:
         ts = make_task(task, n, seed=seed)
-        out[f"count:{task}"] = (last_token_acts(model, site, ts.prompts), ts.counts)
+        out[f"count:{task}"] = (last_token(model, ts.prompts, sites=[site], by_length=False)[site], ts.counts)
     return out
 
 
@@ -153,7 +155,7 @@ def vqa_probing_sets(vlm, site: str, n: int, seed: int, batch_size: int = 32) ->
     if not layers:
         raise SAEError(f"VQA probing reads a residual site (blocks.N.hook_resid_post), not {site!r}")
     items = probe_training_items(n, seed=seed)
-    acts = last_token_features(vlm, items, layers, batch_size)[layers[0]]
+    acts = last_token(vlm, layers=layers[:1], batches=vqa_batches(vlm, items, batch_size))[layers[0]]
     return {"vqa:colour": (acts, [it.colour for it in items]), "vqa:shape": (acts, [it.shape for it in items])}
 
 

@@ -3,8 +3,8 @@
     result = run_sae_study(SAEStudyConfig(model="smollm2-135m", site="blocks.14.hook_resid_post", sae="shipped"))
     save_sae_result(result, "figures/05_sae_features")     # tables (CSV), study.json, feature_report.html
 
-    python -m workbench.studies.sae.study harvest        # the default model's training store (user cache, resumable)
-    python -m workbench.studies.sae.study train KEY...   # SAEs of SPECS into saes/ (shipped) or the user cache
+    workbench train-sae harvest        # the default model's training store (user cache, resumable)
+    workbench train-sae train KEY...   # SAEs of SPECS into saes/ (shipped) or the user cache
 
 Sites: ``blocks.14.hook_resid_post`` is the residual after decoder layer 15 of SmolLM2-135M's 30 (the middle
 layer); ``blocks.9.hook_resid_post`` is layer 10 in the probes' numbering (0 = embeddings), where the last-token
@@ -13,10 +13,8 @@ counting probes peak (mean held-out R2 over the four tasks, ``figures/02_countin
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -33,18 +31,11 @@ from workbench.io.atomic import atomic_write_text
 from workbench.io.figures import write_result_tables
 from workbench.io.paths import cache_root, model_key, repo_root, safe_segment
 from workbench.methods.sae import features as sf
-from workbench.methods.sae.train import (
-    ARCHITECTURES,
-    SAEError,
-    SAEHandle,
-    SAETrainConfig,
-    evaluate_sae,
-    load_sae,
-    save_sae,
-    train_sae,
-)
+from workbench.methods.sae.evaluate import evaluate_sae
+from workbench.methods.sae.handle import SAEError, SAEHandle, load_sae, save_sae
+from workbench.methods.sae.train import ARCHITECTURES, SAETrainConfig, train_sae
 from workbench.studies.notebook import NotebookConfig
-from workbench.studies.sae import plots
+from workbench.studies.sae import links, plots
 from workbench.studies.sae.bench import BenchConfig, BenchResult, run_bench
 
 REPO = repo_root()
@@ -156,7 +147,7 @@ class SAEStudyConfig(NotebookConfig):
     n_scan_tokens: int = 65_536  # text scanned for top contexts and densities
     eval_skip_documents: int = EVAL_SKIP_DOCUMENTS  # evaluate on documents the training store never saw
     # 1: the SAE and the zero-ablation replace positions 1.. and the BOS keeps its clean residual (it is never trained
-    # on); 0: every position (the protocol before issue 17; see methods.sae.train.CoreData)
+    # on); 0: every position (the protocol before issue 17; see methods.sae.evaluate.CoreData)
     eval_first_position: int = 1
     count_tasks: tuple[str, ...] = ("entity", "character", "addition", "list_length")
     n_count_prompts: int = 400  # per task; half train, half test for the probes on SAE codes
@@ -300,7 +291,7 @@ def _resolve_sae(cfg: SAEStudyConfig, model) -> SAEHandle:
             keys = [k for k, s in SPECS.items() if s.shipped]
             raise SAEError(f"sae='shipped' needs exactly one SAE under {folder}, found {len(found)} "
                            f"({[p.name for p in found]}); pass a folder, sae='train', or build one with "
-                           f"`python -m workbench.studies.sae.study train {' '.join(keys)}`")
+                           f"`workbench train-sae train {' '.join(keys)}`")
         return load_sae(found[0], model)
     if cfg.sae == "train":
         _, out = train_cache_paths(model, cfg)
@@ -361,7 +352,7 @@ def run_sae_study(cfg: SAEStudyConfig | None = None, *, model=None, progress: bo
     count_tables, probe_tables = [], []
     for task in cfg.count_tasks:
         bar.set_postfix_str(f"counting: {task}")
-        cf = sf.count_features(model, handle, task, n=cfg.n_count_prompts, seed=cfg.seed)
+        cf = links.count_features(model, handle, task, n=cfg.n_count_prompts, seed=cfg.seed)
         count_tables.append(cf.table)
         probe_tables.append(cf.probes)
         bar.update()
@@ -369,7 +360,7 @@ def run_sae_study(cfg: SAEStudyConfig | None = None, *, model=None, progress: bo
 
     bar.set_postfix_str("data selection")
     t = time.perf_counter()
-    selection, scores = sf.data_selection_benchmark(model, handle, n_per_source=cfg.n_select_per_source,
+    selection, scores = links.data_selection_benchmark(model, handle, n_per_source=cfg.n_select_per_source,
                                                     seed=cfg.seed, corpus=corpus)
     timings["selection"] = time.perf_counter() - t
     bar.update()
@@ -406,25 +397,28 @@ def save_sae_result(result: SAEStudyResult, out_dir: str | Path) -> dict[str, Pa
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workbench.studies.sae.study")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("harvest")
-    tr = sub.add_parser("train")
-    tr.add_argument("keys", nargs="+", choices=sorted(SPECS))
-    args = parser.parse_args(argv)
-    if args.cmd == "harvest":
-        t = time.perf_counter()
-        store = training_store()
-        print(json.dumps({"store": str(store.path), "n_tokens": store.n_tokens, "seconds": time.perf_counter() - t}))
-        return 0
-    for key in args.keys:
-        t = time.perf_counter()
-        result = build_sae(key)
-        print(json.dumps({"sae": key, "path": str(result.path), "seconds": time.perf_counter() - t,
-                          **{k: v for k, v in result.metrics.items()}}))
-    return 0
+def harvest_training_store() -> dict:
+    """``workbench train-sae harvest``: the default model's training store, harvested if missing (resumable); a
+    record of it: its folder, its number of tokens and the seconds this took."""
+    t = time.perf_counter()
+    store = training_store()
+    return {"store": str(store.path), "n_tokens": store.n_tokens, "seconds": time.perf_counter() - t}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def build_saes(keys: Sequence[str]) -> Iterator[dict]:
+    """``workbench train-sae train KEY...``: every key is checked first (a ``ValueError`` names an unknown one),
+    then each SAE of :data:`SPECS` is trained and saved in turn (:func:`build_sae`), yielding a record of each as
+    it is done: its key, folder, seconds and evaluation metrics."""
+    keys = list(keys)
+    unknown = [k for k in keys if k not in SPECS]
+    if unknown or not keys:
+        raise ValueError(f"unknown SAE(s) {unknown}; known: {sorted(SPECS)}" if unknown else
+                         f"no SAE named; known: {sorted(SPECS)}")
+
+    def build() -> Iterator[dict]:
+        for key in keys:
+            t = time.perf_counter()
+            result = build_sae(key)
+            yield {"sae": key, "path": str(result.path), "seconds": time.perf_counter() - t, **result.metrics}
+
+    return build()
