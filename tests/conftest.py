@@ -5,6 +5,14 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist the cores are shared out between the workers (and the notebook kernels they start, which inherit
+# this environment): two workers of two threads each on two cores spin against each other, and the tiny notebook
+# runs took ten times longer.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[_var] = _threads
+    torch.set_num_threads(int(_threads))
 
 import workbench  # noqa: E402
 from workbench.core.arch import SUPPORTED_FAMILIES

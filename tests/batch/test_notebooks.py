@@ -11,6 +11,7 @@ import pytest
 import workbench.batch.grid as nbgrid
 import workbench.batch.runner as nbs
 from workbench.batch.cli import main
+from workbench.io.figures import STATIC_EXPORT_ENV
 from workbench.io.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,12 +57,22 @@ def test_committed_notebook_is_clean_and_parameterised(stem):
     assert params["smoke"] is False and params["output_dir"] == f"figures/{stem}"
 
 
-@pytest.mark.notebook
-@pytest.mark.parametrize("stem", NOTEBOOKS)
-def test_notebook_runs_at_smoke_size(stem, tmp_path):
-    (result,) = nbs.run_notebooks([stem], smoke=True, figures_dir=tmp_path)
+# Every notebook at smoke size on the tiny registered models (workbench.testbed.tiny): the fast tier (`make check`).
+TINY = {
+    "01_logit_lens": {"model": "tiny-smollm2"},
+    "02_counting_readout": {"model": "tiny-smollm2"},
+    "03_visual_ignorance": {"model": "tiny-vlm", "donor": "tiny-vlm-balanced", "base_lm": "tiny-smollm2"},
+    "04_latent_drift": {"model": "tiny-smollm2"},
+    "05_sae_features": {"model": "tiny-smollm2", "site": "blocks.2.hook_resid_post", "sae": "train",
+                        "bench_architectures": ["topk"], "bench_testbed": "tiny-vlm-balanced"},
+    "06_tuned_lens_patching": {"model": "tiny-smollm2"},
+    "07_encoded_expressed": {"model": "tiny-smollm2", "vlms": ["tiny-vlm", "tiny-vlm-balanced"]},
+}
+
+
+def _check_smoke_run(stem: str, result, figures_dir: Path, parameters: dict) -> None:
     assert result.ok, result.error
-    out = tmp_path / stem / "_smoke"
+    out = nbs.output_dir_for(stem, figures_dir, smoke=True, parameters=parameters)
     assert result.output_dir == out and result.executed == out / f"{stem}.ipynb"
     executed = nbformat.read(result.executed, as_version=4)
     assert _errors(executed) == []
@@ -84,8 +95,30 @@ def test_notebook_runs_at_smoke_size(stem, tmp_path):
         assert r["static_export"] == "ok" or r["static_export"].startswith("unavailable:")
         for f in r["files"]:
             assert (out / f).exists(), f
-    assert not (tmp_path / stem / f"{stem}.ipynb").exists()  # smoke runs leave the real folder alone
-    assert (tmp_path / "_smoke" / "index.html").exists()
+    assert not (figures_dir / stem / f"{stem}.ipynb").exists()  # smoke runs leave the real folder alone
+    assert (figures_dir / "_smoke" / "index.html").exists()
+
+
+def test_every_notebook_has_a_tiny_smoke_setting():
+    assert sorted(TINY) == NOTEBOOKS
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("stem", NOTEBOOKS)
+def test_notebook_runs_at_smoke_size_on_tiny_models(stem, tmp_path, monkeypatch):
+    monkeypatch.setenv(STATIC_EXPORT_ENV, "0")  # HTML only: the browser export has its own tests (tests/io)
+    (result,) = nbs.run_notebooks([stem], smoke=True, figures_dir=tmp_path, parameters=TINY[stem])
+    _check_smoke_run(stem, result, tmp_path, TINY[stem])
+    records = read_manifest(result.output_dir)["records"]
+    assert all(r["params"]["model"] == TINY[stem]["model"] for r in records.values() if "model" in r["params"])
+
+
+@pytest.mark.integration
+@pytest.mark.notebook
+@pytest.mark.parametrize("stem", NOTEBOOKS)
+def test_notebook_runs_at_smoke_size(stem, tmp_path):
+    (result,) = nbs.run_notebooks([stem], smoke=True, figures_dir=tmp_path)
+    _check_smoke_run(stem, result, tmp_path, {})
 
 
 # -- bad input, rejected before any kernel ----------------------------------------------------------------------

@@ -82,6 +82,16 @@ def layer_site(layer: int) -> str:
     return "blocks.0.hook_resid_pre" if layer == 0 else f"blocks.{layer - 1}.hook_resid_post"
 
 
+def spread_layers(n_layers: int, k: int) -> list[int]:
+    """``k`` hidden-state layers spread evenly over ``0..n_layers``, both ends included (fewer when the model has
+    fewer): the layers a smoke run reads, so that it fits a model of any depth. ``spread_layers(30, 4)`` is
+    ``[0, 10, 20, 30]``."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 2:
+        raise ValueError(f"k must be an int >= 2 (both ends), got {k!r}")
+    check_layers(None, n_layers)  # validates n_layers
+    return sorted({round(i * n_layers / (k - 1)) for i in range(k)})
+
+
 def check_layers(layers, n_layers: int, *, name: str = "layers") -> list[int]:
     """The one meaning of ``layers=`` in the package, validated here and nowhere else.
 

@@ -48,6 +48,7 @@ from workbench.io.provenance import git_info, jsonable, model_info, now, package
 DEFAULT_BROWSER = "/usr/bin/chromium"
 BROWSER_ENV = "BROWSER_PATH"  # choreographer's own override variable; honoured here first
 REQUIRE_STATIC_ENV = "WORKBENCH_REQUIRE_STATIC"  # "1": a missing browser or failed export raises
+STATIC_EXPORT_ENV = "WORKBENCH_STATIC_EXPORT"  # "0": HTML only, no browser started (the fast test tier)
 NOTEBOOK_ENV = "WORKBENCH_NOTEBOOK"  # set by the notebook runner; the default ``notebook`` of a record
 HEADLESS_ENV = "WORKBENCH_HEADLESS"  # set by the notebook runner: explorers render static figures
 STATIC_FORMATS = ("png", "svg")
@@ -115,7 +116,10 @@ def _is_exe(path: str | os.PathLike) -> bool:
 
 
 def find_browser() -> tuple[str | None, str]:
-    """``(path, "")`` of the Chrome/Chromium kaleido should drive, or ``(None, reason)``. See the module doc."""
+    """``(path, "")`` of the Chrome/Chromium kaleido should drive, or ``(None, reason)``. See the module doc.
+    ``$WORKBENCH_STATIC_EXPORT=0`` turns static export off: ``(None, reason)`` without looking for a browser."""
+    if os.environ.get(STATIC_EXPORT_ENV) == "0":
+        return None, f"static export turned off (${STATIC_EXPORT_ENV}=0)"
     env = os.environ.get(BROWSER_ENV)
     if env:
         if _is_exe(env):

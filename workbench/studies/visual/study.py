@@ -21,19 +21,16 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-import torch
 from tqdm.auto import tqdm
 
 from workbench.core.models import load_model
-from workbench.core.sites import check_layers, layer_site
-from workbench.core.trace import trace
+from workbench.core.sites import check_layers, spread_layers
 from workbench.data.vqa import (
     COLOURS,
     PRIOR,
@@ -48,7 +45,8 @@ from workbench.data.vqa import (
     load_images,
 )
 from workbench.io.figures import write_result_tables
-from workbench.methods.answering import answer_items, blank_image, noise_image, vqa_inputs
+from workbench.methods.activations import last_token
+from workbench.methods.answering import answer_items, blank_image, noise_image, vqa_batches
 from workbench.methods.blur import KERNELS, blur_decay, check_kernels, gaussian_blur
 from workbench.methods.probes.base import probe_dir, save_probe
 from workbench.methods.probes.mlp import layerwise_mlp
@@ -88,8 +86,8 @@ class VisualConfig(NotebookConfig):
     blur_levels: tuple[int, ...] = KERNELS
     layers: tuple[int, ...] | None = None  # hidden-state layers of the probes; None = all (one pass reads them all)
     patch_layers: tuple[int, ...] | None = (0, 5, 10, 15, 20, 25, 30)  # patching: one pass per layer and direction
-    swap_sizes: tuple[int, ...] = (8, 15)  # first-N / last-N ranges
-    swap_window: int = 10  # sliding window width (stride = half of it)
+    swap_sizes: tuple[int, ...] | None = (8, 15)  # first-N / last-N ranges (None: 4/15 of the depth)
+    swap_window: int | None = 10  # sliding window width, stride = half of it (None: half the depth)
     decay_splits: tuple[str, ...] | None = None  # None: TESTBED_DECAY_SPLITS, or every split of easy-vqa
     corruptions: tuple[str, ...] = ("blank",)  # "blur" (strongest level) and/or "blank"
     generate: bool = True  # also greedy generation with parsing, for the accuracy table
@@ -103,6 +101,8 @@ class VisualConfig(NotebookConfig):
             raise ValueError(f"dataset {self.dataset!r} is unknown; allowed: {DATASETS}")
         for name in ("n_items", "n_probe_train", "n_decay_items", "n_patch_items", "batch_size", "swap_window"):
             v = getattr(self, name)
+            if v is None and name == "swap_window":
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if self.n_probe_train < 40:
@@ -120,13 +120,14 @@ class VisualConfig(NotebookConfig):
                     raise ValueError(f"{name} {wrong or '(empty)'} not allowed: non-negative ints (0 = embeddings)")
                 setattr(self, name, value)
         self.decay_splits = None if self.decay_splits is None else tuple(self.decay_splits)
-        self.swap_sizes = tuple(self.swap_sizes)
+        self.swap_sizes = None if self.swap_sizes is None else tuple(self.swap_sizes)
         self.corruptions = tuple(self.corruptions)
 
     @classmethod
     def smoke_config(cls, **overrides) -> VisualConfig:
-        base = dict(n_items=8, n_probe_train=48, n_decay_items=6, n_patch_items=6, layers=(0, 10, 20, 30),
-                    patch_layers=(0, 15, 30), swap_sizes=(8,), swap_window=15, blur_levels=(1, 17, 61),
+        # layers, patch_layers, swap_sizes and swap_window left as None: the run sizes them to the model's depth
+        base = dict(n_items=8, n_probe_train=48, n_decay_items=6, n_patch_items=6, layers=None, patch_layers=None,
+                    swap_sizes=None, swap_window=None, blur_levels=(1, 17, 61),
                     decay_splits=("prior_violating", "easy-vqa-yesno"), corruptions=("blank",), generate=False,
                     smoke=True)
         return cls(**(base | overrides))
@@ -208,24 +209,6 @@ def probe_training_items(n: int, seed: int = 0) -> list[VQAItem]:
     return items
 
 
-def last_token_features(model, items: Sequence[VQAItem], layers: Sequence[int], batch_size: int = 32,
-                        images=None) -> dict[int, torch.Tensor]:
-    """{layer: [n, d]} last-prompt-token residuals (hidden-state numbering) of the items."""
-
-    sites = {layer_site(l): l for l in layers}
-    out: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
-    items = list(items)
-    for s in range(0, len(items), batch_size):
-        chunk = items[s: s + batch_size]
-        imgs = [it.image for it in chunk] if images is None else images[s: s + batch_size]
-        batch = vqa_inputs(model, imgs, [it.question for it in chunk])
-        with torch.no_grad(), trace(model, list(sites), positions=-1) as tr:
-            model.hf(**batch, logits_to_keep=1)
-        for site, l in sites.items():
-            out[l].append(tr[site].reshape(len(chunk), -1).float().cpu())
-    return {l: torch.cat(v) for l, v in out.items()}
-
-
 def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None, base_lm=None,
                      progress: bool = True) -> VisualResult:
 
@@ -235,8 +218,12 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
     model = model or load_model(cfg.model)
     if not getattr(model.arch, "is_vlm", False):
         raise ValueError(f"model {model.name!r} is not a vision-language model; the visual study needs one")
-    layers = check_layers(cfg.layers, model.n_layers)  # validated before any forward
-    patch_layers = check_layers(cfg.patch_layers, model.n_layers, name="patch_layers")
+    n = model.n_layers  # a smoke run reads layers spread over the model's depth (on 30 layers: 0, 10, 20, 30)
+    layers = check_layers(spread_layers(n, 4) if cfg.smoke and cfg.layers is None else cfg.layers, n)
+    patch_layers = check_layers(spread_layers(n, 3) if cfg.smoke and cfg.patch_layers is None else cfg.patch_layers,
+                                n, name="patch_layers")  # validated before any forward
+    swap_sizes = cfg.swap_sizes if cfg.swap_sizes is not None else (max(1, round(n * 4 / 15)),)  # 8 of 30
+    swap_window = cfg.swap_window if cfg.swap_window is not None else max(2, n // 2)  # 15 of 30
     if donor is None and cfg.donor:
         donor = load_model(cfg.donor)
     if base_lm is None and cfg.base_lm:
@@ -282,7 +269,7 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
     repl = []
     swap_items = splits.get("prior_violating", [])
     if swap_items:
-        windows = replacement_windows(model.n_layers, cfg.swap_sizes, cfg.swap_window, max(1, cfg.swap_window // 2))
+        windows = replacement_windows(model.n_layers, swap_sizes, swap_window, max(1, swap_window // 2))
         pairs = []
         if donor is not None:
             pairs += [(f"{model.name} <- {donor.name}", model, donor), (f"{donor.name} <- {model.name}", donor, model)]
@@ -320,28 +307,32 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
         for role, m in models.items():
             blind = answer_items(m, all_items, images=[blank_image(it.image.width) for it in all_items],
                                  batch_size=cfg.batch_size)["pred"].tolist()
-            feats = last_token_features(m, all_items, layers, cfg.batch_size)
+            feats = last_token(m, layers=layers, batches=vqa_batches(m, all_items, cfg.batch_size))
             truth = [it.answer for it in all_items]
-            fit = layerwise_mlp(feats, {"ground_truth": truth, "prior": blind}, range(n_train),
-                                range(n_train, len(all_items)), seed=cfg.seed)
+            targets = {"ground_truth": truth}
+            if len(set(blind[:n_train])) > 1:  # one blank-image answer for every item: no prior to probe for
+                targets["prior"] = blind
+            fit = layerwise_mlp(feats, targets, range(n_train), range(n_train, len(all_items)), seed=cfg.seed)
             conflict = [n_train + k for k, it in enumerate(test_items) if it.answer != blind[n_train + k]]
             for layer in layers:
-                pg, pp = fit.probes[("ground_truth", layer)], fit.probes[("prior", layer)]
+                pg, pp = fit.probes[("ground_truth", layer)], fit.probes.get(("prior", layer))
+                has_pp = bool(conflict) and pp is not None
                 X = feats[layer][conflict] if conflict else None
                 probe_rows.append({
                     "model": m.name, "role": role, "layer": layer, "n_conflict": len(conflict),
                     "p_gt": float(pg.prob_of(X, [truth[i] for i in conflict]).mean()) if conflict else np.nan,
-                    "p_prior": float(pp.prob_of(X, [blind[i] for i in conflict]).mean()) if conflict else np.nan,
+                    "p_prior": float(pp.prob_of(X, [blind[i] for i in conflict]).mean()) if has_pp else np.nan,
                     # the same question asked of the ground-truth probe: does the layer lean to the prior's answer?
                     "p_prior_gt_probe": float(pg.prob_of(X, [blind[i] for i in conflict]).mean()) if conflict
                     else np.nan,
                     "acc_gt": pg.accuracy(X, [truth[i] for i in conflict]) if conflict else np.nan,
-                    "acc_prior": pp.accuracy(X, [blind[i] for i in conflict]) if conflict else np.nan,
+                    "acc_prior": pp.accuracy(X, [blind[i] for i in conflict]) if has_pp else np.nan,
                     "acc_gt_all_test": float(fit.table.query("target == 'ground_truth' and layer == @layer")
                                              ["accuracy_test"].iloc[0]),
                 })
                 probe_objects[(m.name, "ground_truth", layer)] = pg
-                probe_objects[(m.name, "prior", layer)] = pp
+                if pp is not None:
+                    probe_objects[(m.name, "prior", layer)] = pp
     timings["probes"] = round(time.perf_counter() - t0, 1)
     bar.update()
 
