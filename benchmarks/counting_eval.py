@@ -24,10 +24,10 @@ import time
 import torch
 
 import workbench as wb
-from workbench.studies.counting.study import CountingConfig, _make_sets
+from workbench.studies.counting_readout.study import CountingConfig, _make_sets
 from workbench.methods.activations import PrefixCache
-from workbench.studies.counting.evaluation import _gold_rank_prob, evaluate_answers
-from workbench.studies.counting.interventions import DigitRowHead, steering_edit
+from workbench.studies.counting_readout.evaluation import _gold_rank_prob, evaluate_answers
+from workbench.studies.counting_readout.interventions import DigitRowHead, steering_edit
 from workbench.core.sites import layer_site
 from workbench.core.swap import swap_modules
 

@@ -23,8 +23,8 @@ def main() -> int:
         print("no CUDA device: nothing to check")
         return 0
     import workbench as wb
-    from workbench.studies.counting.evaluation import evaluate_answers
-    from workbench.studies.counting.interventions import train_lora_qv
+    from workbench.studies.counting_readout.evaluation import evaluate_answers
+    from workbench.studies.counting_readout.interventions import train_lora_qv
     from workbench.methods.latent import LatentConfig, run_latent
     from workbench.core.models import from_hf
     from workbench.methods.probes.features import residual_features

@@ -329,7 +329,7 @@ def main(argv=None) -> dict:
     else:
         result["nnsight_missing"] = nnsight_missing
     if args.study:
-        from workbench.studies.counting.study import CountingConfig, run_counting_study
+        from workbench.studies.counting_readout.study import CountingConfig, run_counting_study
 
         study_model = random_model("smollm2", device, torch.float32)
         cfg = CountingConfig(model=study_model.name) if args.study == "full" else CountingConfig.smoke_config(

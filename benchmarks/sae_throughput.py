@@ -23,7 +23,7 @@ import torch
 import workbench as wb
 from workbench.data.corpus import load_corpus
 from workbench.methods.sae.train import SAETrainConfig, train_sae
-from workbench.studies.sae.study import MIDDLE_SITE
+from workbench.studies.sae_features.study import MIDDLE_SITE
 from workbench.core.store import harvest
 
 

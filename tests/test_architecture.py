@@ -28,8 +28,8 @@ def test_contracts_catch_a_violation(tmp_path, monkeypatch):
     pkg = tmp_path / "workbench"
     shutil.copytree(ROOT / "workbench", pkg, ignore=shutil.ignore_patterns("__pycache__", "parts"))
     sites = pkg / "core" / "sites.py"
-    sites.write_text(sites.read_text() + "\n\ndef _bad():\n    from workbench.studies.counting import study\n"
-                     "    return study\n\nfrom workbench.studies.sae import plots as _plots  # noqa\n")
+    sites.write_text(sites.read_text() + "\n\ndef _bad():\n    from workbench.studies.counting_readout import study\n"
+                     "    return study\n\nfrom workbench.studies.sae_features import plots as _plots  # noqa\n")
     cfg = tmp_path / "pyproject.toml"
     cfg.write_text((ROOT / "pyproject.toml").read_text())
     out = subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports; "
@@ -39,7 +39,7 @@ def test_contracts_catch_a_violation(tmp_path, monkeypatch):
     assert out.returncode == 1, out.stdout + out.stderr
     assert "workbench.core.sites -> workbench.studies" in out.stdout.replace("\n", " ") or \
         "workbench.core is not allowed to import workbench.studies" in out.stdout
-    assert "imports workbench.studies.counting inside _bad()" in out.stdout
+    assert "imports workbench.studies.counting_readout inside _bad()" in " ".join(out.stdout.split())
 
 
 def test_core_pulls_in_no_study_ui_or_testbed_code():

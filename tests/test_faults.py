@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import workbench.batch.runner as nbs
-import workbench.studies.counting.study as counting_study
+import workbench.studies.counting_readout.study as counting_study
 from workbench.batch.doctor import doctor
 from workbench.core import models as core_models
 from workbench.core import zoo
@@ -31,9 +31,9 @@ from workbench.methods.probes.base import load_probe, save_probe
 from workbench.methods.probes.linear import RidgeProbe
 from workbench.methods.sae.handle import SAEError, load_sae, save_sae
 from workbench.methods.sae.train import SAETrainConfig, train_sae
-from workbench.studies.counting.interventions import train_lora_qv
-from workbench.studies.counting.study import CountingConfig, run_counting_study
-from workbench.studies.sae.study import SAEStudyConfig, train_cache_paths
+from workbench.studies.counting_readout.interventions import train_lora_qv
+from workbench.studies.counting_readout.study import CountingConfig, run_counting_study
+from workbench.studies.sae_features.study import SAEStudyConfig, train_cache_paths
 from workbench.testing.tiny import tiny_model
 
 PROMPTS = ["hello world, this is a test", "hi there", "the cat sat on the mat", "one two three"]

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 import workbench.batch.cli as cli
-import workbench.studies.readout.train as lens_train
+import workbench.studies.tuned_lens_patching.train as lens_train
 from workbench.data.vqa import VARIANTS
 from workbench.io.owned import FolderOwnershipError
 from workbench.methods.tuned_lens import KIND, TunedLensError
-from workbench.studies.sae import study as sae_study
+from workbench.studies.sae_features import study as sae_study
 from workbench.testbed import model as testbed_model
 
 ROOT = Path(__file__).resolve().parents[2]

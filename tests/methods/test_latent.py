@@ -9,7 +9,7 @@ import workbench as wb
 import workbench.methods.latent as latent
 from workbench.data.reasoning import arithmetic_chains, gold_step_token_ids, graph_reachability, make_reasoning_task
 from workbench.methods.latent import LatentConfig, embedding_scale, input_embeddings, run_latent, soft_weights
-from workbench.studies.drift.metrics import fact_retention, lens_metrics, manifold_metrics, step_summary
+from workbench.studies.latent_drift.metrics import fact_retention, lens_metrics, manifold_metrics, step_summary
 from workbench.testing.tiny import tiny_model
 
 
@@ -241,8 +241,8 @@ def test_fact_retention_table():
 # -- study and figures -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("task", ["arithmetic", "graph"])
 def test_drift_study_smoke_and_figures(task, tmp_path):
-    import workbench.studies.drift.plots as plots
-    from workbench.studies.drift.study import DriftConfig, accuracy_table, run_drift_study, save_drift_result
+    import workbench.studies.latent_drift.plots as plots
+    from workbench.studies.latent_drift.study import DriftConfig, accuracy_table, run_drift_study, save_drift_result
 
     m = tiny_model("llama")
     cfg = DriftConfig.smoke_config(model="tiny", task=task, soft={"gumbel_tau": 0.5})
@@ -269,7 +269,7 @@ def test_drift_study_smoke_and_figures(task, tmp_path):
     (dict(soft={"temperature": -1}), "temperature"),
 ])
 def test_drift_config_bad_input(kwargs, match):
-    from workbench.studies.drift.study import DriftConfig
+    from workbench.studies.latent_drift.study import DriftConfig
 
     with pytest.raises(ValueError, match=match):
         DriftConfig(**kwargs)

@@ -13,7 +13,7 @@ import torch
 
 import workbench
 import workbench.methods.sae.features as sf
-import workbench.studies.sae.links as links
+import workbench.studies.sae_features.links as links
 from workbench.core.sites import SiteError
 from workbench.core.store import harvest
 from workbench.core.trace import trace
@@ -313,7 +313,7 @@ def test_auroc_and_similarity_are_right_on_toy_data():
 
 
 def test_the_study_runs_end_to_end_on_a_tiny_model(model, tmp_path):
-    from workbench.studies.sae.study import SAEStudyConfig, run_sae_study, save_sae_result
+    from workbench.studies.sae_features.study import SAEStudyConfig, run_sae_study, save_sae_result
 
     corpus = tmp_path / "docs.txt"
     corpus.write_text("\n\n".join(DOCS))
@@ -352,7 +352,7 @@ def test_handle_checks_the_site_width_at_splice_time(model):
 def test_the_shipped_saes_load_match_their_cards_and_reconstruct(smollm2, site):
     from sae_lens import SAE
 
-    from workbench.studies.sae.study import SAES_DIR, SPECS
+    from workbench.studies.sae_features.study import SAES_DIR, SPECS
 
     folder = SAES_DIR / "smollm2-135m" / site / "topk-8x-k32"
     handle = load_sae(folder, smollm2)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import workbench.studies.sae.bench as study_bench
+import workbench.studies.sae_features.bench as study_bench
 from workbench.core.store import harvest
 from workbench.core.trace import trace
 from workbench.data.corpus import Corpus

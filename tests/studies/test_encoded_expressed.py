@@ -13,8 +13,8 @@ import workbench.data.vqa as vqa
 from workbench.data.reasoning import arithmetic_chains
 from workbench.data.tasks import make_task
 from workbench.methods.latent import LatentConfig
-from workbench.studies.gap.explorer import gap_explorer
-from workbench.studies.gap.replications import (
+from workbench.studies.encoded_expressed.explorer import encoded_expressed_explorer
+from workbench.studies.encoded_expressed.replications import (
     digit_readout,
     integration_curve,
     late_suppression,
@@ -24,8 +24,8 @@ from workbench.studies.gap.replications import (
     soft_thinking_threads,
     vip_tvi,
 )
-from workbench.studies.gap.study import GapConfig, run_gap_study, shipped_tuned_lens
-from workbench.studies.gap.tasks import counting_task, latent_task
+from workbench.studies.encoded_expressed.study import EncodedExpressedConfig, run_encoded_expressed_study, shipped_tuned_lens
+from workbench.studies.encoded_expressed.tasks import counting_task, latent_task
 from workbench.testing.tiny import tiny_model, tiny_vlm
 
 
@@ -166,26 +166,26 @@ def test_counting_task_patches_exactly_when_rows_are_right(m):
 
 def test_gap_config_checks_before_any_forward():
     with pytest.raises(ValueError, match="unknown task"):
-        GapConfig(tasks=("nope",))
+        EncodedExpressedConfig(tasks=("nope",))
     with pytest.raises(ValueError, match="latent mode"):
-        GapConfig(latent_modes=("direct",))
+        EncodedExpressedConfig(latent_modes=("direct",))
     with pytest.raises(ValueError, match="n_train < n_prompts"):
-        GapConfig(n_prompts=10, n_train=10)
+        EncodedExpressedConfig(n_prompts=10, n_train=10)
     with pytest.raises(ValueError, match="tuned_lens"):
-        GapConfig(tuned_lens="maybe")
+        EncodedExpressedConfig(tuned_lens="maybe")
     with pytest.raises(ValueError, match="gumbel"):
-        GapConfig(gumbel_taus=(0.0,))
+        EncodedExpressedConfig(gumbel_taus=(0.0,))
     with pytest.raises(ValueError, match="delimiters"):
-        GapConfig(delimiters=("",))
+        EncodedExpressedConfig(delimiters=("",))
     with pytest.raises(ValueError, match="latent_task"):
-        GapConfig(latent_task="graph")
+        EncodedExpressedConfig(latent_task="graph")
 
 
 def test_study_on_a_tiny_model_tables_figures_explorer(m, tmp_path, monkeypatch):
-    cfg = GapConfig(tasks=("list_length",), vlms=(), n_prompts=36, n_train=24, n_pairs=3, min_pairs=1,
+    cfg = EncodedExpressedConfig(tasks=("list_length",), vlms=(), n_prompts=36, n_train=24, n_pairs=3, min_pairs=1,
                     n_latent_items=12, n_latent_train=8, n_steps=2, gumbel_taus=(0.5,), delimiters=(", ", " "),
                     n_delimiter=27, n_delimiter_train=18, ablate_last=(1,), batch_size=8)
-    result = run_gap_study(cfg, model=m, progress=False)
+    result = run_encoded_expressed_study(cfg, model=m, progress=False)
     assert set(result.panel.thread) == {"counting", "latent"}
     assert "tuned_acc" not in result.panel  # no tuned lens for a tiny model: the column is left out
     assert set(result.summary().thread) == {"counting", "latent"}
@@ -193,12 +193,12 @@ def test_study_on_a_tiny_model_tables_figures_explorer(m, tmp_path, monkeypatch)
                                      "soft_single_threaded"}
     assert list(result.delimiter_summary.delimiter) == ["comma", "space"]
     monkeypatch.setenv("WORKBENCH_HEADLESS", "1")
-    fig = gap_explorer(result, thread="latent")
+    fig = encoded_expressed_explorer(result, thread="latent")
     assert "latent" in fig.layout.title.text
     with pytest.raises(ValueError, match="thread"):
-        gap_explorer(result, thread="visual")
+        encoded_expressed_explorer(result, thread="visual")
     assert shipped_tuned_lens(m, "none") is None
     with pytest.raises(ValueError, match="ablate_last"):
-        run_gap_study(GapConfig(ablate_last=(m.n_layers + 1,)), model=m, progress=False)
+        run_encoded_expressed_study(EncodedExpressedConfig(ablate_last=(m.n_layers + 1,)), model=m, progress=False)
     with pytest.raises(ValueError, match="not a vision-language model"):  # before any forward of the text model
-        run_gap_study(GapConfig(vlms=("tiny",)), model=m, vlm_models={"tiny": tiny_model("gpt2")}, progress=False)
+        run_encoded_expressed_study(EncodedExpressedConfig(vlms=("tiny",)), model=m, vlm_models={"tiny": tiny_model("gpt2")}, progress=False)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from workbench.methods.probes.linear import RidgeProbe
-from workbench.studies.counting.geometry import (
+from workbench.studies.counting_readout.geometry import (
     cosine_summary,
     digit_row_cosines,
     geometry_table,

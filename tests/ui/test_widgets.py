@@ -12,10 +12,10 @@ import workbench.ui.base as ui_base
 from workbench.data.reasoning import make_reasoning_task
 from workbench.methods.latent import run_modes
 from workbench.methods.probes.base import r2_score
-from workbench.studies.counting.explorer import ProbeExplorer, probe_explorer
-from workbench.studies.counting.study import CountingConfig, run_counting_study, save_counting_result
-from workbench.studies.drift.explorer import LatentScrubber, latent_scrubber
-from workbench.studies.drift.study import DriftConfig, run_drift_study, save_drift_result
+from workbench.studies.counting_readout.explorer import ProbeExplorer, probe_explorer
+from workbench.studies.counting_readout.study import CountingConfig, run_counting_study, save_counting_result
+from workbench.studies.latent_drift.explorer import LatentScrubber, latent_scrubber
+from workbench.studies.latent_drift.study import DriftConfig, run_drift_study, save_drift_result
 from workbench.testing.tiny import tiny_model
 from workbench.ui.base import StaticFigure, resolve_display
 from workbench.ui.lens import LensExplorer, lens_explorer

@@ -11,7 +11,7 @@
     workbench train-lens MODEL [--recipe cpu|gpu|smoke] [--steps N] [--seed S] [--device D] [--out DIR] [--overwrite]
                                                 the shipped tuned lens, probes/<model>/tuned-lens
     workbench train-sae harvest                 the default model's SAE training store (user cache, resumable)
-    workbench train-sae train KEY...            SAEs of workbench.studies.sae.study.SPECS into saes/ or the cache
+    workbench train-sae train KEY...            SAEs of workbench.studies.sae_features.study.SPECS into saes/ or the cache
     workbench build-testbed [--variant biased|balanced|both] [--n-train N] [--seed S] [--out DIR]
                                                 retrain the VLM testbed's projector + LoRA parts
 
@@ -22,8 +22,8 @@ current directory. Exit status: 0 if every notebook ran, 1 if any failed (each f
 2 for bad input (unknown notebook or parameter), found before any kernel starts.
 
 ``train-lens``, ``train-sae`` and ``build-testbed`` only parse their options and call the library functions
-:func:`workbench.studies.readout.train.build_tuned_lens`, :func:`workbench.studies.sae.study.harvest_training_store`
-/ :func:`~workbench.studies.sae.study.build_saes` and :func:`workbench.testbed.model.build_testbed`. Bad input (an
+:func:`workbench.studies.tuned_lens_patching.train.build_tuned_lens`, :func:`workbench.studies.sae_features.study.harvest_training_store`
+/ :func:`~workbench.studies.sae_features.study.build_saes` and :func:`workbench.testbed.model.build_testbed`. Bad input (an
 unknown model, recipe, SAE key or variant, a count that is not a positive int, an unusable device, a folder that may
 not be replaced) exits with status 2 and a message naming it, before any model loads.
 """
@@ -52,9 +52,9 @@ from workbench.core.models import check_model_name, resolve_device
 from workbench.core.zoo import fetch_models
 from workbench.data.vqa import VARIANTS
 from workbench.io.owned import FolderOwnershipError
-from workbench.studies.readout.study import RECIPES
-from workbench.studies.readout.train import build_tuned_lens, lens_summary
-from workbench.studies.sae.study import SPECS, build_saes, harvest_training_store
+from workbench.studies.tuned_lens_patching.study import RECIPES
+from workbench.studies.tuned_lens_patching.train import build_tuned_lens, lens_summary
+from workbench.studies.sae_features.study import SPECS, build_saes, harvest_training_store
 from workbench.testbed.model import TestbedConfig, build_testbed
 
 

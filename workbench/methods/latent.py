@@ -88,7 +88,7 @@ class LatentConfig:
 
 @dataclass
 class LatentRun:
-    """Everything one run produced; :mod:`workbench.studies.drift.metrics` turns it into metrics."""
+    """Everything one run produced; :mod:`workbench.studies.latent_drift.metrics` turns it into metrics."""
 
     config: dict
     items: pd.DataFrame  # item, n_latent, answer_text, parsed, gold, correct, thought_text (cot)

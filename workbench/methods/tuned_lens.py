@@ -160,7 +160,7 @@ class TunedLensTrainConfig:
 
     @classmethod
     def cpu(cls, **overrides) -> TunedLensTrainConfig:
-        """SmolLM2-135M on 2 CPU cores in about 15 minutes (docs/results/readout.md): the least-squares start on
+        """SmolLM2-135M on 2 CPU cores in about 15 minutes (docs/results/tuned-lens-patching.md): the least-squares start on
         1,024 windows (131k tokens, forward passes only), then 12 KL steps of 512 tokens with the paper's optimiser
         (each step sends 30 layers x 512 tokens through the 49k-row head and back: ~37 s here), stored as float16."""
         return cls(**{"context_length": 128, "batch_size": 4, "steps": 12, "init": "lstsq", "lstsq_windows": 1024,

@@ -18,9 +18,9 @@ Caching
     ``FigureWidget``, ``explorer.status`` its status line and ``explorer.render()`` the ``go.Figure`` of the
     current view.
 
-The explorers: :func:`workbench.ui.lens.lens_explorer`, :func:`workbench.studies.counting.explorer.probe_explorer`,
-:func:`workbench.studies.drift.explorer.latent_scrubber`, :func:`workbench.studies.visual.explorer.blur_explorer`,
-:func:`workbench.studies.readout.explorer.patching_explorer`, :func:`workbench.studies.gap.explorer.gap_explorer`.
+The explorers: :func:`workbench.ui.lens.lens_explorer`, :func:`workbench.studies.counting_readout.explorer.probe_explorer`,
+:func:`workbench.studies.latent_drift.explorer.latent_scrubber`, :func:`workbench.studies.visual_ignorance.explorer.blur_explorer`,
+:func:`workbench.studies.tuned_lens_patching.explorer.patching_explorer`, :func:`workbench.studies.encoded_expressed.explorer.encoded_expressed_explorer`.
 """
 
 from __future__ import annotations

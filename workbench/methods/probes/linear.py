@@ -3,7 +3,7 @@
 - :class:`RidgeProbe`: closed-form ridge regression of the scalar count, on standardised features with an
   unpenalised intercept; alpha picked from {1e-3 ... 1e3} by R² on a seeded 20 % validation split of the training
   data, then refitted on all of it. One SVD per fit evaluates every alpha. ``direction_raw`` maps the weights back to
-  raw residual coordinates (w / sigma), the direction the geometry of :mod:`workbench.studies.counting.geometry` is measured on.
+  raw residual coordinates (w / sigma), the direction the geometry of :mod:`workbench.studies.counting_readout.geometry` is measured on.
 - :class:`LogisticProbe`: multinomial logistic classification of the count (scikit-learn's objective, solved by
   L-BFGS in torch; tests compare with scikit-learn).
 

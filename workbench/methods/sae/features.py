@@ -6,7 +6,7 @@
     write_feature_report(model, handle, scan, [123, 456], "report.html")  # self-contained, no network
 
 Position 0 (BOS / the attention sink) is left out of every scan, as in training. The links to the threads (which
-features carry the count, data selection in SAE space) are study code: :mod:`workbench.studies.sae.links`.
+features carry the count, data selection in SAE space) are study code: :mod:`workbench.studies.sae_features.links`.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ class SAETrainConfig:
     jumprelu_bandwidth: float = 0.05  # jumprelu only: the straight-through estimator's kernel width
     # Adam. The number of steps and their size decide how many latents live: at batch 2048 / lr 4e-4, 1.5M tokens
     # are 732 steps of 4e-4 and 65 % of SmolLM2's middle-layer latents never fired on fresh text; batch 512 / lr 1e-3
-    # left none silent on the same tokens (docs/results/sae.md). TopK tolerates the rate: its sparsity is structural.
+    # left none silent on the same tokens (docs/results/sae-features.md). TopK tolerates the rate: its sparsity is structural.
     lr: float = 1e-3
     lr_warm_up_steps: int = 0
     lr_decay_steps: int = 0  # linear decay to lr / 10 over the last steps (0 = constant)

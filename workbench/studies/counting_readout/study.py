@@ -1,0 +1,536 @@
+"""The counting-readout study: does a model know the count, and can its digit rows read it out?
+
+One call runs the whole protocol of methods.md section 1 on one model, for every task and seed:
+
+1. tasks (balanced counts 1-9), split into train (``n_train``) and held-out test (``n_test``) prompts;
+2. residual features at every layer (last token; for the entity task also the mean over the entity mentions);
+3. per-layer ridge probes (alpha on a validation split of train) and logistic probes, scored on test;
+4. geometry: |cos| of each probe direction with the digit rows, against the random baseline and random directions;
+   a permutation test at the best layer; principal angles between the count directions of all tasks and the
+   digit rows; digit-row norm percentiles;
+5. the logit lens: gold-digit rank by layer;
+6. interventions, each evaluated on the test prompts only: digit-row repair, LoRA on Q/V, steering along the probe
+   direction; for each: digit-restricted, full-vocabulary and true greedy-generation accuracy, and the lens ranks.
+
+The best layer is chosen by validation R² (never by test data). Results are small dataframes in
+:class:`CountingResult`; :func:`save_counting_result` writes them as CSV.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from safetensors.torch import load_file, save
+from tqdm.auto import tqdm
+
+from workbench.core.models import DEFAULT_MODEL, Model, load_model
+from workbench.core.sites import check_layers, layer_site
+from workbench.data.tasks import (
+    DEFAULT_ANSWER_PREFIX,
+    TASKS,
+    TaskSet,
+    digit_token_ids,
+    make_task,
+    split,
+)
+from workbench.io.atomic import atomic_write_bytes, sha256_file
+from workbench.io.checkpoint import UnitCheckpoint
+from workbench.io.figures import write_result_tables
+from workbench.io.paths import cache_root, model_key, safe_segment
+from workbench.io.provenance import jsonable
+from workbench.methods.activations import PrefixCache
+from workbench.methods.probes.base import probe_dir, save_probe
+from workbench.methods.probes.features import residual_features_many
+from workbench.methods.probes.layerwise import layerwise_logistic, layerwise_ridge
+from workbench.studies.counting_readout import plots
+from workbench.studies.counting_readout.evaluation import evaluate_answers
+from workbench.studies.counting_readout.geometry import (
+    geometry_table,
+    permutation_test,
+    principal_angles,
+    random_baseline,
+    row_norm_percentiles,
+)
+from workbench.studies.counting_readout.interventions import steering_edit, train_digit_rows, train_lora_qv
+from workbench.studies.notebook import NotebookConfig, checkout_root
+
+METHODS = ("baseline", "probe_round", "digit_rows", "lora_qv", "steering")
+INTERVENTIONS = ("digit_rows", "lora_qv", "steering")
+LORA_SCOPES = ("joint", "per_task")
+
+
+@dataclass
+class CountingConfig(NotebookConfig):
+    # notebook 02's parameters -> fields (see workbench.studies.notebook); a smoke run sizes the last four itself
+    NOTEBOOK = {"model": "model", "tasks": "tasks", "layers": "layers", "interventions": "interventions",
+                "lora_scope": "lora_scope", "n_prompts": "n_test", "n_train": "n_train", "seeds": "seeds",
+                "save_probes": ("probes_root", lambda save: checkout_root() if save else None)}
+    SMOKE_SIZED = ("n_prompts", "n_train", "seeds", "save_probes")
+
+    model: str = DEFAULT_MODEL
+    tasks: tuple[str, ...] = tuple(TASKS)
+    seeds: tuple[int, ...] = (11, 77, 42)  # the paper's seeds; each seed draws its own prompts and trains anew
+    n_train: int = 600  # digit-row repair trains on 600 prompts in the paper
+    n_test: int = 200  # held out: never used for training, alpha or layer choice
+    n_lora_train: int = 400  # the paper's LoRA pool (a subset of the train prompts)
+    layers: Sequence[int] | None = None  # probe layers (hidden-state indices 0..L); None = all
+    repair_steps: int = 500
+    lora_steps: int = 200
+    lora_batch: int = 4
+    # "joint": one adapter per seed, trained on the LoRA pools of all tasks together and evaluated on each task;
+    # "per_task": the paper's protocol, one adapter per task and seed (4x the training: ~21 of the default model's
+    # 20-minute budget on 2 CPU cores, so not the default).
+    lora_scope: str = "joint"
+    steer_alphas: tuple[float, ...] = (-1.0, -0.5, -0.25, 0.25, 0.5, 1.0)  # x mean residual norm at that layer
+    steer_select_n: int = 32  # train prompts used to pick the steering alpha (6 alphas x 32 forwards)
+    gen_tokens: int = 6
+    batch_size: int = 64  # prompts are batched by length, so a big batch costs little padding
+    n_permutations: int = 100
+    logistic_C: float = 1.0  # fixed (on standardised features): a per-layer C search would dominate the run time
+    probes_root: str | None = "."  # best-layer probes go to <probes_root>/probes/<model>/<task>/ (None: not saved)
+    interventions: tuple[str, ...] = INTERVENTIONS  # a subset skips the others (LoRA is ~half of the run time)
+    smoke: bool = False
+
+    def __post_init__(self):
+        self.tasks = tuple(self.tasks)
+        self.seeds = tuple(int(s) for s in self.seeds)
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise ValueError(f"unknown task(s) {unknown or '(none given)'}; valid tasks: {list(TASKS)}")
+        if not self.seeds:
+            raise ValueError("seeds is empty: give at least one seed")
+        self.interventions = tuple(self.interventions)
+        bad = [i for i in self.interventions if i not in INTERVENTIONS]
+        if bad:
+            raise ValueError(f"unknown intervention(s) {bad}; valid: {list(INTERVENTIONS)}")
+        for name in ("n_train", "n_test", "n_lora_train", "repair_steps", "lora_steps", "lora_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.lora_scope not in LORA_SCOPES:
+            raise ValueError(f"lora_scope must be one of {list(LORA_SCOPES)}, got {self.lora_scope!r}")
+        if "lora_qv" in self.interventions and self.n_lora_train > self.n_train:
+            raise ValueError(f"n_lora_train ({self.n_lora_train}) cannot exceed n_train ({self.n_train})")
+
+    @classmethod
+    def smoke_config(cls, **overrides) -> CountingConfig:
+        """Small enough for CI: one seed, few prompts, short training."""
+        base = dict(seeds=(11,), n_train=27, n_test=18, n_lora_train=18, repair_steps=50, lora_steps=2,
+                    steer_select_n=12, gen_tokens=3, n_permutations=10, probes_root=None, smoke=True)
+        return cls(**(base | overrides))
+
+
+@dataclass
+class CountingResult:
+    config: dict
+    model: str
+    weights_hash: str
+    tied_head: bool
+    d_model: int
+    n_layers: int
+    probes: pd.DataFrame  # task, seed, variant, layer, r2_test, round_acc_test, r2_val, alpha, logistic_acc
+    geometry: pd.DataFrame  # task, seed, layer, cos_mean/min/max, random baseline and band
+    lens: pd.DataFrame  # task, seed, method, layer, median_rank, mean_prob, lens_accuracy
+    accuracy: pd.DataFrame  # task, seed, method, digit_restricted, full_vocab, generation
+    extras: pd.DataFrame  # task, seed, key, value: best layer, permutation p, chosen alpha, param counts, times
+    angles: pd.DataFrame  # seed, layer, angle_index, degrees
+    norm_percentiles: pd.DataFrame  # digit, token, percentile
+    timings: dict = field(default_factory=dict)
+
+    def lens_peaks(self) -> pd.DataFrame:
+        """Per task, seed and method: where the gold digit's lens peaks (see :func:`lens_peaks`)."""
+        return lens_peaks(self.lens)
+
+    def summary(self) -> pd.DataFrame:
+        """Accuracy mean and sd over seeds: one row per task x method."""
+        metrics = ["digit_restricted", "full_vocab", "generation"]
+        g = self.accuracy.groupby(["task", "method"], sort=False)[metrics]
+        mean, sd = g.mean(), g.std(ddof=1)
+        out = mean.add_suffix("_mean").join(sd.add_suffix("_sd")).reset_index()
+        return out
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """The tables a notebook records in its manifest (the full tables go to CSV by ``save_counting_result``)."""
+        return {"accuracy_table": self.summary()}
+
+    def figures(self) -> dict[str, go.Figure]:
+        """The study's figures, by name: probe R², |cos| with the digit rows, lens ranks, accuracy."""
+        return {
+            "r2_by_layer": plots.probe_r2_by_layer(self.probes),
+            "cos_by_layer": plots.cos_by_layer(self.geometry),
+            "lens_rank_by_layer": plots.lens_rank_by_layer(self.lens),
+            "accuracy": plots.accuracy_bars(self.summary()),
+        }
+
+
+def answer_setup(model: Model, task: str, probe_prompt: str) -> tuple[str, str]:
+    """(prompt suffix, answer prefix) giving single-token answers for this tokenizer.
+
+    Prefer the natural " 7" after "Answer:"; tokenizers that split the space from the digit (SmolLM2, Qwen 2.5 and
+    Gemma 3 all do) get the space at the end of the prompt instead, so the next token is the bare digit.
+    """
+
+    prefix = DEFAULT_ANSWER_PREFIX[task]
+    try:
+        digit_token_ids(model.tokenizer, prefix, context=probe_prompt)
+        return "", prefix
+    except ValueError:
+        if prefix:
+            digit_token_ids(model.tokenizer, "", context=probe_prompt + prefix)  # raises with the answers if not
+            return prefix, ""
+        raise
+
+
+def answered_task(model: Model, task: str, n: int, *, seed: int, **options) -> tuple[TaskSet, list[int]]:
+    """``n`` prompts of counting ``task`` in the study's answer set-up (:func:`answer_setup`'s suffix appended, so the
+    next token is the answer) and the token ids of the answers 1..9, each checked to be one token as the continuation
+    of the first prompt. ``options`` go to :func:`workbench.data.tasks.make_task`."""
+    probe = make_task(task, 1, seed=seed, **options)
+    suffix, prefix = answer_setup(model, task, probe.prompts[0])
+    ts = make_task(task, n, seed=seed, answer_prefix=prefix, **options)
+    if suffix:
+        ts.prompts = [p + suffix for p in ts.prompts]
+    return ts, digit_token_ids(model.tokenizer, prefix, context=ts.prompts[0])
+
+
+def _make_sets(model: Model, task: str, seed: int, cfg: CountingConfig) -> tuple[TaskSet, TaskSet, TaskSet, list[int]]:
+    ts, digit_ids = answered_task(model, task, cfg.n_train + cfg.n_test, seed=seed)
+    train, test = split(ts, [cfg.n_train, cfg.n_test], seed=seed)
+    return ts, train, test, digit_ids
+
+
+def _rank_rows(frame: pd.DataFrame, **keys) -> pd.DataFrame:
+    frame = frame.copy()
+    for k, v in keys.items():
+        frame.insert(0, k, v)
+    return frame
+
+
+def _select_steering_alpha(model, site, direction, scale, prompts, counts, digit_ids, cfg) -> tuple[float, dict]:
+    curve = {}
+    cache = PrefixCache.build(model, prompts, batch_size=cfg.batch_size)  # the prompts run once for all alphas
+    for a in cfg.steer_alphas:
+        edit = steering_edit(direction, a * scale)
+        acc = evaluate_answers(model, prompts, counts, digit_ids, edits={site: edit}, generate=False, lens=False,
+                               cache=cache).accuracy()
+        curve[a] = acc["full_vocab"] + 1e-3 * acc["digit_restricted"]
+    best = max(curve, key=lambda a: (curve[a], -abs(a)))
+    return best, curve
+
+
+@dataclass
+class TaskProbes:
+    """Per-layer ridge probes of one task and seed, with what the probe explorer shows: the table (layer, r2_test,
+    round_acc_test, ...), the geometry (|cos| with the digit rows per layer), and held-out predictions."""
+
+    task: str
+    seed: int
+    table: pd.DataFrame
+    geometry: pd.DataFrame
+    y_test: np.ndarray  # true counts of the held-out prompts
+    predictions: dict[int, np.ndarray]  # layer -> predicted counts of the held-out prompts
+
+
+@torch.no_grad()
+def task_probes(model: Model, task: str, seed: int, cfg: CountingConfig, layers: Sequence[int]) -> TaskProbes:
+    """Steps 1-4 of the study for one task and seed (same prompts, split, features and probes as
+    :func:`run_counting_study` with the same ``cfg``): one feature pass over the prompts, then a ridge probe and the
+    digit-row geometry per layer, and the probes' predictions on the held-out prompts."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; valid tasks: {list(TASKS)}")
+    layers = check_layers(layers, model.n_layers)  # hidden-state layers, the package's one meaning of layers
+    _, train, test, digit_ids = _make_sets(model, task, seed, cfg)
+    prompts = train.prompts + test.prompts
+    counts = np.concatenate([train.counts, test.counts]).astype(float)
+    tr_idx, te_idx = np.arange(len(train)), np.arange(len(train), len(prompts))
+    feats = residual_features_many(model, prompts, layers, {"last_token": "last"},
+                                   batch_size=cfg.batch_size)["last_token"]
+    lw = layerwise_ridge(feats, counts, tr_idx, te_idx, seed=seed, device=model.device)
+    geo = geometry_table(lw.probes, model.W_U.detach(), digit_ids, seed=seed)
+    preds = {layer: lw.probes[layer].predict(feats[layer][te_idx]).numpy() for layer in layers}
+    return TaskProbes(task=task, seed=seed, table=lw.table, geometry=geo, y_test=counts[te_idx], predictions=preds)
+
+
+def checkpoint_dir(model: Model, cfg: CountingConfig, layers: Sequence[int]) -> Path:
+    """The default checkpoint folder of a study: in the user cache, keyed by the model's weights and the
+    canonical config, so a resume can only ever continue the same study."""
+    spec = json.dumps(jsonable({"config": asdict(cfg), "layers": list(layers), "weights": model.weights_hash}),
+                      sort_keys=True)
+    return cache_root() / "checkpoints" / "counting" / f"{model_key(model)}-{hashlib.sha256(spec.encode()).hexdigest()[:16]}"
+
+
+class _Checkpoint(UnitCheckpoint):
+    """One unit per finished (seed, task): its table rows (JSON) and count direction (safetensors), written
+    atomically, the JSON last. ``spec`` must match the folder's or the folder is refused."""
+
+    KIND = "counting-checkpoint"
+
+    def __init__(self, folder: Path, spec: dict):
+        super().__init__(folder, spec, kind=self.KIND)
+
+    def _paths(self, seed: int, task: str) -> tuple[str, Path]:
+        stem = f"seed{seed}-{safe_segment(task)}"
+        return stem, self.path(stem, ".safetensors")
+
+    def load_unit(self, seed: int, task: str, rows: dict, directions: dict) -> bool:
+        stem, tensors = self._paths(seed, task)
+        unit = self.load(stem)
+        if unit is None:
+            return False
+        if not tensors.is_file() or sha256_file(tensors) != unit["direction_sha256"]:
+            return False  # damaged: the unit runs again
+        for name, new in unit["rows"].items():  # order-preserving forms: JSON files are written with sorted keys
+            rows[name].extend(pd.DataFrame(r["data"], columns=r["columns"]) if name in _FRAME_ROWS else dict(r)
+                              for r in new)
+        directions.setdefault(seed, {})[task] = load_file(str(tensors))["direction"]
+        return True
+
+    def save_unit(self, seed: int, task: str, rows: dict, marks: dict, direction: torch.Tensor) -> None:
+        stem, tensors = self._paths(seed, task)
+        data = save({"direction": direction.detach().cpu().contiguous()})
+        atomic_write_bytes(tensors, data)
+        new = {name: [{"columns": list(r.columns), "data": r.to_numpy().tolist()} if name in _FRAME_ROWS
+                      else list(r.items()) for r in v[marks[name]:]] for name, v in rows.items()}
+        self.save(stem, {"seed": seed, "task": task, "rows": jsonable(new),
+                         "direction_sha256": hashlib.sha256(data).hexdigest()})
+
+
+_FRAME_ROWS = ("probes", "geometry", "lens")  # rows kept as DataFrames (the others are dicts)
+
+
+def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None = None,
+                       progress: bool = True, checkpoint: bool | str | os.PathLike = False) -> CountingResult:
+    """Run the counting protocol on one model (see module docstring). ``model`` overrides ``cfg.model``.
+
+    checkpoint: ``True`` keeps each finished (seed, task) unit in the user cache (:func:`checkpoint_dir`), a path
+    keeps them there; a rerun of the same study (same config, layers and weights) loads the finished units and runs
+    only the rest, with identical results. ``False`` (default): nothing is kept."""
+    cfg = cfg or CountingConfig()
+    t_start = time.perf_counter()
+    model = model or load_model(cfg.model)
+    L = model.n_layers
+    if cfg.layers is None and cfg.smoke:
+        layers = sorted(set(range(0, L + 1, max(1, L // 6))) | {L})  # a handful of layers: seconds, not minutes
+    else:
+        layers = check_layers(cfg.layers, L)
+    if L not in layers:
+        layers.append(L)  # the last layer feeds the digit-row repair
+    W_U = model.W_U.detach()
+    probe_rows, geo_rows, lens_rows, acc_rows, extra_rows, angle_rows = [], [], [], [], [], []
+    timings: dict[str, float] = {}
+
+    def tick(key, t0):
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
+    jobs = [(seed, task) for seed in cfg.seeds for task in cfg.tasks]
+    # Validate every task's answers for this tokenizer before any heavy work.
+    for task in cfg.tasks:
+        answer_setup(model, task, make_task(task, 1, seed=0).prompts[0])
+    directions_by_seed: dict[int, dict[str, torch.Tensor]] = {}
+    lora_cache: dict = {}  # (seed, tasks) -> the trained adapter, so a joint adapter is trained once per seed
+    digit_ids_any = None
+    rows = {"probes": probe_rows, "geometry": geo_rows, "lens": lens_rows, "accuracy": acc_rows,
+            "extras": extra_rows}
+    ckpt = None
+    if checkpoint:
+        folder = checkpoint_dir(model, cfg, layers) if checkpoint is True else Path(checkpoint)
+        ckpt = _Checkpoint(folder, {"config": asdict(cfg), "layers": layers, "weights_sha256": model.weights_hash})
+    bar = tqdm(jobs, desc=f"counting {model.name}", disable=not progress)
+    for seed, task in bar:
+        bar.set_postfix(task=task, seed=seed)
+        ts, train, test, digit_ids = _make_sets(model, task, seed, cfg)
+        if ckpt is not None and ckpt.load_unit(seed, task, rows, directions_by_seed):
+            digit_ids_any = digit_ids
+            timings["resumed_units"] = timings.get("resumed_units", 0) + 1
+            continue  # this (seed, task) finished in an earlier, interrupted run
+        marks = {name: len(v) for name, v in rows.items()}
+        digit_ids_any = digit_ids
+        everything = train.prompts + test.prompts
+        counts = np.concatenate([train.counts, test.counts])
+        tr_idx = np.arange(len(train))
+        te_idx = np.arange(len(train), len(everything))
+        key = dict(task=task, seed=seed)
+
+        t0 = time.perf_counter()
+        # Train prompts: features only. Held-out prompts: one forward whose key/value cache and last-token residuals
+        # (every layer) also serve the baseline, digit-row and steering evaluations (no second pass over them).
+        specs, test_specs = {"last_token": "last"}, {}
+        if task == "entity":  # both variants from one forward
+            specs["mention_mean"] = train.mention_token_positions(model.tokenizer)
+            test_specs["mention_mean"] = test.mention_token_positions(model.tokenizer)
+        variants = residual_features_many(model, train.prompts, layers, specs, batch_size=cfg.batch_size)
+        test_cache = PrefixCache.build(model, test.prompts, batch_size=cfg.batch_size, positions=test_specs)
+        test_variants = {"last_token": test_cache.last_token(layers)} | test_cache.features
+        variants = {name: {layer: torch.cat([by_layer[layer], test_variants[name][layer]]) for layer in layers}
+                    for name, by_layer in variants.items()}
+        feats = variants["last_token"]
+        tick("features", t0)
+
+        t0 = time.perf_counter()
+        main = None
+        for variant, fts in variants.items():
+            # on the model's device: ridge for every layer at once (batched SVDs), logistic layer by layer
+            lw = layerwise_ridge(fts, counts.astype(float), tr_idx, te_idx, seed=seed, device=model.device)
+            table = lw.table.merge(layerwise_logistic(fts, counts, tr_idx, te_idx, C=cfg.logistic_C,
+                                                      device=model.device), on="layer")
+            probe_rows.append(_rank_rows(table, variant=variant, **key))
+            if variant == "last_token":
+                main = lw
+        tick("probes", t0)
+
+        t0 = time.perf_counter()
+        geo = geometry_table(main.probes, W_U, digit_ids, seed=seed)
+        geo_rows.append(_rank_rows(geo, **key))
+        best = int(main.table.loc[main.table.r2_val.idxmax(), "layer"])
+        best_probe = main.probes[best]
+        directions_by_seed.setdefault(seed, {})[task] = best_probe.direction_raw
+        perm = permutation_test(feats[best][tr_idx], counts[tr_idx].astype(float), W_U, digit_ids,
+                                n_perm=cfg.n_permutations, seed=seed, alpha=best_probe.alpha)
+        tick("geometry", t0)
+        extra_rows += [
+            key | {"key": "best_layer", "value": best},
+            key | {"key": "best_layer_r2_test", "value": float(main.table.set_index("layer").r2_test[best])},
+            key | {"key": "permutation_p", "value": perm.p_value},
+            key | {"key": "permutation_observed_cos", "value": perm.observed},
+            key | {"key": "permutation_null_mean_cos", "value": float(torch.as_tensor(perm.null).double().mean())},
+            key | {"key": "prompt_suffix_space", "value": float(ts.prompts[0].endswith(" "))},
+        ]
+        if cfg.probes_root:
+            save_probe(best_probe, probe_dir(model.name, task, f"seed{seed}_layer{best}", cfg.probes_root),
+                       model=model, site=layer_site(best), layer=best, task=task, generator_params=ts.params,
+                       seed=seed, metrics=main.table.set_index("layer").loc[best].to_dict(),
+                       overwrite=True)  # the study was asked to save: it refreshes its own probe folders
+
+        def evaluate(method, m=model, edits=None):
+            t1 = time.perf_counter()
+            ev = evaluate_answers(m, test.prompts, test.counts, digit_ids, edits=edits, gen_tokens=cfg.gen_tokens,
+                                  batch_size=cfg.batch_size, cache=test_cache if m is model else None)
+            acc_rows.append(key | {"method": method} | ev.accuracy())
+            lens_rows.append(_rank_rows(ev.ranks_by_layer(), method=method, **key))
+            tick(f"eval_{method}", t1)
+            return ev
+
+        evaluate("baseline")
+        pr = float(main.table.set_index("layer").round_acc_test[best])
+        acc_rows.append(key | {"method": "probe_round", "digit_restricted": pr, "full_vocab": np.nan,
+                               "generation": np.nan})
+
+        if "digit_rows" in cfg.interventions:
+            t0 = time.perf_counter()
+            normed = model.final_norm(feats[L][tr_idx].to(model.device, model.dtype)).detach()
+            repair = train_digit_rows(model, normed, torch.as_tensor(train.counts - 1), digit_ids,
+                                      steps=cfg.repair_steps, seed=seed)
+            tick("train_digit_rows", t0)
+            extra_rows.append(key | {"key": "digit_rows_params", "value": repair.n_params})
+            with repair.applied(model):
+                evaluate("digit_rows")
+
+        if "lora_qv" in cfg.interventions:
+            t0 = time.perf_counter()
+            scope_tasks = cfg.tasks if cfg.lora_scope == "joint" else (task,)
+            if (seed, scope_tasks) not in lora_cache:
+                pool_prompts, pool_answers = [], []
+                for t in scope_tasks:  # each task's pool: the first n_lora_train of its (shuffled) train prompts
+                    _, train_t, _, ids_t = _make_sets(model, t, seed, cfg)
+                    pool = train_t.subset(np.arange(min(cfg.n_lora_train, len(train_t))))
+                    pool_prompts += pool.prompts
+                    pool_answers += [ids_t[c - 1] for c in pool.counts]
+                lora_cache.clear()  # one adapter in memory at a time
+                lora_cache[(seed, scope_tasks)] = train_lora_qv(
+                    model, pool_prompts, pool_answers, steps=cfg.lora_steps, batch_size=cfg.lora_batch, seed=seed)
+            lora = lora_cache[(seed, scope_tasks)]
+            tick("train_lora", t0)
+            extra_rows += [key | {"key": "lora_params", "value": lora.n_params},
+                           key | {"key": "lora_final_loss", "value": float(np.mean(lora.losses[-10:]))},
+                           key | {"key": "lora_pool_tasks", "value": len(scope_tasks)}]
+            evaluate("lora_qv", m=lora.model)
+
+        if "steering" in cfg.interventions:
+            t0 = time.perf_counter()
+            site = layer_site(best)
+            scale = float(feats[best][tr_idx].norm(dim=-1).mean())
+            n_sel = min(cfg.steer_select_n, len(train))
+            alpha, curve = _select_steering_alpha(model, site, best_probe.direction_raw, scale,
+                                                  train.prompts[:n_sel], train.counts[:n_sel], digit_ids, cfg)
+            tick("select_steering", t0)
+            extra_rows += [key | {"key": "steer_alpha_rel", "value": alpha},
+                           key | {"key": "steer_alpha_abs", "value": alpha * scale}]
+            extra_rows += [key | {"key": f"steer_train_acc@{a}", "value": v} for a, v in curve.items()]
+            evaluate("steering", edits={site: steering_edit(best_probe.direction_raw, alpha * scale)})
+        if ckpt is not None:
+            ckpt.save_unit(seed, task, rows, marks, directions_by_seed[seed][task])
+
+    # Principal angles between the span of the count directions (all tasks, best layers) and the digit rows.
+    digit_rows = W_U[digit_ids_any].detach().double().T.cpu()  # [d, 9]
+    for seed, dirs in directions_by_seed.items():
+        A = torch.stack([d.double() for d in dirs.values()], dim=1)  # [d, n_tasks]
+        for i, deg in enumerate(principal_angles(A, digit_rows).tolist()):
+            angle_rows.append({"seed": seed, "angle_index": i, "degrees": deg, "tasks": ",".join(dirs)})
+    pct = row_norm_percentiles(W_U, digit_ids_any)
+    norm_rows = [{"digit": k + 1, "token": model.tokenizer.convert_ids_to_tokens(t), "percentile": float(p)}
+                 for k, (t, p) in enumerate(zip(digit_ids_any, pct.tolist()))]
+    lora_cache.clear()
+    timings["total"] = time.perf_counter() - t_start
+    return CountingResult(
+        config=asdict(cfg) | {"layers": layers},
+        model=model.name,
+        weights_hash=model.weights_hash,
+        tied_head=model.arch.tied,
+        d_model=model.d_model,
+        n_layers=L,
+        probes=pd.concat(probe_rows, ignore_index=True),
+        geometry=pd.concat(geo_rows, ignore_index=True),
+        lens=pd.concat(lens_rows, ignore_index=True),
+        accuracy=pd.DataFrame(acc_rows),
+        extras=pd.DataFrame(extra_rows),
+        angles=pd.DataFrame(angle_rows),
+        norm_percentiles=pd.DataFrame(norm_rows),
+        timings={k: round(v, 2) for k, v in timings.items()} | {"random_baseline": random_baseline(model.d_model)},
+    )
+
+
+def lens_peaks(lens: pd.DataFrame) -> pd.DataFrame:
+    """The peak layers of the logit lens, per task, seed and method, from the lens table (layer, median_rank,
+    mean_prob, lens_accuracy): the layer where the gold digit's mean probability is highest, the layer of its best
+    (lowest) median rank, and of the highest lens accuracy, with those values; ties go to the earliest layer."""
+    missing = {"task", "seed", "method", "layer", "median_rank", "mean_prob", "lens_accuracy"} - set(lens.columns)
+    if missing:
+        raise ValueError(f"the lens table lacks column(s) {sorted(missing)}")
+    rows = []
+    for (task, seed, method), g in lens.groupby(["task", "seed", "method"], sort=False):
+        g = g.sort_values("layer").reset_index(drop=True)
+        p, r, a = g.loc[g.mean_prob.idxmax()], g.loc[g.median_rank.idxmin()], g.loc[g.lens_accuracy.idxmax()]
+        rows.append({"task": task, "seed": seed, "method": method,
+                     "peak_prob_layer": int(p.layer), "peak_prob": float(p.mean_prob),
+                     "best_rank_layer": int(r.layer), "best_median_rank": float(r.median_rank),
+                     "peak_accuracy_layer": int(a.layer), "peak_lens_accuracy": float(a.lens_accuracy),
+                     "last_layer_median_rank": float(g.median_rank.iloc[-1])})
+    return pd.DataFrame(rows)
+
+
+TABLES = ("probes", "geometry", "lens", "accuracy", "extras", "angles", "norm_percentiles")
+
+
+def save_counting_result(result: CountingResult, out_dir: str | Path) -> dict[str, Path]:
+    """Write every table of ``result`` (and the seed summary) as CSV into ``out_dir``; returns the paths."""
+
+    tables = {name: getattr(result, name) for name in TABLES} | {"accuracy_summary": result.summary(),
+                                                                 "lens_peaks": result.lens_peaks()}
+    paths = write_result_tables(out_dir, tables, {
+        "model": result.model, "weights_hash": result.weights_hash, "tied_head": result.tied_head,
+        "d_model": result.d_model, "n_layers": result.n_layers, "config": result.config, "timings": result.timings,
+        "random_baseline_abs_cos": math.sqrt(2 / (math.pi * result.d_model)),
+    })
+    paths["summary"] = paths.pop("accuracy_summary")
+    return paths

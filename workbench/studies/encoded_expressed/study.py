@@ -1,0 +1,325 @@
+"""The encoded-vs-expressed study: one gap panel across the three threads, and three replications.
+
+One call (:func:`run_encoded_expressed_study`) runs, on the text model ``cfg.model`` and the VLMs ``cfg.vlms``:
+
+1. the gap panel (:mod:`workbench.methods.encoded_expressed`) for every counting task (per layer), for the latent loops (per latent
+   step, :mod:`workbench.studies.encoded_expressed.tasks`) and for the testbed's colour questions on each VLM (per layer);
+2. late suppression (arXiv 2604.00778) on every counting task, and the delimiter sweep of arXiv 2605.09239;
+3. Soft Thinking's single-threadedness and the Gumbel-softmax remedy (arXiv 2508.03440);
+4. the visual integration point and total visual integration (arXiv 2509.23050) of each VLM.
+
+:func:`save_encoded_expressed_result` writes every table as CSV; the notebook ``07_encoded_expressed`` drives it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from tqdm.auto import tqdm
+
+from workbench.core.models import DEFAULT_MODEL, Model, load_model
+from workbench.core.sites import check_layers, spread_layers
+from workbench.data.reasoning import MAX_HOPS, REASONING_TASKS, make_reasoning_task
+from workbench.data.tasks import TASKS
+from workbench.io.figures import write_result_tables
+from workbench.methods.encoded_expressed import gap_panel
+from workbench.methods.latent import MAX_STEPS, LatentConfig
+from workbench.methods.tuned_lens import TunedLens, load_tuned_lens, tuned_lens_dir
+from workbench.studies.encoded_expressed import plots
+from workbench.studies.encoded_expressed.replications import (
+    DELIMITERS,
+    delimiter_sweep,
+    late_suppression,
+    soft_thinking_threads,
+    visual_integration,
+)
+from workbench.studies.encoded_expressed.tasks import counting_task, latent_task, visual_task
+from workbench.studies.notebook import NotebookConfig
+
+THREADS = ("counting", "latent", "visual")
+LATENT_MODES = ("coconut", "soft", "cot")
+TUNED_LENS = ("auto", "none")
+TESTBEDS = ("vlm-testbed", "vlm-testbed-balanced")
+
+
+@dataclass
+class EncodedExpressedConfig(NotebookConfig):
+    # notebook 07's parameters -> fields (see workbench.studies.notebook); a smoke run sizes the SMOKE_SIZED ones itself
+    NOTEBOOK = {"model": "model", "tasks": "tasks", "vlms": "vlms", "latent_modes": "latent_modes",
+                "n_prompts": "n_prompts", "n_train": "n_train", "n_vlm_items": "n_vlm_items",
+                "n_latent_items": "n_latent_items", "n_steps": "n_steps", "gumbel_taus": "gumbel_taus",
+                "delimiters": "delimiters", "layers": "layers", "tuned_lens": "tuned_lens", "seed": "seed"}
+    SMOKE_SIZED = ("tasks", "layers", "n_prompts", "n_train", "n_vlm_items", "n_latent_items", "n_steps", "gumbel_taus",
+                   "delimiters")
+
+    model: str = DEFAULT_MODEL  # the text model: counting, delimiter sweep, latent loops
+    tasks: tuple[str, ...] = tuple(TASKS)  # counting tasks of the panel and of late suppression
+    vlms: tuple[str, ...] = TESTBEDS  # the VLM part runs on these (empty: skipped; the grid's other models skip it)
+    latent_modes: tuple[str, ...] = ("coconut", "soft")
+    layers: tuple[int, ...] | None = None  # hidden-state layers of the layer panels (None: all); the MLP sweep of the
+    # delimiter replication then ablates only the blocks ending at these layers
+    latent_task: str = "arithmetic"  # the per-step panel needs answers 0-9
+    n_hops: int = 2
+    n_prompts: int = 300  # per counting task; n_train of them train the probes, the rest is held out
+    n_train: int = 200
+    n_pairs: int = 32  # patching pairs per task (clean = a row the model answers right)
+    min_pairs: int = 8  # fewer right rows than this: attribution patching over arbitrary pairs instead
+    n_vlm_train: int = 240  # probe training items (every shape x colour, training images)
+    n_vlm_items: int = 40  # held-out items per split (prior-violating, prior-consistent, other shapes' colour)
+    n_latent_items: int = 200  # arithmetic chains; n_latent_train train the per-step probes
+    n_latent_train: int = 120
+    n_steps: int = 6
+    gumbel_taus: tuple[float, ...] = (0.5, 1.0)  # the remedy's temperatures (the paper: 0.5)
+    delimiters: tuple[str, ...] = tuple(DELIMITERS)
+    n_delimiter: int = 135  # repeated-item prompts per delimiter (90 train the probes)
+    n_delimiter_train: int = 90
+    ablate_last: tuple[int, ...] = (1, 2, 3)
+    tuned_lens: str = "auto"  # "auto": the shipped lens under probes/<model>/tuned-lens when there is one
+    seed: int = 0
+    batch_size: int = 32
+    smoke: bool = False
+
+    def __post_init__(self):
+        self.tasks = tuple(self.tasks)
+        self.vlms = tuple(self.vlms)
+        self.latent_modes = tuple(self.latent_modes)
+        self.gumbel_taus = tuple(float(t) for t in self.gumbel_taus)
+        self.delimiters = tuple(self.delimiters)
+        self.ablate_last = tuple(self.ablate_last)
+        self.layers = None if self.layers is None else tuple(self.layers)
+        bad = [t for t in self.tasks if t not in TASKS]
+        if bad:
+            raise ValueError(f"unknown task(s) {bad}; valid tasks: {list(TASKS)}")
+        bad = [m for m in self.latent_modes if m not in LATENT_MODES]
+        if bad:
+            raise ValueError(f"unknown latent mode(s) {bad}; the per-step panel takes {list(LATENT_MODES)}")
+        if self.latent_task not in REASONING_TASKS or self.latent_task != "arithmetic":
+            raise ValueError(f"latent_task must be 'arithmetic' (the per-step panel needs answers 0-9), got "
+                             f"{self.latent_task!r}")
+        if self.tuned_lens not in TUNED_LENS:
+            raise ValueError(f"tuned_lens must be one of {list(TUNED_LENS)}, got {self.tuned_lens!r}")
+        for name in ("n_prompts", "n_train", "n_pairs", "min_pairs", "n_vlm_train", "n_vlm_items", "n_latent_items",
+                     "n_latent_train", "n_delimiter", "n_delimiter_train", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for n, tr, what in ((self.n_prompts, self.n_train, "n_train < n_prompts"),
+                            (self.n_latent_items, self.n_latent_train, "n_latent_train < n_latent_items"),
+                            (self.n_delimiter, self.n_delimiter_train, "n_delimiter_train < n_delimiter")):
+            if tr >= n:
+                raise ValueError(f"need {what} (held-out rows to score on), got {tr} and {n}")
+        if not 1 <= self.n_hops <= MAX_HOPS:
+            raise ValueError(f"n_hops must lie in 1..{MAX_HOPS}, got {self.n_hops!r}")
+        if isinstance(self.n_steps, bool) or not isinstance(self.n_steps, int) or not 1 <= self.n_steps <= MAX_STEPS:
+            raise ValueError(f"n_steps must be an int in 1..{MAX_STEPS}, got {self.n_steps!r}")
+        if any(not t > 0 for t in self.gumbel_taus):
+            raise ValueError(f"gumbel_taus must be > 0, got {self.gumbel_taus}")
+        if any(not isinstance(d, str) or not d for d in self.delimiters):
+            raise ValueError(f"delimiters must be non-empty strings, got {self.delimiters!r}")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ablate_last):
+            raise ValueError(f"ablate_last must be positive ints (final blocks to ablate), got {self.ablate_last}")
+
+    @classmethod
+    def smoke_config(cls, **overrides) -> EncodedExpressedConfig:
+        """Small enough for CI: one counting task, few prompts and items, two latent steps, two delimiters."""
+        # layers None: four spread over the model's depth at run time
+        base = dict(tasks=("list_length",), layers=None, n_prompts=54, n_train=36, n_pairs=4, min_pairs=2,
+                    n_vlm_train=48, n_vlm_items=4, n_latent_items=30, n_latent_train=18, n_steps=2, gumbel_taus=(0.5,),
+                    delimiters=(", ", " "), n_delimiter=45, n_delimiter_train=27, smoke=True)
+        return cls(**(base | overrides))
+
+
+def _layers(cfg: EncodedExpressedConfig, model) -> tuple[int, ...] | list[int] | None:
+    """The layers of the panels on ``model``: the config's, or in a smoke run without any, four spread over the
+    model's depth (on 30 layers: 0, 10, 20, 30)."""
+    return spread_layers(model.n_layers, 4) if cfg.smoke and cfg.layers is None else cfg.layers
+
+
+@dataclass
+class EncodedExpressedResult:
+    config: dict
+    model: str
+    weights_hash: str
+    panel: pd.DataFrame  # thread, model, task, axis, index, probe_acc, lens_acc, [tuned_acc], probe_cos, patch_...
+    accuracy: pd.DataFrame  # thread, model, task, what the model answers right on the held-out rows
+    suppression: pd.DataFrame  # model, task, ablation, n_last, digit_acc, gold_logprob, changes
+    delimiter_panel: pd.DataFrame
+    delimiter_curves: pd.DataFrame  # delimiter, layer, lens_acc, lens_gold_logprob
+    delimiter_sweeps: pd.DataFrame  # delimiter, block, depth, digit_acc, gold_logprob, changes
+    delimiter_summary: pd.DataFrame  # delimiter, overwrite layers and depths, the paper's depth
+    soft_steps: pd.DataFrame  # gumbel_tau, step, top_share, collapsed, entropy, max_cos
+    soft_summary: pd.DataFrame  # gumbel_tau, accuracy, top_share, collapsed, entropy, max_cos
+    vip_curves: pd.DataFrame  # model, split, layer, dist_text, dist_last
+    vip_summary: pd.DataFrame  # model, split, vip, vip_depth, tvi, ... (text positions and last token)
+    timings: dict = field(default_factory=dict)
+
+    def summary(self) -> pd.DataFrame:
+        """Per (thread, model, task): the best held-out probe accuracy and where, the lens's best and its final
+        value, and the first layer / step where patching recovers half of the answer."""
+        rows = []
+        for (thread, model, task), g in self.panel.groupby(["thread", "model", "task"], sort=False):
+            best = g.loc[g.probe_acc.idxmax()]
+            row = {"thread": thread, "model": model, "task": task, "axis": g.axis.iloc[0],
+                   "probe_best": best.probe_acc, "probe_best_at": int(best["index"]), "chance": g.chance.iloc[0],
+                   "lens_best": g.lens_acc.max(), "lens_final": g.lens_acc.iloc[-1],
+                   "gap": best.probe_acc - g.lens_acc.iloc[-1]}
+            if "patch_recovery" in g and g.patch_recovery.notna().any():
+                half = g[g.patch_recovery >= 0.5]
+                row["patch_half_at"] = int(half["index"].iloc[0]) if len(half) else np.nan
+                row["patch_method"] = g.patch_method.dropna().iloc[0]
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        """The tables a notebook records in its manifest (every table goes to CSV by ``save_encoded_expressed_result``)."""
+        return {"summary_table": self.summary(), "suppression_table": self.suppression,
+                "delimiter_table": self.delimiter_summary, "soft_table": self.soft_summary,
+                "vip_table": self.vip_summary}
+
+    def figures(self) -> dict[str, go.Figure]:
+        """The panel of each thread that ran, and each replication that ran."""
+        figures = {f"panel_{t}": plots.panel_figure(self.panel, t) for t in THREADS
+                   if not self.panel.empty and (self.panel.thread == t).any()}
+        if not self.suppression.empty:
+            figures["late_suppression"] = plots.suppression_figure(self.suppression)
+        if not self.delimiter_curves.empty:
+            figures["delimiter_sweep"] = plots.delimiter_figure(self.delimiter_panel, self.delimiter_curves,
+                                                                self.delimiter_sweeps, self.delimiter_summary)
+        if not self.soft_steps.empty:
+            figures["soft_single_threaded"] = plots.soft_threads_figure(self.soft_steps, self.soft_summary)
+        if not self.vip_curves.empty:
+            figures["visual_integration"] = plots.integration_figure(self.vip_curves, self.vip_summary)
+        return figures
+
+
+def shipped_tuned_lens(model: Model, setting: str = "auto") -> TunedLens | None:
+    """The tuned lens shipped for ``model`` (``probes/<model>/tuned-lens``) or None when there is none or
+    ``setting`` is "none". A shipped lens trained on other weights raises (never a silent fallback)."""
+    if setting not in TUNED_LENS:
+        raise ValueError(f"tuned_lens must be one of {list(TUNED_LENS)}, got {setting!r}")
+    folder = tuned_lens_dir(model.name)
+    if setting == "none" or not folder.is_dir():
+        return None
+    return load_tuned_lens(folder, model=model)
+
+
+def run_encoded_expressed_study(cfg: EncodedExpressedConfig | None = None, *, model: Model | None = None,
+                  vlm_models: Mapping[str, object] | None = None, progress: bool = True) -> EncodedExpressedResult:
+    """Everything in the module docstring for ``cfg``; ``vlm_models`` gives already loaded VLMs by name."""
+    cfg = cfg or EncodedExpressedConfig()
+    t_start = time.perf_counter()
+    model = model or load_model(cfg.model)
+    bad = [k for k in cfg.ablate_last if k > model.n_layers]
+    if bad:
+        raise ValueError(f"ablate_last {bad} exceeds the {model.n_layers} blocks of {model.name}")
+    layers = check_layers(_layers(cfg, model), model.n_layers)  # checked before any forward
+    tuned = shipped_tuned_lens(model, cfg.tuned_lens)
+    vlm_models = dict(vlm_models or {})
+    for name in cfg.vlms:  # every VLM is loaded and checked before the first forward
+        vlm = vlm_models.get(name) or load_model(name)
+        if not getattr(vlm.arch, "is_vlm", False):
+            raise ValueError(f"vlms: {name!r} is not a vision-language model; the visual part needs one "
+                             f"(e.g. {list(TESTBEDS)})")
+        check_layers(_layers(cfg, vlm), vlm.n_layers, name="layers (for the VLMs)")
+        vlm_models[name] = vlm
+    timings: dict[str, float] = {}
+    panels, accuracy, suppression = [], [], []
+    parts = len(cfg.tasks) + 2 + len(cfg.latent_modes) + len(cfg.vlms)
+    bar = tqdm(total=parts, desc=f"encoded vs expressed {model.name}", unit="part", disable=not progress)
+
+    def tick(name: str, t0: float):
+        timings[name] = round(time.perf_counter() - t0, 1)
+        bar.update()
+
+    for task in cfg.tasks:  # 1. counting: panel + late suppression
+        bar.set_postfix_str(f"counting {task}")
+        t0 = time.perf_counter()
+        gt, extra = counting_task(model, task, n=cfg.n_prompts, n_train=cfg.n_train, seed=cfg.seed, layers=layers,
+                                  n_pairs=cfg.n_pairs, min_pairs=cfg.min_pairs, batch_size=cfg.batch_size)
+        panels.append(gap_panel(model, gt, tuned_lens=tuned).assign(thread="counting", model=model.name))
+        accuracy.append({"thread": "counting", "model": model.name, "task": task, "accuracy": extra["accuracy"]})
+        te = extra["test_idx"]
+        sup = late_suppression(model, [extra["prompts"][i] for i in te], (extra["counts"] - 1)[te],
+                               extra["digit_ids"], last=cfg.ablate_last, batch_size=cfg.batch_size)
+        suppression.append(sup.assign(model=model.name, task=task))
+        tick(f"counting_{task}", t0)
+
+    bar.set_postfix_str("delimiter sweep")  # 2. repeated items by delimiter
+    t0 = time.perf_counter()
+    d_panel, d_curves, d_sweeps, d_summary = delimiter_sweep(
+        model, delimiters=cfg.delimiters, n=cfg.n_delimiter, n_train=cfg.n_delimiter_train,
+        seed=cfg.seed, layers=layers, batch_size=cfg.batch_size,
+        blocks=None if _layers(cfg, model) is None else [v - 1 for v in layers if v > 0])
+    tick("delimiter_sweep", t0)
+
+    rs = make_reasoning_task(cfg.latent_task, cfg.n_latent_items, n_hops=cfg.n_hops, seed=cfg.seed)
+    runs = {}
+    for mode in cfg.latent_modes:  # 3. latent loops, per step
+        bar.set_postfix_str(f"latent {mode}")
+        t0 = time.perf_counter()
+        lcfg = LatentConfig(mode=mode, n_steps=cfg.n_steps, seed=cfg.seed)
+        gt, extra = latent_task(model, rs, lcfg, n_train=cfg.n_latent_train, seed=cfg.seed, n_pairs=cfg.n_pairs,
+                                min_pairs=cfg.min_pairs)
+        panels.append(gap_panel(model, gt, tuned_lens=tuned).assign(thread="latent", model=model.name))
+        accuracy.append({"thread": "latent", "model": model.name, "task": gt.name, "accuracy": extra["accuracy"]})
+        runs[mode] = extra["run"]
+        tick(f"latent_{mode}", t0)
+    bar.set_postfix_str("soft thinking threads")
+    t0 = time.perf_counter()
+    soft_steps, soft_summary = soft_thinking_threads(model, rs, n_steps=cfg.n_steps, taus=cfg.gumbel_taus,
+                                                     seed=cfg.seed, plain=runs.get("soft"))
+    tick("soft_threads", t0)
+
+    vip_curves, vip_summary = [], []
+    for name in cfg.vlms:  # 4. VLMs: panel + visual integration
+        bar.set_postfix_str(name)
+        t0 = time.perf_counter()
+        vlm = vlm_models[name]
+        vlm_layers = check_layers(_layers(cfg, vlm), vlm.n_layers)
+        gt, extra = visual_task(vlm, n_train=cfg.n_vlm_train, n_items=cfg.n_vlm_items, seed=cfg.seed, layers=vlm_layers,
+                                n_pairs=cfg.n_pairs, min_pairs=cfg.min_pairs, batch_size=cfg.batch_size)
+        panels.append(gap_panel(vlm, gt, tuned_lens=shipped_tuned_lens(vlm, cfg.tuned_lens))
+                      .assign(thread="visual", model=vlm.name))
+        for split, acc in extra["accuracy"].items():
+            accuracy.append({"thread": "visual", "model": vlm.name, "task": f"colour/{split}", "accuracy": acc})
+        curves, summary = visual_integration(vlm, extra["splits"], batch_size=cfg.batch_size)
+        vip_curves.append(curves.assign(model=vlm.name))
+        vip_summary.append(summary.assign(model=vlm.name, says_red_violating=extra["says_red_violating"]))
+        tick(f"visual_{name}", t0)
+    bar.close()
+    timings["total"] = round(time.perf_counter() - t_start, 1)
+
+    def cat(frames, first=("thread", "model", "task")):
+        if not frames:
+            return pd.DataFrame()
+        df = pd.concat(frames, ignore_index=True)
+        lead = [c for c in first if c in df.columns]
+        return df[lead + [c for c in df.columns if c not in lead]]
+
+    return EncodedExpressedResult(
+        config=asdict(cfg) | {"tuned_lens_loaded": tuned is not None},
+        model=model.name, weights_hash=model.weights_hash,
+        panel=cat(panels), accuracy=cat([pd.DataFrame(accuracy)]),
+        suppression=cat(suppression, ("model", "task")),
+        delimiter_panel=d_panel, delimiter_curves=d_curves, delimiter_sweeps=d_sweeps, delimiter_summary=d_summary,
+        soft_steps=soft_steps, soft_summary=soft_summary,
+        vip_curves=cat(vip_curves, ("model", "split")), vip_summary=cat(vip_summary, ("model", "split")),
+        timings=timings,
+    )
+
+
+TABLES = ("panel", "accuracy", "suppression", "delimiter_panel", "delimiter_curves", "delimiter_sweeps",
+          "delimiter_summary", "soft_steps", "soft_summary", "vip_curves", "vip_summary")
+
+
+def save_encoded_expressed_result(result: EncodedExpressedResult, out_dir: str | Path) -> dict[str, Path]:
+    """Every table as CSV plus ``study.json`` (model, weights hash, config, timings) in ``out_dir``."""
+    return write_result_tables(out_dir, {name: getattr(result, name) for name in TABLES}, {
+        "model": result.model, "weights_hash": result.weights_hash, "config": result.config,
+        "timings": result.timings})
