@@ -1,4 +1,5 @@
-"""workbench.io.figures (save_figure, manifest, static export, gallery) and workbench.methods.plots on a tiny model's lens."""
+"""workbench.io.figures (save_figure, manifest, static export), the theme and the lens figures of workbench.plotting
+on a tiny model's lens."""
 
 import json
 import re
@@ -11,10 +12,11 @@ import pytest
 
 from workbench import logit_lens
 from workbench.io.atomic import sha256_file
-from workbench.io.figures import PAPER_TEMPLATE, StaticExportError, apply_theme, find_browser, save_figure, save_table
+from workbench.io.figures import StaticExportError, find_browser, save_figure, save_table
 from workbench.io.gallery import write_gallery
 from workbench.io.manifest import read_manifest
-from workbench.methods.plots import lens_heatmap, lens_target_curve, lens_target_summary
+from workbench.plotting.lens import lens_heatmap, lens_target_curve, lens_target_summary
+from workbench.plotting.theme import PAPER_TEMPLATE, apply_theme
 from workbench.testing.tiny import tiny_model
 
 PROMPTS = ["hello world", "abc"]
@@ -123,22 +125,23 @@ def test_require_static_turns_a_missing_browser_into_an_error(tmp_path, no_brows
 
 
 @pytest.mark.skipif(find_browser()[0] is None, reason="no Chrome/Chromium here (apt-get install -y chromium)")
-def test_png_and_svg_written_with_a_browser_and_cleared_without(tmp_path, monkeypatch):
+def test_png_written_with_a_browser_and_cleared_without(tmp_path, monkeypatch):
     monkeypatch.delenv("BROWSER_PATH", raising=False)
+    (tmp_path / "fig.svg").write_text("<svg/>")  # left by a version that also exported SVG: removed as stale
     rec = save_figure(_simple_fig(), "fig", tmp_path, seed=0)
     assert rec["static_export"] == "ok", rec["static_export"]
     assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "<svg" in (tmp_path / "fig.svg").read_text()[:200]
-    assert set(rec["files"]) == {"fig.html", "fig.png", "fig.svg"}
+    assert not (tmp_path / "fig.svg").exists()  # one static format: PNG
+    assert set(rec["files"]) == {"fig.html", "fig.png"}
     assert all(HEX64.match(f["sha256"]) for f in rec["files"].values())
     assert rec["browser"]["path"]
 
-    # An invalid browser path afterwards: the HTML is rewritten, the stale PNG/SVG removed, and it says so.
+    # An invalid browser path afterwards: the HTML is rewritten, the stale PNG removed, and it says so.
     monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "missing"))
     with pytest.warns(RuntimeWarning, match="unavailable"):
         rec = save_figure(_simple_fig(), "fig", tmp_path, seed=0)
     assert (tmp_path / "fig.html").exists()
-    assert not (tmp_path / "fig.png").exists() and not (tmp_path / "fig.svg").exists()
+    assert not (tmp_path / "fig.png").exists()
     assert read_manifest(tmp_path)["records"]["fig"]["static_export"].startswith("unavailable:")
 
 

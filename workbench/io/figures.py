@@ -1,12 +1,14 @@
-"""Saving paper figures with provenance: one theme, offline HTML, PNG/SVG via kaleido, a manifest record.
+"""Saving figures with provenance: offline HTML, a PNG via kaleido, a manifest record (the theme the figures
+carry is :mod:`workbench.plotting.theme`).
 
 Where files go
     ``save_figure(fig, name, out_dir)`` writes ``<out_dir>/<name>.html`` (plotly.js from one shared
     ``plotly.min.js`` at the root of the figures tree, referenced by a relative path: no CDN, opens offline),
-    ``<out_dir>/<name>.png`` and ``<out_dir>/<name>.svg``, and records the figure in ``<out_dir>/manifest.json``
+    and ``<out_dir>/<name>.png``, and records the figure in ``<out_dir>/manifest.json``
     (see :mod:`workbench.io.manifest`); :func:`workbench.io.gallery.write_gallery` builds ``figures/index.html``.
 
-Static export (PNG/SVG)
+Static export (PNG only: one static format keeps the committed figures small; the HTML holds the vector figure,
+and its camera button downloads an SVG)
     plotly 7 exports through kaleido 1.x, which drives a Chrome/Chromium over choreographer. The browser is chosen
     by :func:`find_browser`: ``$BROWSER_PATH`` if set (choreographer's own override variable; an invalid value is
     an error, not a fallback), else ``/usr/bin/chromium`` (Debian's ``apt-get install -y chromium``), else other
@@ -38,7 +40,6 @@ from pathlib import Path
 
 import pandas as pd
 import plotly.graph_objects as go
-import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
 from workbench.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, file_lock, sha256_file
@@ -51,7 +52,7 @@ REQUIRE_STATIC_ENV = "WORKBENCH_REQUIRE_STATIC"  # "1": a missing browser or fai
 STATIC_EXPORT_ENV = "WORKBENCH_STATIC_EXPORT"  # "0": HTML only, no browser started (the fast test tier)
 NOTEBOOK_ENV = "WORKBENCH_NOTEBOOK"  # set by the notebook runner; the default ``notebook`` of a record
 HEADLESS_ENV = "WORKBENCH_HEADLESS"  # set by the notebook runner: explorers render static figures
-STATIC_FORMATS = ("png", "svg")
+STATIC_FORMATS = ("png",)  # one static format; SVG on demand from the HTML (its camera button)
 DEFAULT_WIDTH, DEFAULT_HEIGHT = 720, 450  # layout pixels of the static export when the figure sets none
 PNG_SCALE = 3  # 720 px layout width -> 2160 px PNG, ~300 dpi at 7 inches
 PLOTLYJS_NAME = "plotly.min.js"  # one shared copy per figures tree; every HTML file points at it
@@ -60,51 +61,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class StaticExportError(RuntimeError):
-    """PNG/SVG export impossible or failed while ``WORKBENCH_REQUIRE_STATIC=1``."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Theme
-# --------------------------------------------------------------------------------------------------------------
-
-# Okabe-Ito: distinguishable with the common colour-vision deficiencies and in greyscale print.
-PAPER_COLORWAY = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
-PAPER_FONT = "Helvetica, Arial, sans-serif"
-
-_axis = dict(
-    showline=True, linecolor="#333", linewidth=1, ticks="outside", tickcolor="#333", ticklen=4,
-    showgrid=False, zeroline=False, title=dict(font=dict(size=14)), tickfont=dict(size=12), automargin=True,
-)
-
-PAPER_TEMPLATE = go.layout.Template(
-    layout=dict(
-        font=dict(family=PAPER_FONT, size=13, color="#222"),
-        title=dict(font=dict(size=15), x=0.0, xanchor="left", xref="paper"),
-        paper_bgcolor="white",
-        plot_bgcolor="white",
-        colorway=PAPER_COLORWAY,
-        xaxis=_axis,
-        yaxis=_axis | dict(showgrid=True, gridcolor="#e6e6e6", gridwidth=1),
-        legend=dict(font=dict(size=12), bgcolor="rgba(255,255,255,0.8)", borderwidth=0),
-        margin=dict(l=70, r=30, t=60, b=60),
-        hoverlabel=dict(font=dict(family=PAPER_FONT, size=12)),
-        annotationdefaults=dict(font=dict(size=13)),
-        colorscale=dict(sequential="Viridis"),
-    ),
-    data=dict(
-        heatmap=[go.Heatmap(colorscale="Viridis", colorbar=dict(outlinewidth=0, ticks="outside", thickness=14))],
-        scatter=[go.Scatter(line=dict(width=1.75))],
-    ),
-)
-pio.templates["workbench_paper"] = PAPER_TEMPLATE
-
-
-def apply_theme(fig: go.Figure) -> go.Figure:
-    """Give ``fig`` the shared paper theme (``pio.templates["workbench_paper"]``); returns the same figure."""
-    if not isinstance(fig, go.Figure):
-        raise TypeError(f"apply_theme needs a plotly.graph_objects.Figure, got {type(fig).__name__}")
-    fig.update_layout(template=PAPER_TEMPLATE)
-    return fig
+    """PNG export impossible or failed while ``WORKBENCH_REQUIRE_STATIC=1``."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -289,12 +246,12 @@ def save_figure(
     notebook: str | None = None,
     wall_time_s: float | None = None,
 ) -> dict:
-    """Write ``<out_dir>/<name>.html|.png|.svg`` and record provenance in ``<out_dir>/manifest.json``.
+    """Write ``<out_dir>/<name>.html|.png`` and record provenance in ``<out_dir>/manifest.json``.
 
     model: a :class:`workbench.Model` (name and weights hash recorded) or a model name. params: the parameters
     that produced the figure (JSON-able; other values are stored as ``str``). notebook: defaults to
     ``$WORKBENCH_NOTEBOOK`` (set by the notebook runner). Returns the manifest record, which lists every file
-    written with its sha256 and says under ``static_export`` whether PNG/SVG were made ("ok", "unavailable: ..."
+    written with its sha256 and says under ``static_export`` whether the PNG was made ("ok", "unavailable: ..."
     or "failed: ..."; the latter two also warn).
     """
     if not isinstance(fig, go.Figure):
@@ -326,7 +283,7 @@ def save_figure(
             static = f"failed: {type(e).__name__}: {e}".strip()
     static_s = time.perf_counter() - static_started
     if static != "ok":
-        msg = f"figure {name!r}: PNG/SVG not written, {static} (the HTML was written: {out_dir / (name + '.html')})"
+        msg = f"figure {name!r}: PNG not written, {static} (the HTML was written: {out_dir / (name + '.html')})"
         if _require_static():
             raise StaticExportError(msg + f"; ${REQUIRE_STATIC_ENV} is set")
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
@@ -338,8 +295,8 @@ def save_figure(
         "static_export_s": round(static_s, 3),
         "browser": {"path": browser, "version": browser_version(browser) if browser else None},
     }
-    # an old PNG/SVG would no longer match the HTML
-    stale = [f"{name}.{fmt}" for fmt in STATIC_FORMATS if f"{name}.{fmt}" not in payload]
+    # an old PNG (or an SVG from when SVG was exported too) would no longer match the HTML
+    stale = [f"{name}.{fmt}" for fmt in (*STATIC_FORMATS, "svg") if f"{name}.{fmt}" not in payload]
     return _commit(out_dir, name, record, payload, stale)
 
 

@@ -1,1 +1,1 @@
-"""Methods on top of the core: logit lens, probes, SAEs, latent loops, routing, VQA answering, blur."""
+"""Methods: activations, logit/tuned lens, patching, probes, SAEs, latent loops, gap panel, routing, VQA, blur."""

@@ -24,6 +24,7 @@ from workbench.core.sites import check_layers, layer_site
 from workbench.core.swap import swap_modules
 from workbench.core.trace import trace
 from workbench.core.vlm import image_token_mask
+from workbench.data.checks import check_range
 from workbench.data.vqa import ANSWERS, VQAItem
 from workbench.methods.answering import answer_items, vqa_inputs
 
@@ -56,21 +57,11 @@ def check_compatible(model, donor) -> None:
                              "with the same device (or device_map) as the model")
 
 
-def check_range(start: int, end: int, n_layers: int) -> tuple[int, int]:
-    """Decoder layers start..end inclusive, 0 <= start <= end < n_layers."""
-    for name, v in (("start", start), ("end", end)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"layer range {name} must be an int, got {v!r}")
-    if not 0 <= start <= end < n_layers:
-        raise ValueError(f"layer range {start}..{end} is not allowed: need 0 <= start <= end <= {n_layers - 1}")
-    return start, end
-
-
 @contextlib.contextmanager
 def swap_layers(model, donor, start: int, end: int) -> Iterator[None]:
     """While the block runs, ``model``'s decoder layers start..end (inclusive) are ``donor``'s."""
     check_compatible(model, donor)
-    start, end = check_range(start, end, model.n_layers)
+    start, end = check_range("layers", (start, end), 0, model.n_layers - 1)
     donor_layers = _decoder_layers(donor)
     repl = {model.arch.layer_path(i): donor_layers[i] for i in range(start, end + 1)}
 
@@ -115,7 +106,7 @@ def layer_replacement(
 
     check_compatible(model, donor)
     for scheme, s, e in windows:
-        check_range(s, e, model.n_layers)
+        check_range("layers", (s, e), 0, model.n_layers - 1)
     base = answer_items(model, items, candidates=candidates, batch_size=batch_size)
     rows = [_row("none", -1, -1, base, base)]
     for scheme, s, e in windows:

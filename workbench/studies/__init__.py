@@ -1,1 +1,1 @@
-"""One subpackage per research thread: counting, visual, drift, sae. Each owns its config, result, plots, explorer."""
+"""The six studies (counting, visual, drift, SAE, tuned lens + patching, encoded vs expressed) and notebook configs."""

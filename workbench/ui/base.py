@@ -36,7 +36,6 @@ from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
 import ipywidgets as w
-import numpy as np
 import plotly.graph_objects as go
 from IPython import get_ipython
 from IPython.display import display as ipython_display
@@ -129,18 +128,6 @@ def sync_figure(fw, fig: go.Figure) -> None:
 
 def short(text: str, n: int = 48) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
-
-
-def check_range(name: str, value, lo: int, hi: int) -> tuple[int, int]:
-    if value is None:
-        return lo, hi
-    ok = (isinstance(value, (tuple, list)) and len(value) == 2
-          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value))
-    if not ok or not lo <= value[0] <= value[1] <= hi:
-        raise ValueError(f"{name} must be a (first, last) pair of ints with {lo} <= first <= last <= {hi}, "
-                         f"got {value!r}")
-    return int(value[0]), int(value[1])
-
 
 
 class Explorer(w.VBox):

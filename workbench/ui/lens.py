@@ -16,9 +16,10 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from workbench.core.models import Model, load_model
+from workbench.data.checks import check_range
 from workbench.methods.lens import logit_lens
-from workbench.methods.plots import lens_heatmap
-from workbench.ui.base import Explorer, check_range, resolve_display, short, static
+from workbench.plotting.lens import lens_heatmap
+from workbench.ui.base import Explorer, resolve_display, short, static
 
 LENS_VALUES = ("prob", "logit")
 
@@ -73,7 +74,7 @@ class LensData:
 
 def lens_figure(frame: pd.DataFrame, *, model_name: str, prompt: str, layers: tuple[int, int],
                 positions: tuple[int, int], value: str = "prob") -> go.Figure:
-    """The explorer's view: :func:`workbench.methods.plots.lens_heatmap` of the chosen layer and position ranges."""
+    """The explorer's view: :func:`workbench.plotting.lens.lens_heatmap` of the chosen layer and position ranges."""
     sub = frame[frame.layer.between(*layers) & frame.position.between(*positions)]
     if sub.empty:
         raise ValueError(f"no lens rows for layers {layers} and positions {positions}")

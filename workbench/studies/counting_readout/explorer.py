@@ -24,7 +24,8 @@ from plotly.subplots import make_subplots
 from workbench.core.models import Model, load_model
 from workbench.core.sites import check_layers
 from workbench.data.tasks import TASKS
-from workbench.io.figures import PAPER_COLORWAY, apply_theme
+from workbench.plotting.curves import band
+from workbench.plotting.theme import PAPER_COLORWAY, apply_theme
 from workbench.studies.counting_readout.study import CountingConfig, CountingResult, task_probes
 from workbench.ui.base import Explorer, resolve_display, static
 
@@ -112,12 +113,10 @@ def probe_figure(curves: pd.DataFrame, layer: int, *, task: str, seed: int, mode
                              line=dict(color=blue), marker=dict(size=4)), row=1, col=1)
     fig.add_trace(go.Scatter(x=[layer], y=[row.r2_test], mode="markers", name=f"layer {layer}",
                              marker=dict(size=12, color=orange, symbol="diamond"), showlegend=False), row=1, col=1)
-    band = curves.dropna(subset=["random_lo"])
-    fig.add_trace(go.Scatter(x=list(band.layer) + list(band.layer)[::-1],
-                             y=list(band.random_hi) + list(band.random_lo)[::-1], fill="toself", mode="lines",
-                             fillcolor="gray", opacity=0.2, line=dict(width=0), name="random directions (95 %)",
-                             hoverinfo="skip"), row=1, col=2)
-    fig.add_trace(go.Scatter(x=band.layer, y=band.random_baseline, mode="lines", name="√(2/(πd))",
+    rnd = curves.dropna(subset=["random_lo"])
+    band(fig, rnd.layer, rnd.random_lo, rnd.random_hi, color="gray", opacity=0.2, name="random directions (95 %)",
+         showlegend=True, mode="lines", row=1, col=2)
+    fig.add_trace(go.Scatter(x=rnd.layer, y=rnd.random_baseline, mode="lines", name="√(2/(πd))",
                              line=dict(color="gray", dash="dot")), row=1, col=2)
     fig.add_trace(go.Scatter(x=x, y=curves.cos_mean, mode="lines+markers", name="mean |cos|",
                              line=dict(color=green), marker=dict(size=4)), row=1, col=2)

@@ -6,8 +6,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from workbench.io.figures import PAPER_COLORWAY, apply_theme
-from workbench.methods.plots import check_frame, line_with_band, mean_sd
+from workbench.plotting.curves import band, line_with_band, mean_sd
+from workbench.plotting.frames import check_frame
+from workbench.plotting.theme import PAPER_COLORWAY, apply_theme
 
 
 def probe_r2_by_layer(probes: pd.DataFrame, *, title: str | None = None) -> go.Figure:
@@ -33,11 +34,10 @@ def cos_by_layer(geometry: pd.DataFrame, *, title: str | None = None) -> go.Figu
     check_frame(geometry, ("task", "seed", "layer", "cos_mean", "random_lo", "random_hi", "random_baseline"),
                  "cos_by_layer")
     fig = go.Figure()
-    band = geometry.groupby("layer")[["random_lo", "random_hi", "random_baseline"]].mean().reset_index()
-    fig.add_trace(go.Scatter(x=list(band.layer) + list(band.layer)[::-1],
-                             y=list(band.random_hi) + list(band.random_lo)[::-1], fill="toself",
-                             fillcolor="gray", opacity=0.2, line=dict(width=0), name="random directions (95 %)"))
-    fig.add_trace(go.Scatter(x=band.layer, y=band.random_baseline, name="√(2/(πd))", mode="lines",
+    rnd = geometry.groupby("layer")[["random_lo", "random_hi", "random_baseline"]].mean().reset_index()
+    band(fig, rnd.layer, rnd.random_lo, rnd.random_hi, color="gray", opacity=0.2, name="random directions (95 %)",
+         showlegend=True)
+    fig.add_trace(go.Scatter(x=rnd.layer, y=rnd.random_baseline, name="√(2/(πd))", mode="lines",
                              line=dict(color="gray", dash="dot")))
     for i, task in enumerate(dict.fromkeys(geometry.task)):
         s = mean_sd(geometry[geometry.task == task].dropna(subset=["cos_mean"]), ["layer"], "cos_mean")

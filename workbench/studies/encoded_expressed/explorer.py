@@ -11,8 +11,8 @@ from __future__ import annotations
 import ipywidgets as w
 import plotly.graph_objects as go
 
-from workbench.io.figures import apply_theme
-from workbench.methods.encoded_expressed import gap_figure
+from workbench.plotting.curves import gap_figure
+from workbench.plotting.theme import apply_theme
 from workbench.studies.encoded_expressed.study import EncodedExpressedResult
 from workbench.ui.base import Explorer, resolve_display, static
 

@@ -6,9 +6,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from workbench.io.figures import PAPER_COLORWAY, apply_theme
-from workbench.methods.encoded_expressed import gap_figure
-from workbench.methods.plots import check_frame
+from workbench.plotting.curves import gap_figure
+from workbench.plotting.frames import check_frame
+from workbench.plotting.theme import PAPER_COLORWAY, apply_theme
 
 
 def panel_figure(panel: pd.DataFrame, thread: str, *, title: str | None = None) -> go.Figure:

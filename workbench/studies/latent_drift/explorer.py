@@ -21,8 +21,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from workbench.io.figures import PAPER_COLORWAY, apply_theme
 from workbench.methods.latent import LatentRun
+from workbench.plotting.theme import PAPER_COLORWAY, apply_theme
 from workbench.studies.latent_drift.metrics import lens_by_step_layer, lens_metrics, manifold_metrics, step_summary
 from workbench.studies.latent_drift.study import DriftResult
 from workbench.ui.base import Explorer, resolve_display, static

@@ -8,8 +8,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from workbench.io.figures import PAPER_COLORWAY, apply_theme
-from workbench.methods.plots import check_frame, line_with_band, mean_sd
+from workbench.plotting.curves import line_with_band, mean_sd
+from workbench.plotting.frames import check_frame
+from workbench.plotting.theme import PAPER_COLORWAY, apply_theme
 
 DRIFT_METRICS = {  # short panel titles: three panels share a row
     "max_cos": "max cos to an embedding",

@@ -8,8 +8,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from workbench.io.figures import PAPER_COLORWAY, apply_theme
-from workbench.methods.plots import check_frame
+from workbench.plotting.frames import check_frame
+from workbench.plotting.theme import PAPER_COLORWAY, apply_theme
 
 
 def sae_density(density: pd.DataFrame, *, title: str | None = None) -> go.Figure:

@@ -13,7 +13,7 @@ import html
 import ipywidgets as w
 import plotly.graph_objects as go
 
-from workbench.methods.plots import patching_map_figure
+from workbench.plotting.patching import patching_map_figure
 from workbench.studies.tuned_lens_patching.study import TunedLensPatchingResult
 from workbench.ui.base import Explorer, resolve_display, short, static
 

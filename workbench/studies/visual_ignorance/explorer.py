@@ -21,9 +21,9 @@ from plotly.subplots import make_subplots
 from workbench.core.sites import layer_site
 from workbench.core.trace import trace
 from workbench.data.vqa import ANSWERS, evaluation_set
-from workbench.io.figures import PAPER_COLORWAY, apply_theme
 from workbench.methods.answering import candidate_token_ids, vqa_inputs
 from workbench.methods.blur import KERNELS, check_kernels, gaussian_blur, opencv_sigma
+from workbench.plotting.theme import PAPER_COLORWAY, apply_theme
 from workbench.ui.base import Explorer, resolve_display, short, static
 
 

@@ -7,8 +7,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from workbench.io.figures import PAPER_COLORWAY, apply_theme
-from workbench.methods.plots import check_frame
+from workbench.plotting.frames import check_frame
+from workbench.plotting.theme import PAPER_COLORWAY, apply_theme
 
 
 def vqa_accuracy_bars(accuracy: pd.DataFrame, value: str = "correct", *, title: str | None = None) -> go.Figure:

@@ -1,9 +1,8 @@
-"""Logit-lens plots and the helpers every study's plots share: functions that take result frames and RETURN
-plotly figures (never ``.show()``).
+"""Lens figures: the logit-lens heatmap, target probability / rank curves and their summary table, and the
+held-out KL of a lens per layer. Functions take result frames and RETURN themed plotly figures (never ``.show()``).
 
-Every figure carries the shared paper theme (:func:`workbench.io.figures.apply_theme`); save one with
-:func:`workbench.io.figures.save_figure`. Inputs are validated: a frame missing a needed column raises ``ValueError``
-naming the missing and the required columns.
+Inputs are validated: a frame missing a needed column raises ``ValueError`` naming the missing and the required
+columns.
 """
 
 from __future__ import annotations
@@ -16,38 +15,12 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from workbench.io.figures import PAPER_COLORWAY, apply_theme
+from workbench.plotting.frames import check_frame, display_token
+from workbench.plotting.theme import PAPER_COLORWAY, apply_theme
 
 HEATMAP_COLUMNS = ("prompt_idx", "layer", "position", "input_token", "kind", "k", "token", "prob", "logit")
 TARGET_COLUMNS = ("prompt_idx", "layer", "position", "kind", "token_id", "token", "prob", "rank")
 HEATMAP_VALUES = ("prob", "logit")
-
-# Byte-level BPE marks (GPT-2 style) -> readable text.
-_BPE_MARKS = {"Ġ": "␣", "Ċ": "↵", "ĉ": "⇥", "▁": "␣"}
-
-
-def display_token(token) -> str:
-    """A token string as shown in figures: leading-space/newline marks made visible, HTML-escaped for plotly."""
-    if token is None or (isinstance(token, float) and np.isnan(token)):
-        return ""
-    text = str(token)
-    for mark, shown in _BPE_MARKS.items():
-        text = text.replace(mark, shown)
-    return html.escape(text, quote=False)
-
-
-def check_frame(df, required: Sequence[str], what: str) -> pd.DataFrame:
-    if not isinstance(df, pd.DataFrame):
-        raise TypeError(f"{what} needs a pandas DataFrame (e.g. from workbench.logit_lens), got {type(df).__name__}")
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise ValueError(
-            f"{what}: the frame lacks column(s) {missing}; it needs {list(required)} "
-            f"(the columns of workbench.logit_lens), it has {list(df.columns)}"
-        )
-    if df.empty:
-        raise ValueError(f"{what}: the frame is empty")
-    return df
 
 
 def _check_kind(df: pd.DataFrame, kind: str, what: str, hint: str) -> pd.DataFrame:
@@ -267,72 +240,19 @@ def lens_target_summary(df: pd.DataFrame, *, position="last") -> pd.DataFrame:
     return frame
 
 
-# -- counting readout ------------------------------------------------------------------------------------------
-def mean_sd(df: pd.DataFrame, by: list[str], value: str) -> pd.DataFrame:
-    g = df.groupby(by, sort=True)[value]
-    return pd.DataFrame({"mean": g.mean(), "sd": g.std(ddof=1).fillna(0.0)}).reset_index()
+# --------------------------------------------------------------------------------------------------------------
+# Held-out KL of a lens
+# --------------------------------------------------------------------------------------------------------------
 
-
-def line_with_band(fig, x, mean, sd, name, color, dash="solid", row=None, col=None, showlegend=True):
-    kw = {} if row is None else {"row": row, "col": col}
-    fig.add_trace(go.Scatter(x=list(x) + list(x)[::-1], y=list(mean + sd) + list(mean - sd)[::-1], fill="toself",
-                             fillcolor=color, opacity=0.15, line=dict(width=0), hoverinfo="skip",
-                             showlegend=False, legendgroup=name), **kw)
-    fig.add_trace(go.Scatter(x=list(x), y=list(mean), name=name, mode="lines+markers", legendgroup=name,
-                             line=dict(color=color, dash=dash), marker=dict(size=4), showlegend=showlegend), **kw)
-
-
-# -- patching ---------------------------------------------------------------------------------------------------
-AGREEMENT_COLUMNS = ("method", "site_type", "spearman", "speedup")
-PATCH_COLUMNS = ("pair", "site_type", "layer", "head", "position", "from_end", "token", "recovery")
-
-
-def agreement_figure(agreement: pd.DataFrame, *, title: str | None = None) -> go.Figure:
-    """Rank correlation (Spearman) of each attribution method with the exact sweep, per site type; the legend gives
-    each method's wall-time speed-up over the sweep (a :func:`workbench.methods.patching.patching_agreement` frame)."""
-    agreement = check_frame(agreement, AGREEMENT_COLUMNS, "patching agreement")
+def kl_figure(kl: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+    """Held-out KL per layer, one line per lens (a :func:`workbench.methods.tuned_lens.lens_kl` frame)."""
+    need = {"lens", "layer", "kl_bits"}
+    if not isinstance(kl, pd.DataFrame) or not need <= set(kl.columns):
+        raise ValueError(f"kl must be a lens_kl frame with columns {sorted(need)}")
     fig = go.Figure()
-    for method, g in agreement.groupby("method", sort=False):
-        fig.add_bar(x=g["site_type"].astype(str), y=g["spearman"],
-                    name=f"{method}, all units ({g['speedup'].iloc[0]:.0f}x faster than the sweep)")
-        if "spearman_large" in g:  # the units that matter (exact |recovery| above the threshold)
-            fig.add_bar(x=g["site_type"].astype(str), y=g["spearman_large"], marker_pattern_shape="/",
-                        name=f"{method}, units with large exact effect",
-                        customdata=g["n_large"] if "n_large" in g else None,
-                        hovertemplate="%{x}: ρ %{y:.3f} over %{customdata} units<extra></extra>")
-    fig.update_layout(barmode="group", title=title or "Attribution vs exact patching: rank correlation per site type",
-                      xaxis_title="site type", yaxis_title="Spearman ρ with exact patching", yaxis_range=[-1, 1])
-    return apply_theme(fig)
-
-
-def patching_map_figure(result, *, pair: int | None = None, title: str | None = None) -> go.Figure:
-    """Recovery (score / (clean - corrupt metric)) per layer x position, one panel per site type (heads: layer x
-    head, summed over the patched positions); ``pair=None`` averages over pairs (positions counted from the end,
-    labelled with the first pair's tokens)."""
-    frame = check_frame(result.frame, PATCH_COLUMNS, "patching result")
-    if pair is not None:
-        if pair not in set(frame["pair"]):
-            raise ValueError(f"pair {pair!r} is not in this result; it has pairs 0..{frame['pair'].max()}")
-        frame = frame[frame["pair"] == pair]
-    types = [t for t in frame["site_type"].cat.categories if t in set(frame["site_type"])] \
-        if hasattr(frame["site_type"], "cat") else sorted(set(frame["site_type"]))
-    fig = make_subplots(rows=1, cols=len(types), subplot_titles=types, horizontal_spacing=0.06)
-    ref = frame[frame["pair"] == frame["pair"].min()]
-    for i, st in enumerate(types, start=1):
-        f = frame[frame["site_type"] == st]
-        if st == "head":
-            per = f.groupby(["pair", "layer", "head"]).recovery.sum().reset_index()
-            table = per.pivot_table(index="layer", columns="head", values="recovery", aggfunc="mean")
-            x = [f"h{h}" for h in table.columns]
-        else:
-            table = f.pivot_table(index="layer", columns="from_end", values="recovery", aggfunc="mean")
-            tok = ref[ref["site_type"] == st].drop_duplicates("from_end").set_index("from_end")["token"]
-            x = [f"{c}:{display_token(tok.get(c, ''))}" for c in table.columns]
-        fig.add_heatmap(z=table.values, x=x, y=table.index, coloraxis="coloraxis",
-                        hovertemplate="layer %{y}<br>%{x}<br>recovery %{z:.3f}<extra></extra>", row=1, col=i)
-        fig.update_xaxes(tickangle=-60, row=1, col=i)
-    fig.update_yaxes(title_text="layer (block)", row=1, col=1)
-    which = f"pair {pair}" if pair is not None else f"mean over {frame['pair'].nunique()} pairs"
-    fig.update_layout(title=title or f"{result.method} patching: recovery by layer and position ({which})",
-                      coloraxis={"colorscale": "RdBu", "cmid": 0, "colorbar": {"title": "recovery"}})
+    kl = kl[kl["kl_bits"] > 0]  # the last layer is the model's output for every lens: KL 0, off a log axis
+    for name, g in kl.groupby("lens", sort=False):
+        fig.add_scatter(x=g["layer"], y=g["kl_bits"], mode="lines+markers", name=f"{name} lens")
+    fig.update_layout(title=title or "KL(model output || lens) per layer, held-out text",
+                      xaxis_title="layer (0 = embeddings)", yaxis_title="KL (bits per token)", yaxis_type="log")
     return apply_theme(fig)
