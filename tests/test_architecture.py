@@ -13,16 +13,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_import_contracts_are_kept(monkeypatch):
-    """Layers (io < data < core < methods < testbed/testing < ui < studies < batch), no cycles at any depth, no
-    _private name across subpackages, inner imports only for optional libraries: the contracts in pyproject.toml,
-    checked by import-linter itself."""
+    """Layers (plotting < io < data < core < methods < testbed/testing < ui < studies < batch), no cycles at any
+    depth, no _private name across subpackages, inner imports only for optional libraries: the contracts in
+    pyproject.toml, checked by import-linter itself."""
     monkeypatch.chdir(ROOT)
     assert lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True) == 0
 
 
 def test_contracts_catch_a_violation(tmp_path, monkeypatch):
-    """The contracts are not vacuous: a copy of the package in which core imports a study breaks the layers, and
-    a function-level import of the package breaks the inner-imports rule."""
+    """The contracts are not vacuous: a copy of the package in which core imports a study breaks the layers, a
+    function-level import of the package breaks the inner-imports rule, and a study importing a sibling study breaks
+    the studies' independence."""
     import shutil
 
     pkg = tmp_path / "workbench"
@@ -30,6 +31,9 @@ def test_contracts_catch_a_violation(tmp_path, monkeypatch):
     sites = pkg / "core" / "sites.py"
     sites.write_text(sites.read_text() + "\n\ndef _bad():\n    from workbench.studies.counting_readout import study\n"
                      "    return study\n\nfrom workbench.studies.sae_features import plots as _plots  # noqa\n")
+    readout = pkg / "studies" / "tuned_lens_patching" / "study.py"  # a study importing a sibling study
+    readout.write_text(readout.read_text()
+                       + "\nfrom workbench.studies.counting_readout import plots as _sibling  # noqa\n")
     cfg = tmp_path / "pyproject.toml"
     cfg.write_text((ROOT / "pyproject.toml").read_text())
     out = subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports; "
@@ -40,6 +44,9 @@ def test_contracts_catch_a_violation(tmp_path, monkeypatch):
     assert "workbench.core.sites -> workbench.studies" in out.stdout.replace("\n", " ") or \
         "workbench.core is not allowed to import workbench.studies" in out.stdout
     assert "imports workbench.studies.counting_readout inside _bad()" in " ".join(out.stdout.split())
+    assert "Studies are independent of each other" in out.stdout and "BROKEN" in out.stdout
+    assert "workbench.studies.tuned_lens_patching is not allowed to import workbench.studies.counting_readout" in \
+        " ".join(out.stdout.split())
 
 
 def test_core_pulls_in_no_study_ui_or_testbed_code():

@@ -116,7 +116,9 @@ def test_notebook_runs_at_smoke_size_on_tiny_models(stem, tmp_path, monkeypatch)
 @pytest.mark.integration
 @pytest.mark.notebook
 @pytest.mark.parametrize("stem", NOTEBOOKS)
-def test_notebook_runs_at_smoke_size(stem, tmp_path):
+def test_notebook_runs_at_smoke_size(stem, tmp_path, monkeypatch):
+    if stem != NOTEBOOKS[0]:  # one notebook exports PNGs end to end; the export itself is tested in tests/io
+        monkeypatch.setenv(STATIC_EXPORT_ENV, "0")
     (result,) = nbs.run_notebooks([stem], smoke=True, figures_dir=tmp_path)
     _check_smoke_run(stem, result, tmp_path, {})
 
@@ -160,6 +162,44 @@ def test_cli_rejects_bad_input_with_status_2(no_kernel, capsys, tmp_path):
     assert main(["list"]) == 0
     listed = capsys.readouterr().out  # read once: readouterr() drains the buffer
     assert NOTEBOOKS and all(stem in listed for stem in NOTEBOOKS)
+
+
+def test_every_notebook_has_a_registered_config():
+    from workbench.studies.registry import NOTEBOOK_CONFIGS
+
+    assert sorted(NOTEBOOK_CONFIGS) == NOTEBOOKS, "register each notebook's config in workbench.studies.registry"
+    for stem, cls in NOTEBOOK_CONFIGS.items():
+        defined = nbs.notebook_parameters(ROOT / "notebooks" / f"{stem}.ipynb")
+        assert set(cls.NOTEBOOK) <= set(defined), f"{cls.__name__} reads parameters {stem} does not define"
+        assert set(cls.SMOKE_SIZED) <= set(cls.NOTEBOOK)
+
+
+@pytest.mark.parametrize(("stem", "params", "named"), [
+    ("06_tuned_lens_patching", {"lens": "banana"}, r"parameter lens: .*lens='banana'.*one of \['auto'"),
+    ("06_tuned_lens_patching", {"n_pairs": -1}, r"parameter n_pairs: .*n_pairs=-1.*positive int"),
+    ("07_encoded_expressed", {"n_train": 400}, r"parameter n_train, n_prompts: .*n_train=400, n_prompts=300"),
+    # a relation between two fields, neither of them wrong alone
+    ("06_tuned_lens_patching", {"site_types": [], "head_positions": []},
+     r"parameter site_types, head_positions: .*site_types=\(\), head_positions=\(\).*nothing to patch"),
+    ("01_logit_lens", {"targets": [" Paris"]}, r"parameter prompts, targets: .*one target per prompt"),
+    ("02_counting_readout", {"n_prompts": 0}, r"parameter n_prompts: .*n_test=0"),
+])
+@pytest.mark.parametrize("smoke", [True, False])
+def test_config_constraints_are_checked_before_any_kernel(no_kernel, tmp_path, stem, params, named, smoke):
+    # smoke replaces n_pairs (06) and n_train (07) with its own sizes: the user's values are checked all the same
+    with pytest.raises(ValueError, match=f"notebook {stem}: {named}"):
+        nbs.run_notebooks([stem], smoke=smoke, figures_dir=tmp_path, parameters=params)
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_rejects_bad_config_values_with_status_2(no_kernel, capsys, tmp_path):
+    for stem, p in (("06_tuned_lens_patching", "lens=banana"), ("06_tuned_lens_patching", "n_pairs=-1"),
+                    ("07_encoded_expressed", "n_train=400")):
+        assert main(["run", stem, "--smoke", "-p", p, "--figures-dir", str(tmp_path)]) == 2
+        assert p.split("=")[0] in capsys.readouterr().err
+    cells = [("06_tuned_lens_patching", {"n_pairs": -1})]  # a grid cell is checked the same way
+    with pytest.raises(ValueError, match="parameter n_pairs"):
+        nbgrid.run_cells(cells, smoke=True, figures_dir=tmp_path)
 
 
 def test_cli_parses_parameter_values():

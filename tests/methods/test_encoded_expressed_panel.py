@@ -12,7 +12,6 @@ from workbench.data.reasoning import arithmetic_chains
 from workbench.methods.encoded_expressed import (
     GapTask,
     class_cosines,
-    gap_figure,
     gap_panel,
     make_pairs,
     random_baseline,
@@ -20,6 +19,7 @@ from workbench.methods.encoded_expressed import (
 from workbench.methods.latent import LatentConfig, run_latent
 from workbench.methods.patching import residual_patching
 from workbench.methods.tuned_lens import TunedLens
+from workbench.plotting.curves import gap_figure
 from workbench.testing.tiny import tiny_model
 
 PROMPTS = [f"{a} {b}" for a in ("the cat sat", "a dog ran", "one bird flew", "my fish swam")

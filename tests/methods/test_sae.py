@@ -330,7 +330,7 @@ def test_the_study_runs_end_to_end_on_a_tiny_model(model, tmp_path):
     assert list(result.report_features.feature) == [0, 1]
     with pytest.raises(SAEError, match="neither one of"):
         SAEStudyConfig(sae="no/such/folder")
-    with pytest.raises(ValueError, match="unknown counting task"):
+    with pytest.raises(ValueError, match="count_tasks="):
         SAEStudyConfig(count_tasks=("nope",))
     with pytest.raises(SAEError, match="architectures must be"):
         SAEStudyConfig(bench_architectures=("topk", "nope"))

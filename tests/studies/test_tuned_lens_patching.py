@@ -6,8 +6,8 @@ import plotly.graph_objects as go
 import pytest
 
 from workbench.methods.patching import activation_patching, attribution_patching, patching_agreement
-from workbench.methods.plots import patching_map_figure
 from workbench.methods.tuned_lens import TunedLens, lens_kl
+from workbench.plotting.patching import patching_map_figure
 from workbench.studies.tuned_lens_patching.explorer import PatchingExplorer, explorer_figure, patching_explorer
 from workbench.studies.tuned_lens_patching.study import TunedLensPatchingConfig, TunedLensPatchingResult
 from workbench.testing.tiny import tiny_model
@@ -95,3 +95,59 @@ def test_counting_by_layer_last_layer_is_the_models_own_digit_choice(smollm2):
     assert last.digit_accuracy.item() == pytest.approx(want)
     assert table.layer.tolist() == list(range(smollm2.n_layers + 1))
     assert table.gold_prob_digits.between(0, 1).all()
+
+
+def test_the_smoke_recipe_is_sized_by_cost():
+    """The smoke lens shrinks with layers x vocabulary x width instead of running a fixed recipe."""
+    from workbench.methods.tuned_lens import SMOKE_BUDGET, SMOKE_LOGIT_OPS, TunedLensTrainConfig
+
+    small = TunedLensTrainConfig.smoke(tiny_model("llama"))
+    assert (small.steps, small.batch_size, small.heldout_windows) == (10, 4, 4)  # cheap: the cap
+    big = _deep_wide_model()
+    cfg = TunedLensTrainConfig.smoke(big)
+    per_token = big.n_layers * big.W_U.shape[0] * (big.d_model + SMOKE_LOGIT_OPS)
+    tokens = (cfg.steps * cfg.batch_size + cfg.heldout_windows) * cfg.context_length
+    assert tokens * per_token <= SMOKE_BUDGET or (cfg.steps, cfg.batch_size, cfg.heldout_windows) == (1, 1, 1)
+    assert cfg.steps * cfg.batch_size < small.steps * small.batch_size
+    assert TunedLensTrainConfig.smoke(big, steps=7).steps == 7  # overrides win
+
+
+def _deep_wide_model(tokenizer=None):
+    """Random weights with Qwen2.5-1.5B's depth and vocabulary (28 layers, 151,936 tokens) at width 64: larger than
+    every registry model where the smoke cost grows (layers x vocabulary)."""
+    import torch
+    import transformers as T
+
+    from workbench.core.models import from_hf
+    from workbench.testing.tiny import byte_tokenizer
+
+    cfg = T.Qwen2Config(vocab_size=151_936, hidden_size=64, intermediate_size=128, num_hidden_layers=28,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                        tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    return from_hf(hf, tokenizer or byte_tokenizer(), name="deep-wide")
+
+
+@pytest.mark.integration
+@pytest.mark.notebook
+def test_notebook_06_smoke_on_a_model_larger_than_the_registrys(tmp_path, monkeypatch):
+    """`workbench run 06 --smoke -p model=<folder>` on a 28-layer, 152k-vocabulary model finishes (it trained the
+    cost-sized smoke lens, not the 15-minute CPU recipe)."""
+    from transformers import AutoTokenizer
+
+    import workbench.batch.runner as nbs
+    from workbench.io.figures import STATIC_EXPORT_ENV
+    from workbench.testbed.tiny import ensure_tiny_lm
+
+    tok = AutoTokenizer.from_pretrained(ensure_tiny_lm())  # SmolLM2's tokenizer: IOI names are single tokens
+    folder = tmp_path / "deep-wide"
+    m = _deep_wide_model(tok)
+    m.hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    monkeypatch.setenv(STATIC_EXPORT_ENV, "0")
+    (result,) = nbs.run_notebooks(["06_tuned_lens_patching"], smoke=True, figures_dir=tmp_path / "figures",
+                                  parameters={"model": str(folder)})
+    assert result.ok, result.error
+    text = (result.output_dir / "06_tuned_lens_patching.ipynb").read_text()
+    assert "tuned lens: trained here" in text

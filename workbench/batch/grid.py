@@ -71,8 +71,8 @@ def run_grid(grid: dict | str | os.PathLike, *, force: bool = False, dask: str |
              workers: int | None = None, **kwargs) -> list[Result]:
     """Every cell of a parameter grid (a mapping or a YAML file, see :func:`expand_grid`), each into its own
     folder; cells already completed with the same parameters are skipped unless ``force``. Every cell is
-    validated (notebook, parameter names and types) before any kernel starts. ``dask``/``workers``: run the cells
-    on Dask, see :func:`run_cells`."""
+    validated (notebook, parameter names and types, the study config's constraints) before any kernel starts.
+    ``dask``/``workers``: run the cells on Dask, see :func:`run_cells`."""
     if not isinstance(grid, dict):
         grid = load_grid(grid)
     return run_cells(expand_grid(grid), skip_completed=not force, dask=dask, workers=workers, **kwargs)
@@ -87,7 +87,8 @@ def run_cells(cells: Sequence[tuple[str, dict]], *, skip_completed: bool = False
               workers: int | None = None, **kwargs) -> list[Result]:
     """Run (notebook, parameters) cells, each into its own folder; one :class:`Result` per cell, in order.
 
-    Every cell is checked (notebook, parameter names and types, kernel) before any kernel or cluster starts.
+    Every cell is checked (notebook, parameter names and types, the study config's constraints, kernel) before
+    any kernel or cluster starts.
     dask: None runs the cells one after another here; ``"local"`` starts a Dask ``LocalCluster`` of ``workers``
     processes (default 2, one thread each) on this machine; any other value is the address of a running Dask
     scheduler (``tcp://host:8786``), whose workers need this repository at the same path (or a shared file
@@ -98,7 +99,7 @@ def run_cells(cells: Sequence[tuple[str, dict]], *, skip_completed: bool = False
     checked = []
     for stem, params in cells:
         (resolved,) = resolve_names([stem], available)
-        check_parameters(resolved, available[resolved], params)
+        check_parameters(resolved, available[resolved], params, smoke=bool(kwargs.get("smoke", False)))
         checked.append((resolved, dict(params)))
     check_kernel(kwargs.get("kernel"))
     if dask is None:

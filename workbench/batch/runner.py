@@ -11,7 +11,9 @@ Parameters
     The runner passes ``smoke`` and ``output_dir`` (plus the user's ``parameters``) into the notebook's cell tagged
     ``parameters``. Everything is checked before any kernel starts: an unknown notebook name, a notebook without
     a ``parameters`` cell (or one that lacks ``smoke``/``output_dir``), or a user parameter the cell does not
-    define raises ``ValueError`` naming it and the allowed ones.
+    define raises ``ValueError`` naming it and the allowed ones; a study notebook's config is built from its
+    defaults and the user's values (full size, and with ``smoke`` the smoke config too), so a value outside its
+    declared constraints (a range, a choice, a relation between fields) raises ``ValueError`` naming it.
 
 Kernel and imports
     Unless ``kernel`` names another kernelspec, every notebook runs on a private copy of the kernelspec named in
@@ -55,6 +57,7 @@ from workbench.io.gallery import write_gallery
 from workbench.io.manifest import annotate_records, read_manifest
 from workbench.io.paths import SMOKE_DIR, repo_root
 from workbench.io.provenance import git_info, json_roundtrip
+from workbench.studies.registry import notebook_config
 
 RUNNER_PARAMETERS = ("smoke", "output_dir")  # set by the runner; every notebook's parameters cell must define them
 _NOTEBOOK_RE = re.compile(r"^\d+_.+\.ipynb$")
@@ -216,11 +219,12 @@ def _type_ok(default, value) -> bool:
     return isinstance(value, type(default))
 
 
-def check_parameters(stem: str, path: Path, user: dict) -> dict[str, object]:
+def check_parameters(stem: str, path: Path, user: dict, *, smoke: bool = False) -> dict[str, object]:
     """Check ``user`` parameters against the notebook's parameters cell before any kernel starts: names, types
     (the cell's annotations, or the default's type; a ``None`` default must be annotated, e.g.
-    ``layers: Optional[list[int]] = None``), and model names (:data:`MODEL_PARAMETERS`: a registry name, an
-    existing folder or a hub id). Returns ``{name: default}``."""
+    ``layers: Optional[list[int]] = None``), model names (:data:`MODEL_PARAMETERS`: a registry name, an
+    existing folder or a hub id), and, for a study notebook (:data:`workbench.studies.registry.NOTEBOOK_CONFIGS`),
+    the values against its config's declared constraints (:func:`check_config`). Returns ``{name: default}``."""
     defined = notebook_parameters(path)
     types = notebook_parameter_types(path)
     lacking = [p for p in RUNNER_PARAMETERS if p not in defined]
@@ -255,7 +259,29 @@ def check_parameters(stem: str, path: Path, user: dict) -> dict[str, object]:
                 check_model_name(value)
             except ValueError as e:
                 raise ValueError(f"notebook {stem}: parameter {k}: {e}") from None
+    check_config(stem, defined, user, smoke=smoke)
     return defined
+
+
+def check_config(stem: str, defined: dict, user: dict, *, smoke: bool = False) -> None:
+    """Build the config of study notebook ``stem`` from its defaults and ``user``'s values, without a kernel: the
+    full-size config always (so a value that smoke would replace is still checked) and, with ``smoke``, the smoke
+    config too. A value (or a combination) the config does not allow raises ``ValueError`` naming the parameter.
+    Nothing happens for a notebook without a registered config, or one whose defaults are not all literals."""
+    cls = notebook_config(stem)
+    if cls is None:
+        return
+    namespace = {**defined, **user}
+    missing = [n for n in cls.NOTEBOOK if n not in namespace]
+    if missing:
+        raise ValueError(f"notebook {stem}: its config {cls.__name__} reads parameter(s) {missing}, which its "
+                         "parameters cell does not define")
+    if any(isinstance(namespace[n], Expression) for n in cls.NOTEBOOK):
+        return  # a default the runner cannot evaluate: the kernel's from_notebook checks it
+    try:
+        cls.check_notebook(namespace, smoke=smoke)
+    except ValueError as e:
+        raise ValueError(f"notebook {stem}: {e}") from None
 
 
 def output_dir_for(stem: str, figures_dir: str | os.PathLike, smoke: bool, parameters: dict | None = None) -> Path:
@@ -405,7 +431,7 @@ def run_notebooks(
     plans = []
     for stem in stems:  # validate everything first
         path = available[stem]
-        check_parameters(stem, path, parameters)
+        check_parameters(stem, path, parameters, smoke=bool(smoke))
         nb = nbformat.read(path, as_version=4)
         spec = nb.metadata.get("kernelspec", {})
         if kernel is None and not spec.get("name"):

@@ -52,6 +52,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from workbench.data.checks import check_range
 from workbench.io.provenance import jsonable
 
 TASKS = ("entity", "character", "addition", "list_length")
@@ -147,23 +148,6 @@ def _check_counts(counts) -> list[int]:
     if len(set(values)) != len(values):
         raise ValueError(f"counts {values} contain duplicates; give each count once")
     return sorted(values)
-
-
-def _check_range(name: str, value, lo: int, hi: int | None = None) -> tuple[int, int]:
-    """An int or an inclusive (min, max) pair, each >= lo (and <= hi)."""
-    pair = (value, value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else value
-    ok = (
-        isinstance(pair, (tuple, list))
-        and len(pair) == 2
-        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in pair)
-        and lo <= pair[0] <= pair[1]
-        and (hi is None or pair[1] <= hi)
-    )
-    if not ok:
-        upper = f" and <= {hi}" if hi is not None else ""
-        raise ValueError(f"option {name}={value!r} is not allowed: give an int or an inclusive (min, max) pair of "
-                         f"ints with {lo} <= min <= max{upper}")
-    return int(pair[0]), int(pair[1])
 
 
 def _check_words(name: str, words) -> tuple[str, ...]:
@@ -275,7 +259,7 @@ def _check_options(task: str, counts: list[int], options: dict) -> dict:
         if clash:
             raise ValueError(f"options entities and distractor_words share {clash}; a distractor must never be an "
                              "entity, or the count would be wrong")
-        opt["n_distractors"] = _check_range("n_distractors", opt["n_distractors"], 0)
+        opt["n_distractors"] = check_range("option n_distractors", opt["n_distractors"], 0, single=True)
     elif task == "character":
         for name in ("letters", "alphabet"):
             v = opt[name]
@@ -285,7 +269,7 @@ def _check_options(task: str, counts: list[int], options: dict) -> dict:
             raise ValueError(f"option letters {opt['letters']!r} must be a subset of alphabet {opt['alphabet']!r}")
         if len(opt["alphabet"]) < 2:
             raise ValueError(f"option alphabet {opt['alphabet']!r} needs at least 2 letters (the target and others)")
-        lo, hi = opt["word_length"] = _check_range("word_length", opt["word_length"], 1)
+        lo, hi = opt["word_length"] = check_range("option word_length", opt["word_length"], 1, single=True)
         if lo < max(counts):
             raise ValueError(f"option word_length={opt['word_length']} is too short: the minimum length must be >= the "
                              f"largest count {max(counts)}")
@@ -511,6 +495,43 @@ def choose_answer_prefix(tokenizer, candidates: Sequence[str] = (" ", ""), *, co
 
 
 # -- splits ----------------------------------------------------------------------------------------------------
+def _tokenizer_of(tokenizer_or_model):
+    """A tokenizer, or the ``tokenizer`` of a model (this layer never imports the model type)."""
+    return getattr(tokenizer_or_model, "tokenizer", tokenizer_or_model)
+
+
+def answer_setup(tokenizer, task: str, probe_prompt: str) -> tuple[str, str]:
+    """(prompt suffix, answer prefix) giving single-token digit answers for this tokenizer (or a model's).
+
+    Prefer the natural " 7" after "Answer:"; tokenizers that split the space from the digit (SmolLM2, Qwen 2.5 and
+    Gemma 3 all do) get the space at the end of the prompt instead, so the next token is the bare digit.
+    """
+    tok = _tokenizer_of(tokenizer)
+    prefix = DEFAULT_ANSWER_PREFIX[task]
+    try:
+        digit_token_ids(tok, prefix, context=probe_prompt)
+        return "", prefix
+    except ValueError:
+        if prefix:
+            digit_token_ids(tok, "", context=probe_prompt + prefix)  # raises with the answers if not
+            return prefix, ""
+        raise
+
+
+def answered_task(tokenizer, task: str, n: int, *, seed: int, **options) -> tuple[TaskSet, list[int]]:
+    """``n`` prompts of counting ``task`` in the answer set-up the counting studies share (:func:`answer_setup`'s
+    suffix appended, so the next token is the answer) and the token ids of the answers 1..9, each checked to be one
+    token as the continuation of the first prompt. ``tokenizer``: a tokenizer or a model; ``options`` go to
+    :func:`make_task`."""
+    tok = _tokenizer_of(tokenizer)
+    probe = make_task(task, 1, seed=seed, **options)
+    suffix, prefix = answer_setup(tok, task, probe.prompts[0])
+    ts = make_task(task, n, seed=seed, answer_prefix=prefix, **options)
+    if suffix:
+        ts.prompts = [p + suffix for p in ts.prompts]
+    return ts, digit_token_ids(tok, prefix, context=ts.prompts[0])
+
+
 def _check_sizes(sizes, n: int) -> list[int]:
     sizes = list(sizes) if isinstance(sizes, (list, tuple, np.ndarray)) else sizes
     if not isinstance(sizes, list) or not sizes:

@@ -373,3 +373,17 @@ def question_kind(question: str) -> str:
     if re.match(r"^(is|does|are)\b", q):
         return "yesno"
     return "colour" if "color" in q or "colour" in q else "shape"
+
+
+def probe_training_items(n: int, seed: int = 0) -> list[VQAItem]:
+    """Colour questions naming the shape, every shape x colour equally often, on easy-VQA *training* images: the
+    probe training items of the visual, SAE-bench and encoded-vs-expressed studies."""
+
+    rng = random.Random(f"probe-train:{seed}")
+    groups = by_attrs("train")
+    items = []
+    for k in range(n):
+        shape, colour = SHAPES[k % 3], COLOURS[(k // 3) % len(COLOURS)]
+        i = rng.choice(groups[(shape, colour)])
+        items.append(image_item("train", i, colour_question(shape, rng), colour, "colour", PRIOR))
+    return items

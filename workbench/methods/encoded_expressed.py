@@ -18,7 +18,7 @@ measurements that answer it side by side, for any task with a known answer among
 
 The input is a :class:`GapTask`: features ``[slices, n, d]`` (slices = hidden-state layers 0..L, or latent steps),
 class labels, the candidate token of each class and a train/test split. :func:`gap_panel` returns one tidy frame;
-:func:`gap_figure` draws it.
+:func:`workbench.plotting.curves.gap_figure` draws it.
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 
 from workbench.core.models import Model
@@ -226,41 +224,3 @@ def make_pairs(labels: Sequence[int], right: Sequence[bool], *, n_pairs: int, se
         if len(pairs) >= n_pairs:
             break
     return pairs
-
-
-# -- figure --------------------------------------------------------------------------------------------------------
-_SERIES = (("probe_acc", "probe (encoded)", "#1f77b4", "solid"),
-           ("lens_acc", "logit lens among answers (expressed)", "#d62728", "solid"),
-           ("tuned_acc", "tuned lens among answers", "#ff7f0e", "dash"),
-           ("lens_top1", "logit lens top-1 (vocabulary)", "#9467bd", "dot"),
-           ("patch_recovery", "patch recovery", "#2ca02c", "solid"),
-           ("chance", "chance (majority class)", "#7f7f7f", "dot"))
-
-
-def gap_figure(panel: pd.DataFrame, *, facet: str = "task", title: str | None = None) -> go.Figure:
-    """Per facet value (default: one subplot per task): the panel's curves against the axis, and |cos| on a second
-    row with its random baseline. Columns a panel lacks (no tuned lens, no patching) are left out."""
-    if panel.empty:
-        raise ValueError("the panel is empty")
-    if facet not in panel.columns:
-        raise ValueError(f"facet column {facet!r} not in the panel; columns: {list(panel.columns)}")
-    keys = list(dict.fromkeys(panel[facet]))
-    fig = make_subplots(rows=2, cols=len(keys), shared_xaxes=True, row_heights=[0.7, 0.3], vertical_spacing=0.06,
-                        subplot_titles=[str(k) for k in keys])
-    for c, key in enumerate(keys, start=1):
-        part = panel[panel[facet] == key]
-        x = part["index"]
-        for col, name, colour, dash in _SERIES:
-            if col in part and part[col].notna().any():
-                fig.add_scatter(x=x, y=part[col], name=name, legendgroup=col, showlegend=c == 1, row=1, col=c,
-                                line={"color": colour, "dash": dash}, mode="lines+markers", marker={"size": 4})
-        fig.add_scatter(x=x, y=part["probe_cos"], name="|cos| probe vs answer rows", legendgroup="cos",
-                        showlegend=c == 1, row=2, col=c, line={"color": "#8c564b"})
-        fig.add_scatter(x=x, y=part["cos_random"], name="|cos| random", legendgroup="cosr", showlegend=c == 1,
-                        row=2, col=c, line={"color": "#7f7f7f", "dash": "dot"})
-        fig.update_xaxes(title_text=str(part["axis"].iloc[0]), row=2, col=c)
-    fig.update_yaxes(title_text="accuracy / recovery", row=1, col=1)
-    fig.update_yaxes(title_text="|cos|", row=2, col=1)
-    fig.update_layout(title=title or "Encoded vs expressed", height=600, width=max(640, 380 * len(keys) + 300),
-                      template="plotly_white", margin={"t": 120})  # room for the title above two-line facet titles
-    return fig

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 import torch
 from safetensors.torch import load_file, save
 from torch import nn
@@ -41,7 +40,6 @@ from workbench.core.sites import layer_site
 from workbench.core.trace import trace
 from workbench.data.corpus import DEFAULT_CORPUS, Corpus, as_corpus, token_windows
 from workbench.io.artifact import ArtifactError, ArtifactKind, read_artifact, read_card, register_kind, write_artifact
-from workbench.io.figures import apply_theme
 from workbench.io.paths import resolve_output_path, safe_segment
 from workbench.io.provenance import json_roundtrip, model_info, now, package_versions
 
@@ -130,6 +128,10 @@ class TunedLens(nn.Module):
 
 
 # -- training ---------------------------------------------------------------------------------------------------------
+SMOKE_BUDGET = 6e11  # work units of a smoke run's KL steps (TunedLensTrainConfig.smoke): seconds on 2 CPU cores
+SMOKE_LOGIT_OPS = 128  # per logit: the softmax, log and KL terms beside the head's d_model multiply-adds
+
+
 @dataclass
 class TunedLensTrainConfig:
     """How a tuned lens is trained. Defaults: the CPU recipe (``cpu()``); ``gpu()`` is the paper's token budget."""
@@ -172,9 +174,23 @@ class TunedLensTrainConfig:
         return cls(**{"context_length": 1024, "batch_size": 256, "steps": 250, "heldout_windows": 64, **overrides})
 
     @classmethod
-    def smoke(cls, **overrides) -> TunedLensTrainConfig:
-        """A minute-sized run for tests and smoke notebooks (not a useful lens)."""
-        return cls(**{"context_length": 64, "batch_size": 4, "steps": 20, "heldout_windows": 4, **overrides})
+    def smoke(cls, model: Model | None = None, **overrides) -> TunedLensTrainConfig:
+        """A seconds-sized run for tests and smoke notebooks (not a useful lens): 10 steps of 4 windows of 64 tokens.
+
+        With ``model``, sized by cost instead of by a fixed recipe: every KL step sends each token of every layer
+        through the head and back, about ``n_layers x vocab x (d_model + SMOKE_LOGIT_OPS)`` multiply-adds and
+        elementwise operations per token, so the tokens (steps x windows, and the held-out windows) shrink until
+        their sum stays within :data:`SMOKE_BUDGET` (at least one step of one window). SmolLM2-135M (30 layers, 49k
+        vocabulary) gets 2 steps of 4 windows; a 28-layer model with a 152k vocabulary one step of one window."""
+        plan = {"context_length": 64, "batch_size": 4, "steps": 10, "heldout_windows": 4}
+        if model is not None:
+            per_token = model.n_layers * model.W_U.shape[0] * (model.d_model + SMOKE_LOGIT_OPS)
+            windows = int(SMOKE_BUDGET // (per_token * plan["context_length"]))  # training + held-out windows
+            held = min(plan["heldout_windows"], max(1, windows // 5))
+            train = max(1, min(plan["batch_size"] * plan["steps"], windows - held))
+            batch = min(plan["batch_size"], train)
+            plan.update(batch_size=batch, steps=max(1, train // batch), heldout_windows=held)
+        return cls(**(plan | overrides))
 
     def validate(self) -> None:
         for name in ("context_length", "batch_size", "steps", "heldout_windows", "shuffle_buffer"):
@@ -537,20 +553,6 @@ def from_tuned_lens_package(folder: str | Path, model: Model) -> TunedLens:
     return lens.to(model.device)
 
 
-def kl_figure(kl: pd.DataFrame, *, title: str | None = None):
-    """Held-out KL per layer, one line per lens (a :func:`lens_kl` frame)."""
-    need = {"lens", "layer", "kl_bits"}
-    if not isinstance(kl, pd.DataFrame) or not need <= set(kl.columns):
-        raise ValueError(f"kl must be a lens_kl frame with columns {sorted(need)}")
-    fig = go.Figure()
-    kl = kl[kl["kl_bits"] > 0]  # the last layer is the model's output for every lens: KL 0, off a log axis
-    for name, g in kl.groupby("lens", sort=False):
-        fig.add_scatter(x=g["layer"], y=g["kl_bits"], mode="lines+markers", name=f"{name} lens")
-    fig.update_layout(title=title or "KL(model output || lens) per layer, held-out text",
-                      xaxis_title="layer (0 = embeddings)", yaxis_title="KL (bits per token)", yaxis_type="log")
-    return apply_theme(fig)
-
-
 # A tuned-lens folder (cfg.json + translators.safetensors + card.json), written and read through
 # workbench.io.artifact; ``workbench doctor`` checks it by loading it.
 LENS_KIND = register_kind(ArtifactKind(KIND, card_file=CARD_FILE, signature=(CONFIG_FILE, WEIGHTS_FILE),
@@ -559,6 +561,6 @@ LENS_KIND = register_kind(ArtifactKind(KIND, card_file=CARD_FILE, signature=(CON
 
 __all__ = [
     "CARD_FILE", "CONFIG_FILE", "WEIGHTS_FILE", "TunedLens", "TunedLensError", "TunedLensTrainConfig",
-    "from_tuned_lens_package", "heldout_windows", "kl_figure", "lens_kl", "load_tuned_lens", "save_tuned_lens",
+    "from_tuned_lens_package", "heldout_windows", "lens_kl", "load_tuned_lens", "save_tuned_lens",
     "train_tuned_lens", "tuned_lens_dir",
 ]

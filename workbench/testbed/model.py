@@ -80,9 +80,9 @@ def prompt_for(question: str) -> str:
 @dataclass(frozen=True)
 class TestbedConfig:
     variant: str = "biased"  # which training mix (workbench.data.vqa.VARIANTS)
-    n_train: int = 6400  # training items, one pass: 800 steps of 8 at ~1.0 s, ~14 min per variant on 2 cores
+    n_train: int = 6400  # training items, one pass of 800 steps of 8 (run time: docs/results/visual-ignorance.md)
     batch_size: int = 8
-    image_px: int = 56  # 16 image tokens; 112 px (64 tokens) costs 2.2x per step
+    image_px: int = 56  # 16 image tokens: enough for the shapes, and a larger image makes every step slower
     lr_projector: float = 1e-3
     lr_lora: float = 3e-4
     warmup_steps: int = 50

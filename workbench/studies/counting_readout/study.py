@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,10 +36,10 @@ from tqdm.auto import tqdm
 from workbench.core.models import DEFAULT_MODEL, Model, load_model
 from workbench.core.sites import check_layers, layer_site
 from workbench.data.tasks import (
-    DEFAULT_ANSWER_PREFIX,
     TASKS,
     TaskSet,
-    digit_token_ids,
+    answer_setup,
+    answered_task,
     make_task,
     split,
 )
@@ -63,7 +62,16 @@ from workbench.studies.counting_readout.geometry import (
     row_norm_percentiles,
 )
 from workbench.studies.counting_readout.interventions import steering_edit, train_digit_rows, train_lora_qv
-from workbench.studies.notebook import NotebookConfig, checkout_root
+from workbench.studies.notebook import (
+    NotebookConfig,
+    Phases,
+    at_most,
+    checkout_root,
+    choice,
+    each_in,
+    each_int,
+    positive_int,
+)
 
 METHODS = ("baseline", "probe_round", "digit_rows", "lora_qv", "steering")
 INTERVENTIONS = ("digit_rows", "lora_qv", "steering")
@@ -77,21 +85,24 @@ class CountingConfig(NotebookConfig):
                 "lora_scope": "lora_scope", "n_prompts": "n_test", "n_train": "n_train", "seeds": "seeds",
                 "save_probes": ("probes_root", lambda save: checkout_root() if save else None)}
     SMOKE_SIZED = ("n_prompts", "n_train", "seeds", "save_probes")
+    RELATIONS = (at_most("n_lora_train", "n_train", when=lambda c: "lora_qv" in c.interventions,
+                         why="the LoRA pool is part of the train prompts"),)
 
     model: str = DEFAULT_MODEL
-    tasks: tuple[str, ...] = tuple(TASKS)
-    seeds: tuple[int, ...] = (11, 77, 42)  # the paper's seeds; each seed draws its own prompts and trains anew
-    n_train: int = 600  # digit-row repair trains on 600 prompts in the paper
-    n_test: int = 200  # held out: never used for training, alpha or layer choice
-    n_lora_train: int = 400  # the paper's LoRA pool (a subset of the train prompts)
+    tasks: tuple[str, ...] = each_in(tuple(TASKS), TASKS, non_empty=True)
+    # the paper's seeds; each seed draws its own prompts and trains anew
+    seeds: tuple[int, ...] = each_int((11, 77, 42), non_empty=True)
+    n_train: int = positive_int(600)  # digit-row repair trains on 600 prompts in the paper
+    n_test: int = positive_int(200)  # held out: never used for training, alpha or layer choice
+    n_lora_train: int = positive_int(400)  # the paper's LoRA pool (a subset of the train prompts)
     layers: Sequence[int] | None = None  # probe layers (hidden-state indices 0..L); None = all
-    repair_steps: int = 500
-    lora_steps: int = 200
-    lora_batch: int = 4
+    repair_steps: int = positive_int(500)
+    lora_steps: int = positive_int(200)
+    lora_batch: int = positive_int(4)
     # "joint": one adapter per seed, trained on the LoRA pools of all tasks together and evaluated on each task;
-    # "per_task": the paper's protocol, one adapter per task and seed (4x the training: ~21 of the default model's
-    # 20-minute budget on 2 CPU cores, so not the default).
-    lora_scope: str = "joint"
+    # "per_task": the paper's protocol, one adapter per task and seed (4x the training, too slow for the default run
+    # on 2 CPU cores: docs/results/counting-readout.md).
+    lora_scope: str = choice("joint", LORA_SCOPES)
     steer_alphas: tuple[float, ...] = (-1.0, -0.5, -0.25, 0.25, 0.5, 1.0)  # x mean residual norm at that layer
     steer_select_n: int = 32  # train prompts used to pick the steering alpha (6 alphas x 32 forwards)
     gen_tokens: int = 6
@@ -99,29 +110,9 @@ class CountingConfig(NotebookConfig):
     n_permutations: int = 100
     logistic_C: float = 1.0  # fixed (on standardised features): a per-layer C search would dominate the run time
     probes_root: str | None = "."  # best-layer probes go to <probes_root>/probes/<model>/<task>/ (None: not saved)
-    interventions: tuple[str, ...] = INTERVENTIONS  # a subset skips the others (LoRA is ~half of the run time)
+    # a subset skips the others (LoRA is ~half of the run time)
+    interventions: tuple[str, ...] = each_in(INTERVENTIONS, INTERVENTIONS)
     smoke: bool = False
-
-    def __post_init__(self):
-        self.tasks = tuple(self.tasks)
-        self.seeds = tuple(int(s) for s in self.seeds)
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown or not self.tasks:
-            raise ValueError(f"unknown task(s) {unknown or '(none given)'}; valid tasks: {list(TASKS)}")
-        if not self.seeds:
-            raise ValueError("seeds is empty: give at least one seed")
-        self.interventions = tuple(self.interventions)
-        bad = [i for i in self.interventions if i not in INTERVENTIONS]
-        if bad:
-            raise ValueError(f"unknown intervention(s) {bad}; valid: {list(INTERVENTIONS)}")
-        for name in ("n_train", "n_test", "n_lora_train", "repair_steps", "lora_steps", "lora_batch"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.lora_scope not in LORA_SCOPES:
-            raise ValueError(f"lora_scope must be one of {list(LORA_SCOPES)}, got {self.lora_scope!r}")
-        if "lora_qv" in self.interventions and self.n_lora_train > self.n_train:
-            raise ValueError(f"n_lora_train ({self.n_lora_train}) cannot exceed n_train ({self.n_train})")
 
     @classmethod
     def smoke_config(cls, **overrides) -> CountingConfig:
@@ -173,35 +164,9 @@ class CountingResult:
             "accuracy": plots.accuracy_bars(self.summary()),
         }
 
-
-def answer_setup(model: Model, task: str, probe_prompt: str) -> tuple[str, str]:
-    """(prompt suffix, answer prefix) giving single-token answers for this tokenizer.
-
-    Prefer the natural " 7" after "Answer:"; tokenizers that split the space from the digit (SmolLM2, Qwen 2.5 and
-    Gemma 3 all do) get the space at the end of the prompt instead, so the next token is the bare digit.
-    """
-
-    prefix = DEFAULT_ANSWER_PREFIX[task]
-    try:
-        digit_token_ids(model.tokenizer, prefix, context=probe_prompt)
-        return "", prefix
-    except ValueError:
-        if prefix:
-            digit_token_ids(model.tokenizer, "", context=probe_prompt + prefix)  # raises with the answers if not
-            return prefix, ""
-        raise
-
-
-def answered_task(model: Model, task: str, n: int, *, seed: int, **options) -> tuple[TaskSet, list[int]]:
-    """``n`` prompts of counting ``task`` in the study's answer set-up (:func:`answer_setup`'s suffix appended, so the
-    next token is the answer) and the token ids of the answers 1..9, each checked to be one token as the continuation
-    of the first prompt. ``options`` go to :func:`workbench.data.tasks.make_task`."""
-    probe = make_task(task, 1, seed=seed, **options)
-    suffix, prefix = answer_setup(model, task, probe.prompts[0])
-    ts = make_task(task, n, seed=seed, answer_prefix=prefix, **options)
-    if suffix:
-        ts.prompts = [p + suffix for p in ts.prompts]
-    return ts, digit_token_ids(model.tokenizer, prefix, context=ts.prompts[0])
+    def save(self, out_dir: str | Path, model: Model | None = None) -> dict[str, Path]:
+        """Every table as CSV plus ``study.json`` (:func:`save_counting_result`; ``model`` is not needed)."""
+        return save_counting_result(self, out_dir)
 
 
 def _make_sets(model: Model, task: str, seed: int, cfg: CountingConfig) -> tuple[TaskSet, TaskSet, TaskSet, list[int]]:
@@ -210,11 +175,56 @@ def _make_sets(model: Model, task: str, seed: int, cfg: CountingConfig) -> tuple
     return ts, train, test, digit_ids
 
 
+def unit_features(model: Model, train: TaskSet, test: TaskSet, task: str, layers: Sequence[int],
+                  cfg: CountingConfig) -> tuple[dict, PrefixCache]:
+    """Phase ``features`` of one (seed, task): residual features of every prompt at ``layers`` by variant
+    (``last_token``; for the entity task also ``mention_mean``), train rows first, and the held-out prompts' prefix
+    cache. Train prompts: features only. Held-out prompts: one forward whose key/value cache and last-token
+    residuals (every layer) also serve the baseline, digit-row and steering evaluations (no second pass)."""
+    specs, test_specs = {"last_token": "last"}, {}
+    if task == "entity":  # both variants from one forward
+        specs["mention_mean"] = train.mention_token_positions(model.tokenizer)
+        test_specs["mention_mean"] = test.mention_token_positions(model.tokenizer)
+    variants = residual_features_many(model, train.prompts, layers, specs, batch_size=cfg.batch_size)
+    test_cache = PrefixCache.build(model, test.prompts, batch_size=cfg.batch_size, positions=test_specs)
+    test_variants = {"last_token": test_cache.last_token(layers)} | test_cache.features
+    variants = {name: {layer: torch.cat([by_layer[layer], test_variants[name][layer]]) for layer in layers}
+                for name, by_layer in variants.items()}
+    return variants, test_cache
+
+
+def unit_probes(model: Model, variants: dict, counts: np.ndarray, tr_idx: np.ndarray, te_idx: np.ndarray, seed: int,
+                cfg: CountingConfig) -> tuple[list[pd.DataFrame], object]:
+    """Phase ``probes`` of one (seed, task): per variant, ridge probes for every layer at once (batched SVDs on the
+    model's device) and logistic probes layer by layer; returns the tables and the ``last_token`` ridge fit."""
+    tables, main = [], None
+    for variant, fts in variants.items():
+        lw = layerwise_ridge(fts, counts.astype(float), tr_idx, te_idx, seed=seed, device=model.device)
+        table = lw.table.merge(layerwise_logistic(fts, counts, tr_idx, te_idx, C=cfg.logistic_C,
+                                                  device=model.device), on="layer")
+        tables.append(table.assign(variant=variant)[["variant", *table.columns]])
+        if variant == "last_token":
+            main = lw
+    return tables, main
+
+
 def _rank_rows(frame: pd.DataFrame, **keys) -> pd.DataFrame:
     frame = frame.copy()
     for k, v in keys.items():
         frame.insert(0, k, v)
     return frame
+
+
+def lora_adapter(model: Model, tasks: Sequence[str], seed: int, cfg: CountingConfig):
+    """Phase ``train_lora``: a LoRA adapter on Q/V trained on the pools of ``tasks`` (each task's pool: the first
+    ``n_lora_train`` of its shuffled train prompts)."""
+    pool_prompts, pool_answers = [], []
+    for t in tasks:
+        _, train_t, _, ids_t = _make_sets(model, t, seed, cfg)
+        pool = train_t.subset(np.arange(min(cfg.n_lora_train, len(train_t))))
+        pool_prompts += pool.prompts
+        pool_answers += [ids_t[c - 1] for c in pool.counts]
+    return train_lora_qv(model, pool_prompts, pool_answers, steps=cfg.lora_steps, batch_size=cfg.lora_batch, seed=seed)
 
 
 def _select_steering_alpha(model, site, direction, scale, prompts, counts, digit_ids, cfg) -> tuple[float, dict]:
@@ -317,7 +327,7 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
     keeps them there; a rerun of the same study (same config, layers and weights) loads the finished units and runs
     only the rest, with identical results. ``False`` (default): nothing is kept."""
     cfg = cfg or CountingConfig()
-    t_start = time.perf_counter()
+    phases = Phases()
     model = model or load_model(cfg.model)
     L = model.n_layers
     if cfg.layers is None and cfg.smoke:
@@ -328,10 +338,7 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
         layers.append(L)  # the last layer feeds the digit-row repair
     W_U = model.W_U.detach()
     probe_rows, geo_rows, lens_rows, acc_rows, extra_rows, angle_rows = [], [], [], [], [], []
-    timings: dict[str, float] = {}
-
-    def tick(key, t0):
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+    timings = phases.timings
 
     jobs = [(seed, task) for seed in cfg.seeds for task in cfg.tasks]
     # Validate every task's answers for this tokenizer before any heavy work.
@@ -362,42 +369,19 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
         te_idx = np.arange(len(train), len(everything))
         key = dict(task=task, seed=seed)
 
-        t0 = time.perf_counter()
-        # Train prompts: features only. Held-out prompts: one forward whose key/value cache and last-token residuals
-        # (every layer) also serve the baseline, digit-row and steering evaluations (no second pass over them).
-        specs, test_specs = {"last_token": "last"}, {}
-        if task == "entity":  # both variants from one forward
-            specs["mention_mean"] = train.mention_token_positions(model.tokenizer)
-            test_specs["mention_mean"] = test.mention_token_positions(model.tokenizer)
-        variants = residual_features_many(model, train.prompts, layers, specs, batch_size=cfg.batch_size)
-        test_cache = PrefixCache.build(model, test.prompts, batch_size=cfg.batch_size, positions=test_specs)
-        test_variants = {"last_token": test_cache.last_token(layers)} | test_cache.features
-        variants = {name: {layer: torch.cat([by_layer[layer], test_variants[name][layer]]) for layer in layers}
-                    for name, by_layer in variants.items()}
+        variants, test_cache = phases.run("features", unit_features, model, train, test, task, layers, cfg)
         feats = variants["last_token"]
-        tick("features", t0)
+        tables, main = phases.run("probes", unit_probes, model, variants, counts, tr_idx, te_idx, seed, cfg)
+        probe_rows += [_rank_rows(t, **key) for t in tables]
 
-        t0 = time.perf_counter()
-        main = None
-        for variant, fts in variants.items():
-            # on the model's device: ridge for every layer at once (batched SVDs), logistic layer by layer
-            lw = layerwise_ridge(fts, counts.astype(float), tr_idx, te_idx, seed=seed, device=model.device)
-            table = lw.table.merge(layerwise_logistic(fts, counts, tr_idx, te_idx, C=cfg.logistic_C,
-                                                      device=model.device), on="layer")
-            probe_rows.append(_rank_rows(table, variant=variant, **key))
-            if variant == "last_token":
-                main = lw
-        tick("probes", t0)
-
-        t0 = time.perf_counter()
-        geo = geometry_table(main.probes, W_U, digit_ids, seed=seed)
-        geo_rows.append(_rank_rows(geo, **key))
-        best = int(main.table.loc[main.table.r2_val.idxmax(), "layer"])
-        best_probe = main.probes[best]
-        directions_by_seed.setdefault(seed, {})[task] = best_probe.direction_raw
-        perm = permutation_test(feats[best][tr_idx], counts[tr_idx].astype(float), W_U, digit_ids,
-                                n_perm=cfg.n_permutations, seed=seed, alpha=best_probe.alpha)
-        tick("geometry", t0)
+        with phases("geometry"):
+            geo = geometry_table(main.probes, W_U, digit_ids, seed=seed)
+            geo_rows.append(_rank_rows(geo, **key))
+            best = int(main.table.loc[main.table.r2_val.idxmax(), "layer"])
+            best_probe = main.probes[best]
+            directions_by_seed.setdefault(seed, {})[task] = best_probe.direction_raw
+            perm = permutation_test(feats[best][tr_idx], counts[tr_idx].astype(float), W_U, digit_ids,
+                                    n_perm=cfg.n_permutations, seed=seed, alpha=best_probe.alpha)
         extra_rows += [
             key | {"key": "best_layer", "value": best},
             key | {"key": "best_layer_r2_test", "value": float(main.table.set_index("layer").r2_test[best])},
@@ -413,12 +397,11 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
                        overwrite=True)  # the study was asked to save: it refreshes its own probe folders
 
         def evaluate(method, m=model, edits=None):
-            t1 = time.perf_counter()
-            ev = evaluate_answers(m, test.prompts, test.counts, digit_ids, edits=edits, gen_tokens=cfg.gen_tokens,
-                                  batch_size=cfg.batch_size, cache=test_cache if m is model else None)
-            acc_rows.append(key | {"method": method} | ev.accuracy())
-            lens_rows.append(_rank_rows(ev.ranks_by_layer(), method=method, **key))
-            tick(f"eval_{method}", t1)
+            with phases(f"eval_{method}"):
+                ev = evaluate_answers(m, test.prompts, test.counts, digit_ids, edits=edits, gen_tokens=cfg.gen_tokens,
+                                      batch_size=cfg.batch_size, cache=test_cache if m is model else None)
+                acc_rows.append(key | {"method": method} | ev.accuracy())
+                lens_rows.append(_rank_rows(ev.ranks_by_layer(), method=method, **key))
             return ev
 
         evaluate("baseline")
@@ -427,43 +410,33 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
                                "generation": np.nan})
 
         if "digit_rows" in cfg.interventions:
-            t0 = time.perf_counter()
-            normed = model.final_norm(feats[L][tr_idx].to(model.device, model.dtype)).detach()
-            repair = train_digit_rows(model, normed, torch.as_tensor(train.counts - 1), digit_ids,
-                                      steps=cfg.repair_steps, seed=seed)
-            tick("train_digit_rows", t0)
+            with phases("train_digit_rows"):
+                normed = model.final_norm(feats[L][tr_idx].to(model.device, model.dtype)).detach()
+                repair = train_digit_rows(model, normed, torch.as_tensor(train.counts - 1), digit_ids,
+                                          steps=cfg.repair_steps, seed=seed)
             extra_rows.append(key | {"key": "digit_rows_params", "value": repair.n_params})
             with repair.applied(model):
                 evaluate("digit_rows")
 
         if "lora_qv" in cfg.interventions:
-            t0 = time.perf_counter()
             scope_tasks = cfg.tasks if cfg.lora_scope == "joint" else (task,)
-            if (seed, scope_tasks) not in lora_cache:
-                pool_prompts, pool_answers = [], []
-                for t in scope_tasks:  # each task's pool: the first n_lora_train of its (shuffled) train prompts
-                    _, train_t, _, ids_t = _make_sets(model, t, seed, cfg)
-                    pool = train_t.subset(np.arange(min(cfg.n_lora_train, len(train_t))))
-                    pool_prompts += pool.prompts
-                    pool_answers += [ids_t[c - 1] for c in pool.counts]
-                lora_cache.clear()  # one adapter in memory at a time
-                lora_cache[(seed, scope_tasks)] = train_lora_qv(
-                    model, pool_prompts, pool_answers, steps=cfg.lora_steps, batch_size=cfg.lora_batch, seed=seed)
+            with phases("train_lora"):
+                if (seed, scope_tasks) not in lora_cache:
+                    lora_cache.clear()  # one adapter in memory at a time
+                    lora_cache[(seed, scope_tasks)] = lora_adapter(model, scope_tasks, seed, cfg)
             lora = lora_cache[(seed, scope_tasks)]
-            tick("train_lora", t0)
             extra_rows += [key | {"key": "lora_params", "value": lora.n_params},
                            key | {"key": "lora_final_loss", "value": float(np.mean(lora.losses[-10:]))},
                            key | {"key": "lora_pool_tasks", "value": len(scope_tasks)}]
             evaluate("lora_qv", m=lora.model)
 
         if "steering" in cfg.interventions:
-            t0 = time.perf_counter()
-            site = layer_site(best)
-            scale = float(feats[best][tr_idx].norm(dim=-1).mean())
-            n_sel = min(cfg.steer_select_n, len(train))
-            alpha, curve = _select_steering_alpha(model, site, best_probe.direction_raw, scale,
-                                                  train.prompts[:n_sel], train.counts[:n_sel], digit_ids, cfg)
-            tick("select_steering", t0)
+            with phases("select_steering"):
+                site = layer_site(best)
+                scale = float(feats[best][tr_idx].norm(dim=-1).mean())
+                n_sel = min(cfg.steer_select_n, len(train))
+                alpha, curve = _select_steering_alpha(model, site, best_probe.direction_raw, scale,
+                                                      train.prompts[:n_sel], train.counts[:n_sel], digit_ids, cfg)
             extra_rows += [key | {"key": "steer_alpha_rel", "value": alpha},
                            key | {"key": "steer_alpha_abs", "value": alpha * scale}]
             extra_rows += [key | {"key": f"steer_train_acc@{a}", "value": v} for a, v in curve.items()]
@@ -481,7 +454,6 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
     norm_rows = [{"digit": k + 1, "token": model.tokenizer.convert_ids_to_tokens(t), "percentile": float(p)}
                  for k, (t, p) in enumerate(zip(digit_ids_any, pct.tolist()))]
     lora_cache.clear()
-    timings["total"] = time.perf_counter() - t_start
     return CountingResult(
         config=asdict(cfg) | {"layers": layers},
         model=model.name,
@@ -496,7 +468,7 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
         extras=pd.DataFrame(extra_rows),
         angles=pd.DataFrame(angle_rows),
         norm_percentiles=pd.DataFrame(norm_rows),
-        timings={k: round(v, 2) for k, v in timings.items()} | {"random_baseline": random_baseline(model.d_model)},
+        timings=phases.finish() | {"random_baseline": random_baseline(model.d_model)},
     )
 
 

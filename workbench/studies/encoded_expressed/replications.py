@@ -39,8 +39,8 @@ from workbench.methods.activations import last_logits
 from workbench.methods.answering import vqa_inputs
 from workbench.methods.encoded_expressed import gap_panel
 from workbench.methods.latent import LatentConfig, LatentRun, run_latent
+from workbench.methods.manifold import manifold_metrics
 from workbench.methods.patching import site_of
-from workbench.studies.latent_drift.metrics import manifold_metrics
 from workbench.studies.encoded_expressed.tasks import counting_task
 
 PAPER_OVERWRITE_DEPTH = (0.88, 0.93)  # arXiv 2605.09239: the MLP that overwrites the count sits at 88-93 % of depth

@@ -13,7 +13,6 @@ One call (:func:`run_encoded_expressed_study`) runs, on the text model ``cfg.mod
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +39,20 @@ from workbench.studies.encoded_expressed.replications import (
     visual_integration,
 )
 from workbench.studies.encoded_expressed.tasks import counting_task, latent_task, visual_task
-from workbench.studies.notebook import NotebookConfig
+from workbench.studies.notebook import (
+    NotebookConfig,
+    Phases,
+    as_tuple,
+    choice,
+    each_in,
+    each_int,
+    each_number,
+    int_range,
+    as_tuple_value,
+    constrained,
+    less_than,
+    positive_int,
+)
 
 THREADS = ("counting", "latent", "visual")
 LATENT_MODES = ("coconut", "soft", "cot")
@@ -57,73 +69,43 @@ class EncodedExpressedConfig(NotebookConfig):
                 "delimiters": "delimiters", "layers": "layers", "tuned_lens": "tuned_lens", "seed": "seed"}
     SMOKE_SIZED = ("tasks", "layers", "n_prompts", "n_train", "n_vlm_items", "n_latent_items", "n_steps", "gumbel_taus",
                    "delimiters")
+    RELATIONS = (less_than("n_train", "n_prompts", "held-out rows to score on"),
+                 less_than("n_latent_train", "n_latent_items", "held-out rows to score on"),
+                 less_than("n_delimiter_train", "n_delimiter", "held-out rows to score on"))
 
     model: str = DEFAULT_MODEL  # the text model: counting, delimiter sweep, latent loops
-    tasks: tuple[str, ...] = tuple(TASKS)  # counting tasks of the panel and of late suppression
-    vlms: tuple[str, ...] = TESTBEDS  # the VLM part runs on these (empty: skipped; the grid's other models skip it)
-    latent_modes: tuple[str, ...] = ("coconut", "soft")
-    layers: tuple[int, ...] | None = None  # hidden-state layers of the layer panels (None: all); the MLP sweep of the
-    # delimiter replication then ablates only the blocks ending at these layers
-    latent_task: str = "arithmetic"  # the per-step panel needs answers 0-9
-    n_hops: int = 2
-    n_prompts: int = 300  # per counting task; n_train of them train the probes, the rest is held out
-    n_train: int = 200
-    n_pairs: int = 32  # patching pairs per task (clean = a row the model answers right)
-    min_pairs: int = 8  # fewer right rows than this: attribution patching over arbitrary pairs instead
-    n_vlm_train: int = 240  # probe training items (every shape x colour, training images)
-    n_vlm_items: int = 40  # held-out items per split (prior-violating, prior-consistent, other shapes' colour)
-    n_latent_items: int = 200  # arithmetic chains; n_latent_train train the per-step probes
-    n_latent_train: int = 120
-    n_steps: int = 6
-    gumbel_taus: tuple[float, ...] = (0.5, 1.0)  # the remedy's temperatures (the paper: 0.5)
-    delimiters: tuple[str, ...] = tuple(DELIMITERS)
-    n_delimiter: int = 135  # repeated-item prompts per delimiter (90 train the probes)
-    n_delimiter_train: int = 90
-    ablate_last: tuple[int, ...] = (1, 2, 3)
-    tuned_lens: str = "auto"  # "auto": the shipped lens under probes/<model>/tuned-lens when there is one
+    tasks: tuple[str, ...] = each_in(tuple(TASKS), TASKS)  # counting tasks of the panel and of late suppression
+    # the VLM part runs on these (empty: skipped; the grid's other models skip it)
+    vlms: tuple[str, ...] = as_tuple(TESTBEDS)
+    latent_modes: tuple[str, ...] = each_in(("coconut", "soft"), LATENT_MODES)  # the per-step panel's modes
+    # hidden-state layers of the layer panels (None: all); the MLP sweep of the delimiter replication then ablates
+    # only the blocks ending at these layers
+    layers: tuple[int, ...] | None = as_tuple(None, optional=True)
+    # the per-step panel needs answers 0-9: arithmetic only
+    latent_task: str = choice("arithmetic", [t for t in REASONING_TASKS if t == "arithmetic"])
+    n_hops: int = int_range(2, 1, MAX_HOPS)
+    n_prompts: int = positive_int(300)  # per counting task; n_train of them train the probes, the rest is held out
+    n_train: int = positive_int(200)
+    n_pairs: int = positive_int(32)  # patching pairs per task (clean = a row the model answers right)
+    min_pairs: int = positive_int(8)  # fewer right rows than this: attribution patching over arbitrary pairs instead
+    n_vlm_train: int = positive_int(240)  # probe training items (every shape x colour, training images)
+    # held-out items per split (prior-violating, prior-consistent, other shapes' colour)
+    n_vlm_items: int = positive_int(40)
+    n_latent_items: int = positive_int(200)  # arithmetic chains; n_latent_train train the per-step probes
+    n_latent_train: int = positive_int(120)
+    n_steps: int = int_range(6, 1, MAX_STEPS)
+    gumbel_taus: tuple[float, ...] = each_number((0.5, 1.0), above=0)  # the remedy's temperatures (the paper: 0.5)
+    delimiters: tuple[str, ...] = constrained(tuple(DELIMITERS), convert=as_tuple_value,
+                                              check=lambda v: all(isinstance(d, str) and d for d in v),
+                                              allowed="a list of non-empty strs")
+    n_delimiter: int = positive_int(135)  # repeated-item prompts per delimiter (90 train the probes)
+    n_delimiter_train: int = positive_int(90)
+    ablate_last: tuple[int, ...] = each_int((1, 2, 3), lo=1)  # final blocks to ablate
+    # "auto": the shipped lens under probes/<model>/tuned-lens when there is one
+    tuned_lens: str = choice("auto", TUNED_LENS)
     seed: int = 0
-    batch_size: int = 32
+    batch_size: int = positive_int(32)
     smoke: bool = False
-
-    def __post_init__(self):
-        self.tasks = tuple(self.tasks)
-        self.vlms = tuple(self.vlms)
-        self.latent_modes = tuple(self.latent_modes)
-        self.gumbel_taus = tuple(float(t) for t in self.gumbel_taus)
-        self.delimiters = tuple(self.delimiters)
-        self.ablate_last = tuple(self.ablate_last)
-        self.layers = None if self.layers is None else tuple(self.layers)
-        bad = [t for t in self.tasks if t not in TASKS]
-        if bad:
-            raise ValueError(f"unknown task(s) {bad}; valid tasks: {list(TASKS)}")
-        bad = [m for m in self.latent_modes if m not in LATENT_MODES]
-        if bad:
-            raise ValueError(f"unknown latent mode(s) {bad}; the per-step panel takes {list(LATENT_MODES)}")
-        if self.latent_task not in REASONING_TASKS or self.latent_task != "arithmetic":
-            raise ValueError(f"latent_task must be 'arithmetic' (the per-step panel needs answers 0-9), got "
-                             f"{self.latent_task!r}")
-        if self.tuned_lens not in TUNED_LENS:
-            raise ValueError(f"tuned_lens must be one of {list(TUNED_LENS)}, got {self.tuned_lens!r}")
-        for name in ("n_prompts", "n_train", "n_pairs", "min_pairs", "n_vlm_train", "n_vlm_items", "n_latent_items",
-                     "n_latent_train", "n_delimiter", "n_delimiter_train", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for n, tr, what in ((self.n_prompts, self.n_train, "n_train < n_prompts"),
-                            (self.n_latent_items, self.n_latent_train, "n_latent_train < n_latent_items"),
-                            (self.n_delimiter, self.n_delimiter_train, "n_delimiter_train < n_delimiter")):
-            if tr >= n:
-                raise ValueError(f"need {what} (held-out rows to score on), got {tr} and {n}")
-        if not 1 <= self.n_hops <= MAX_HOPS:
-            raise ValueError(f"n_hops must lie in 1..{MAX_HOPS}, got {self.n_hops!r}")
-        if isinstance(self.n_steps, bool) or not isinstance(self.n_steps, int) or not 1 <= self.n_steps <= MAX_STEPS:
-            raise ValueError(f"n_steps must be an int in 1..{MAX_STEPS}, got {self.n_steps!r}")
-        if any(not t > 0 for t in self.gumbel_taus):
-            raise ValueError(f"gumbel_taus must be > 0, got {self.gumbel_taus}")
-        if any(not isinstance(d, str) or not d for d in self.delimiters):
-            raise ValueError(f"delimiters must be non-empty strings, got {self.delimiters!r}")
-        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ablate_last):
-            raise ValueError(f"ablate_last must be positive ints (final blocks to ablate), got {self.ablate_last}")
 
     @classmethod
     def smoke_config(cls, **overrides) -> EncodedExpressedConfig:
@@ -197,6 +179,10 @@ class EncodedExpressedResult:
             figures["visual_integration"] = plots.integration_figure(self.vip_curves, self.vip_summary)
         return figures
 
+    def save(self, out_dir: str | Path, model: Model | None = None) -> dict[str, Path]:
+        """Every table as CSV plus ``study.json`` (:func:`save_encoded_expressed_result`; ``model`` is not needed)."""
+        return save_encoded_expressed_result(self, out_dir)
+
 
 def shipped_tuned_lens(model: Model, setting: str = "auto") -> TunedLens | None:
     """The tuned lens shipped for ``model`` (``probes/<model>/tuned-lens``) or None when there is none or
@@ -209,11 +195,50 @@ def shipped_tuned_lens(model: Model, setting: str = "auto") -> TunedLens | None:
     return load_tuned_lens(folder, model=model)
 
 
+def counting_phase(model: Model, cfg: EncodedExpressedConfig, task: str, layers, tuned: TunedLens | None) -> dict:
+    """Phase ``counting_<task>``: the counting task's panel and late suppression."""
+    gt, extra = counting_task(model, task, n=cfg.n_prompts, n_train=cfg.n_train, seed=cfg.seed, layers=layers,
+                              n_pairs=cfg.n_pairs, min_pairs=cfg.min_pairs, batch_size=cfg.batch_size)
+    panel = gap_panel(model, gt, tuned_lens=tuned).assign(thread="counting", model=model.name)
+    te = extra["test_idx"]
+    sup = late_suppression(model, [extra["prompts"][i] for i in te], (extra["counts"] - 1)[te],
+                           extra["digit_ids"], last=cfg.ablate_last, batch_size=cfg.batch_size)
+    return {"panel": panel, "suppression": sup.assign(model=model.name, task=task),
+            "accuracy": [{"thread": "counting", "model": model.name, "task": task, "accuracy": extra["accuracy"]}]}
+
+
+def latent_phase(model: Model, cfg: EncodedExpressedConfig, rs, mode: str, tuned: TunedLens | None) -> dict:
+    """Phase ``latent_<mode>``: the latent loop's per-step panel."""
+    lcfg = LatentConfig(mode=mode, n_steps=cfg.n_steps, seed=cfg.seed)
+    gt, extra = latent_task(model, rs, lcfg, n_train=cfg.n_latent_train, seed=cfg.seed, n_pairs=cfg.n_pairs,
+                            min_pairs=cfg.min_pairs)
+    return {"panel": gap_panel(model, gt, tuned_lens=tuned).assign(thread="latent", model=model.name),
+            "accuracy": [{"thread": "latent", "model": model.name, "task": gt.name, "accuracy": extra["accuracy"]}],
+            "run": extra["run"]}
+
+
+def visual_phase(vlm: Model, cfg: EncodedExpressedConfig) -> dict:
+    """Phase ``visual_<vlm>``: the VLM's colour-question panel and its visual integration."""
+    vlm_layers = check_layers(_layers(cfg, vlm), vlm.n_layers)
+    gt, extra = visual_task(vlm, n_train=cfg.n_vlm_train, n_items=cfg.n_vlm_items, seed=cfg.seed, layers=vlm_layers,
+                            n_pairs=cfg.n_pairs, min_pairs=cfg.min_pairs, batch_size=cfg.batch_size)
+    panel = (gap_panel(vlm, gt, tuned_lens=shipped_tuned_lens(vlm, cfg.tuned_lens))
+             .assign(thread="visual", model=vlm.name))
+    accuracy = [{"thread": "visual", "model": vlm.name, "task": f"colour/{split}", "accuracy": acc}
+                for split, acc in extra["accuracy"].items()]
+    curves, summary = visual_integration(vlm, extra["splits"], batch_size=cfg.batch_size)
+    return {"panel": panel, "accuracy": accuracy, "vip_curves": curves.assign(model=vlm.name),
+            "vip_summary": summary.assign(model=vlm.name, says_red_violating=extra["says_red_violating"])}
+
+
 def run_encoded_expressed_study(cfg: EncodedExpressedConfig | None = None, *, model: Model | None = None,
-                  vlm_models: Mapping[str, object] | None = None, progress: bool = True) -> EncodedExpressedResult:
-    """Everything in the module docstring for ``cfg``; ``vlm_models`` gives already loaded VLMs by name."""
+                                vlm_models: Mapping[str, object] | None = None,
+                                progress: bool = True) -> EncodedExpressedResult:
+    """Everything in the module docstring for ``cfg``; ``vlm_models`` gives already loaded VLMs by name. Every input
+    is checked first; then the phases ``counting_<task>``, ``delimiter_sweep``, ``latent_<mode>``, ``soft_threads``
+    and ``visual_<vlm>``, each timed into ``timings`` (with ``total``)."""
     cfg = cfg or EncodedExpressedConfig()
-    t_start = time.perf_counter()
+    phases = Phases()
     model = model or load_model(cfg.model)
     bad = [k for k in cfg.ablate_last if k > model.n_layers]
     if bad:
@@ -228,72 +253,49 @@ def run_encoded_expressed_study(cfg: EncodedExpressedConfig | None = None, *, mo
                              f"(e.g. {list(TESTBEDS)})")
         check_layers(_layers(cfg, vlm), vlm.n_layers, name="layers (for the VLMs)")
         vlm_models[name] = vlm
-    timings: dict[str, float] = {}
     panels, accuracy, suppression = [], [], []
     parts = len(cfg.tasks) + 2 + len(cfg.latent_modes) + len(cfg.vlms)
     bar = tqdm(total=parts, desc=f"encoded vs expressed {model.name}", unit="part", disable=not progress)
 
-    def tick(name: str, t0: float):
-        timings[name] = round(time.perf_counter() - t0, 1)
+    def phase(name: str, label: str, fn, *args):
+        bar.set_postfix_str(label)
+        out = phases.run(name, fn, *args)
         bar.update()
+        return out
 
     for task in cfg.tasks:  # 1. counting: panel + late suppression
-        bar.set_postfix_str(f"counting {task}")
-        t0 = time.perf_counter()
-        gt, extra = counting_task(model, task, n=cfg.n_prompts, n_train=cfg.n_train, seed=cfg.seed, layers=layers,
-                                  n_pairs=cfg.n_pairs, min_pairs=cfg.min_pairs, batch_size=cfg.batch_size)
-        panels.append(gap_panel(model, gt, tuned_lens=tuned).assign(thread="counting", model=model.name))
-        accuracy.append({"thread": "counting", "model": model.name, "task": task, "accuracy": extra["accuracy"]})
-        te = extra["test_idx"]
-        sup = late_suppression(model, [extra["prompts"][i] for i in te], (extra["counts"] - 1)[te],
-                               extra["digit_ids"], last=cfg.ablate_last, batch_size=cfg.batch_size)
-        suppression.append(sup.assign(model=model.name, task=task))
-        tick(f"counting_{task}", t0)
+        out = phase(f"counting_{task}", f"counting {task}", counting_phase, model, cfg, task, layers, tuned)
+        panels.append(out["panel"])
+        accuracy += out["accuracy"]
+        suppression.append(out["suppression"])
 
-    bar.set_postfix_str("delimiter sweep")  # 2. repeated items by delimiter
-    t0 = time.perf_counter()
-    d_panel, d_curves, d_sweeps, d_summary = delimiter_sweep(
-        model, delimiters=cfg.delimiters, n=cfg.n_delimiter, n_train=cfg.n_delimiter_train,
-        seed=cfg.seed, layers=layers, batch_size=cfg.batch_size,
-        blocks=None if _layers(cfg, model) is None else [v - 1 for v in layers if v > 0])
-    tick("delimiter_sweep", t0)
+    # 2. repeated items by delimiter
+    d_panel, d_curves, d_sweeps, d_summary = phase(
+        "delimiter_sweep", "delimiter sweep", lambda: delimiter_sweep(
+            model, delimiters=cfg.delimiters, n=cfg.n_delimiter, n_train=cfg.n_delimiter_train,
+            seed=cfg.seed, layers=layers, batch_size=cfg.batch_size,
+            blocks=None if _layers(cfg, model) is None else [v - 1 for v in layers if v > 0]))
 
     rs = make_reasoning_task(cfg.latent_task, cfg.n_latent_items, n_hops=cfg.n_hops, seed=cfg.seed)
     runs = {}
     for mode in cfg.latent_modes:  # 3. latent loops, per step
-        bar.set_postfix_str(f"latent {mode}")
-        t0 = time.perf_counter()
-        lcfg = LatentConfig(mode=mode, n_steps=cfg.n_steps, seed=cfg.seed)
-        gt, extra = latent_task(model, rs, lcfg, n_train=cfg.n_latent_train, seed=cfg.seed, n_pairs=cfg.n_pairs,
-                                min_pairs=cfg.min_pairs)
-        panels.append(gap_panel(model, gt, tuned_lens=tuned).assign(thread="latent", model=model.name))
-        accuracy.append({"thread": "latent", "model": model.name, "task": gt.name, "accuracy": extra["accuracy"]})
-        runs[mode] = extra["run"]
-        tick(f"latent_{mode}", t0)
-    bar.set_postfix_str("soft thinking threads")
-    t0 = time.perf_counter()
-    soft_steps, soft_summary = soft_thinking_threads(model, rs, n_steps=cfg.n_steps, taus=cfg.gumbel_taus,
-                                                     seed=cfg.seed, plain=runs.get("soft"))
-    tick("soft_threads", t0)
+        out = phase(f"latent_{mode}", f"latent {mode}", latent_phase, model, cfg, rs, mode, tuned)
+        panels.append(out["panel"])
+        accuracy += out["accuracy"]
+        runs[mode] = out["run"]
+    soft_steps, soft_summary = phase(
+        "soft_threads", "soft thinking threads", lambda: soft_thinking_threads(
+            model, rs, n_steps=cfg.n_steps, taus=cfg.gumbel_taus, seed=cfg.seed, plain=runs.get("soft")))
 
     vip_curves, vip_summary = [], []
     for name in cfg.vlms:  # 4. VLMs: panel + visual integration
-        bar.set_postfix_str(name)
-        t0 = time.perf_counter()
-        vlm = vlm_models[name]
-        vlm_layers = check_layers(_layers(cfg, vlm), vlm.n_layers)
-        gt, extra = visual_task(vlm, n_train=cfg.n_vlm_train, n_items=cfg.n_vlm_items, seed=cfg.seed, layers=vlm_layers,
-                                n_pairs=cfg.n_pairs, min_pairs=cfg.min_pairs, batch_size=cfg.batch_size)
-        panels.append(gap_panel(vlm, gt, tuned_lens=shipped_tuned_lens(vlm, cfg.tuned_lens))
-                      .assign(thread="visual", model=vlm.name))
-        for split, acc in extra["accuracy"].items():
-            accuracy.append({"thread": "visual", "model": vlm.name, "task": f"colour/{split}", "accuracy": acc})
-        curves, summary = visual_integration(vlm, extra["splits"], batch_size=cfg.batch_size)
-        vip_curves.append(curves.assign(model=vlm.name))
-        vip_summary.append(summary.assign(model=vlm.name, says_red_violating=extra["says_red_violating"]))
-        tick(f"visual_{name}", t0)
+        out = phase(f"visual_{name}", name, visual_phase, vlm_models[name], cfg)
+        panels.append(out["panel"])
+        accuracy += out["accuracy"]
+        vip_curves.append(out["vip_curves"])
+        vip_summary.append(out["vip_summary"])
     bar.close()
-    timings["total"] = round(time.perf_counter() - t_start, 1)
+    timings = phases.finish(digits=1)
 
     def cat(frames, first=("thread", "model", "task")):
         if not frames:

@@ -29,16 +29,14 @@ import torch
 from workbench.core.models import Model
 from workbench.core.sites import check_layers
 from workbench.data.reasoning import ReasoningSet
-from workbench.data.tasks import check_single_token_answers, split_indices
-from workbench.data.vqa import COLOURS, evaluation_set
+from workbench.data.tasks import answered_task, check_single_token_answers, split_indices
+from workbench.data.vqa import COLOURS, evaluation_set, probe_training_items
 from workbench.methods.activations import last_token
 from workbench.methods.answering import candidate_token_ids, vqa_batches, vqa_inputs
 from workbench.methods.encoded_expressed import GapTask, lens_answers, make_pairs
 from workbench.methods.latent import LatentConfig, LatentRun, run_latent
 from workbench.methods.patching import residual_patching
 from workbench.methods.probes.features import residual_features_many
-from workbench.studies.counting_readout.study import answered_task
-from workbench.studies.visual_ignorance.study import probe_training_items
 
 VISUAL_SPLITS = ("prior_violating", "prior_consistent", "colour")
 

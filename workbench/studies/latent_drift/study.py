@@ -11,7 +11,6 @@ Results are small dataframes in :class:`DriftResult`; :func:`save_drift_result` 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from workbench.studies.latent_drift.metrics import (
     manifold_metrics,
     step_summary,
 )
-from workbench.studies.notebook import NotebookConfig
+from workbench.studies.notebook import NotebookConfig, Phases, choice, each_in, each_int, int_range, positive_int
 
 
 @dataclass
@@ -43,12 +42,13 @@ class DriftConfig(NotebookConfig):
     SMOKE_SIZED = ("n_steps", "steps_grid", "n_items")
 
     model: str = DEFAULT_MODEL
-    task: str = "arithmetic"
-    modes: tuple[str, ...] = MODES
-    n_steps: int = 6  # thinking steps of the instrumented runs
+    task: str = choice("arithmetic", REASONING_TASKS)
+    modes: tuple[str, ...] = each_in(MODES, MODES, non_empty=True)
+    n_steps: int = int_range(6, 1, MAX_STEPS)  # thinking steps of the instrumented runs
     n_hops: int = 2  # reasoning steps the task needs (arithmetic operations / graph edges): a=3; b=a+4; c=b*2
-    n_items: int = 100
-    steps_grid: tuple[int, ...] = (1, 2, 4, 6, 8)  # accuracy against n_steps (uninstrumented metrics only)
+    n_items: int = positive_int(100, minimum=8)  # >= 8: fact retention splits them
+    # accuracy against n_steps (uninstrumented metrics only)
+    steps_grid: tuple[int, ...] = each_int((1, 2, 4, 6, 8), lo=1, hi=MAX_STEPS)
     retention_layer: int | None = None  # None: the middle layer
     seed: int = 0
     soft: dict = field(default_factory=dict)  # LatentConfig overrides for mode "soft" (e.g. gumbel_tau=0.5)
@@ -56,19 +56,7 @@ class DriftConfig(NotebookConfig):
     smoke: bool = False
 
     def __post_init__(self):
-        self.modes = tuple(self.modes)
-        self.steps_grid = tuple(int(s) for s in self.steps_grid)
-        if self.task not in REASONING_TASKS:
-            raise ValueError(f"unknown task {self.task!r}; valid tasks: {list(REASONING_TASKS)}")
-        bad = [m for m in self.modes if m not in MODES]
-        if bad or not self.modes:
-            raise ValueError(f"unknown mode(s) {bad or '(none given)'}; valid modes: {list(MODES)}")
-        for name, values in (("n_steps", [self.n_steps]), ("steps_grid", self.steps_grid)):
-            wrong = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_STEPS]
-            if wrong:
-                raise ValueError(f"{name} values {wrong} not allowed: steps are ints in 1..{MAX_STEPS}")
-        if isinstance(self.n_items, bool) or not isinstance(self.n_items, int) or self.n_items < 8:
-            raise ValueError(f"n_items must be an int >= 8 (fact retention splits them), got {self.n_items!r}")
+        super().__post_init__()
         LatentConfig(mode="soft", n_steps=1, **self.soft)  # bad Soft Thinking options fail here, before any forward
 
     @classmethod
@@ -109,53 +97,70 @@ class DriftResult:
             figures["retention_by_gap"] = plots.retention_by_gap(self.retention)
         return figures
 
+    def save(self, out_dir: str | Path, model: Model | None = None) -> dict[str, Path]:
+        """Every table as CSV plus ``study.json`` (:func:`save_drift_result`; ``model`` is not needed)."""
+        return save_drift_result(self, out_dir)
+
+
+def _loop_config(cfg: DriftConfig, mode: str, n: int) -> LatentConfig:
+    extra = cfg.soft if mode == "soft" else {}
+    return LatentConfig(mode=mode, n_steps=0 if mode == "direct" else n, seed=cfg.seed, batch_size=cfg.batch_size,
+                        **extra)
+
+
+def instrumented_mode(model: Model, rs, cfg: DriftConfig, mode: str, layer: int) -> dict:
+    """Phase ``run_<mode>``: one mode at ``n_steps``, instrumented: its accuracy row, items, and (thinking modes)
+    the drift metrics per step, the lens by step and layer and, on arithmetic, fact retention at ``layer``."""
+    run = run_latent(model, rs, _loop_config(cfg, mode, cfg.n_steps))
+    n = 0 if mode == "direct" else cfg.n_steps
+    out = {"accuracy": {"mode": mode, "n_steps": n, "accuracy": run.accuracy, "n_items": len(rs)},
+           "items": run.items.assign(mode=mode)}
+    if mode != "direct":
+        man = manifold_metrics(model, run)
+        lz = lens_metrics(model, run, rs)
+        out |= {"steps": step_summary(man, lz, run).assign(mode=mode), "manifold": man.assign(mode=mode),
+                "lens": lens_by_step_layer(lz).assign(mode=mode)}
+        if cfg.task == "arithmetic":
+            out["retention"] = fact_retention(run, rs, layer, seed=cfg.seed).assign(mode=mode)
+    return out
+
+
+def steps_grid_accuracy(model: Model, rs, cfg: DriftConfig, grid: list[tuple[str, int]], bar=None) -> list[dict]:
+    """Phase ``steps_grid``: accuracy of each (thinking mode, step count) of ``grid`` (uninstrumented)."""
+    rows = []
+    for mode, n in grid:  # n_steps itself was measured by the instrumented runs
+        if bar is not None:
+            bar.set_postfix_str(f"{mode}, {n} steps")
+        run = run_latent(model, rs, _loop_config(cfg, mode, n))
+        rows.append({"mode": mode, "n_steps": n, "accuracy": run.accuracy, "n_items": len(rs)})
+        if bar is not None:
+            bar.update()
+    return rows
+
 
 def run_drift_study(cfg: DriftConfig | None = None, *, model: Model | None = None, progress: bool = True) -> DriftResult:
-    """Every loop mode on the same items, instrumented at ``n_steps``, then accuracy over ``steps_grid``.
+    """Every loop mode on the same items, instrumented at ``n_steps`` (phase ``run_<mode>`` each,
+    :func:`instrumented_mode`), then accuracy over ``steps_grid`` (phase ``steps_grid``).
     ``progress``: a tqdm bar over the runs (one per mode, then one per extra step count)."""
     cfg = cfg or DriftConfig()
-    t_start = time.perf_counter()
+    phases = Phases()
     model = model or load_model(cfg.model)
     rs = make_reasoning_task(cfg.task, cfg.n_items, n_hops=cfg.n_hops, seed=cfg.seed)
     layer = model.n_layers // 2 if cfg.retention_layer is None else cfg.retention_layer
     if not 0 <= layer <= model.n_layers:
         raise ValueError(f"retention_layer {layer} out of range: 0..{model.n_layers}")
-    steps, manifold, lens, retention, accuracy, items = [], [], [], [], [], []
-    timings: dict[str, float] = {}
-
-    def config(mode: str, n: int) -> LatentConfig:
-        extra = cfg.soft if mode == "soft" else {}
-        return LatentConfig(mode=mode, n_steps=0 if mode == "direct" else n, seed=cfg.seed,
-                            batch_size=cfg.batch_size, **extra)
+    parts: dict[str, list] = {k: [] for k in ("steps", "manifold", "lens", "retention", "accuracy", "items")}
 
     grid = [(mode, n) for mode in cfg.modes if mode != "direct" for n in cfg.steps_grid if n != cfg.n_steps]
     bar = tqdm(total=len(cfg.modes) + len(grid), desc=f"drift {model.name}", unit="run", disable=not progress)
     for mode in cfg.modes:
         bar.set_postfix_str(f"{mode}, {cfg.n_steps} steps, instrumented")
-        t0 = time.perf_counter()
-        run = run_latent(model, rs, config(mode, cfg.n_steps))
-        n = 0 if mode == "direct" else cfg.n_steps
-        accuracy.append({"mode": mode, "n_steps": n, "accuracy": run.accuracy, "n_items": len(rs)})
-        items.append(run.items.assign(mode=mode))
-        if mode != "direct":
-            man = manifold_metrics(model, run)
-            lz = lens_metrics(model, run, rs)
-            steps.append(step_summary(man, lz, run).assign(mode=mode))
-            manifold.append(man.assign(mode=mode))
-            lens.append(lens_by_step_layer(lz).assign(mode=mode))
-            if cfg.task == "arithmetic":
-                retention.append(fact_retention(run, rs, layer, seed=cfg.seed).assign(mode=mode))
-        timings[f"run_{mode}"] = round(time.perf_counter() - t0, 2)
+        for name, value in phases.run(f"run_{mode}", instrumented_mode, model, rs, cfg, mode, layer).items():
+            parts[name].append(value)
         bar.update()
-    t0 = time.perf_counter()
-    for mode, n in grid:  # n_steps itself was measured above
-        bar.set_postfix_str(f"{mode}, {n} steps")
-        run = run_latent(model, rs, config(mode, n))
-        accuracy.append({"mode": mode, "n_steps": n, "accuracy": run.accuracy, "n_items": len(rs)})
-        bar.update()
+    parts["accuracy"] += phases.run("steps_grid", steps_grid_accuracy, model, rs, cfg, grid, bar)
     bar.close()
-    timings["steps_grid"] = round(time.perf_counter() - t0, 2)
-    timings["total"] = round(time.perf_counter() - t_start, 2)
+    timings = phases.finish()
 
     def cat(frames, first=("mode",)):
         if not frames:
@@ -167,12 +172,12 @@ def run_drift_study(cfg: DriftConfig | None = None, *, model: Model | None = Non
         config=asdict(cfg) | {"retention_layer": layer},
         model=model.name,
         weights_hash=model.weights_hash,
-        steps=cat(steps),
-        manifold=cat(manifold),
-        lens=cat(lens),
-        retention=cat(retention),
-        accuracy=cat([pd.DataFrame(accuracy).sort_values(["mode", "n_steps"])]),
-        items=cat(items),
+        steps=cat(parts["steps"]),
+        manifold=cat(parts["manifold"]),
+        lens=cat(parts["lens"]),
+        retention=cat(parts["retention"]),
+        accuracy=cat([pd.DataFrame(parts["accuracy"]).sort_values(["mode", "n_steps"])]),
+        items=cat(parts["items"]),
         timings=timings,
     )
 

@@ -28,13 +28,13 @@ from workbench.core.sites import layer_site
 from workbench.core.store import ActivationStore
 from workbench.data.corpus import load_corpus
 from workbench.data.tasks import TASKS, make_task
+from workbench.data.vqa import probe_training_items
 from workbench.io.paths import cache_root, model_key, safe_segment
 from workbench.methods.activations import last_token
 from workbench.methods.answering import vqa_batches
 from workbench.methods.sae import bench as sb
 from workbench.methods.sae.handle import SAEError, load_sae
 from workbench.methods.sae.train import ARCHITECTURES, SAETrainConfig, train_sae
-from workbench.studies.visual_ignorance.study import probe_training_items
 
 # Each architecture's sparsity setting at the comparison's width. The TopK family is set to k = 32 directly; the
 # penalised architectures (L1, L0) have no k, and their settings were picked in single-seed runs of the shared recipe
@@ -61,8 +61,8 @@ class BenchConfig:
     architectures: tuple[str, ...] = ARCHITECTURES
     seeds: tuple[int, ...] = (0, 1, 2)  # training seeds (init and data order); spreads are over these
     # the shared recipe (every field of SAETrainConfig but the architecture's own sparsity settings and the seed):
-    # 4x on 150k tokens, the shipped SAEs' recipe scaled down (issue 17). Batch 256 gives 586 Adam steps of up to
-    # lr 1e-3 (the last 150 decaying); at batch 2048 the same tokens were 73 steps and TopK stopped at FVU 0.88.
+    # 4x on 150k tokens, the shipped SAEs' recipe scaled down (issue 17): a small batch gives enough Adam steps on
+    # so few tokens (at batch 2048 TopK stopped far from a good fit: docs/results/sae-features.md).
     train: SAETrainConfig = field(default_factory=lambda: SAETrainConfig(
         expansion=4, total_tokens=150_000, batch_size=256, lr=1e-3, lr_decay_steps=150, b_dec_init="mean",
         dead_feature_window=100))

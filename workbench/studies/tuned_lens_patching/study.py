@@ -16,8 +16,8 @@ Two parts, one model:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,8 +25,8 @@ import plotly.graph_objects as go
 
 from workbench.core.models import DEFAULT_MODEL, Model, load_model
 from workbench.data.ioi import make_ioi_pairs
-from workbench.data.tasks import TASKS
-from workbench.io.figures import apply_theme
+from workbench.data.tasks import TASKS, answered_task
+from workbench.io.figures import write_result_tables
 from workbench.io.provenance import model_info
 from workbench.methods.lens import logit_lens
 from workbench.methods.patching import (
@@ -36,19 +36,28 @@ from workbench.methods.patching import (
     attribution_patching,
     patching_agreement,
 )
-from workbench.methods.plots import agreement_figure, patching_map_figure
 from workbench.methods.tuned_lens import (
     TunedLens,
     TunedLensTrainConfig,
     heldout_windows,
-    kl_figure,
     lens_kl,
     load_tuned_lens,
     train_tuned_lens,
     tuned_lens_dir,
 )
-from workbench.studies.counting_readout.study import answered_task
-from workbench.studies.notebook import NotebookConfig, checkout_root
+from workbench.plotting.lens import kl_figure
+from workbench.plotting.patching import agreement_figure, patching_map_figure
+from workbench.plotting.theme import apply_theme
+from workbench.studies.notebook import (
+    NotebookConfig,
+    Phases,
+    checkout_root,
+    choice,
+    each_in,
+    each_int,
+    positive_int,
+    relation,
+)
 
 LENS_SOURCES = ("auto", "shipped", "train")
 RECIPES = {"cpu": TunedLensTrainConfig.cpu, "gpu": TunedLensTrainConfig.gpu, "smoke": TunedLensTrainConfig.smoke}
@@ -61,44 +70,28 @@ class TunedLensPatchingConfig(NotebookConfig):
                 "site_types": "site_types", "head_positions": "head_positions", "ig_steps": "ig_steps",
                 "seed": "seed"}
     SMOKE_SIZED = ("heldout", "n_counting", "n_pairs", "site_types")
+    RELATIONS = (relation(("site_types", "head_positions"), lambda c: bool(c.site_types or c.head_positions),
+                          "site_types or head_positions non-empty (else nothing to patch)"),)
 
     model: str = DEFAULT_MODEL
-    lens: str = "auto"  # "shipped" (probes/<model>/tuned-lens, else an error), "train" (here), "auto" (shipped if any)
-    lens_recipe: str = "cpu"  # when training: "cpu" (about 15 min on 2 cores), "gpu" (the paper's budget), "smoke"
-    heldout: int = 16  # held-out windows of 128 tokens for the KL per layer
-    counting_task: str = "entity"
-    n_counting: int = 90  # counting prompts for the gold count by layer (10 per count)
-    n_pairs: int = 8  # IOI pairs; the exact sweep runs one forward per unit, batched
-    site_types: tuple[str, ...] = ("resid", "attn", "mlp")  # at every position
-    head_positions: tuple[int, ...] = (-1,)  # heads (every head of every layer) at these positions; () = none
-    ig_steps: int = 5
+    # "shipped" (probes/<model>/tuned-lens, else an error), "train" (here), "auto" (shipped if any)
+    lens: str = choice("auto", LENS_SOURCES)
+    # when training: "cpu" (docs/results/tuned-lens-patching.md), "gpu" (the paper's budget), "smoke"
+    lens_recipe: str = choice("cpu", RECIPES)
+    heldout: int = positive_int(16)  # held-out windows of 128 tokens for the KL per layer
+    counting_task: str = choice("entity", TASKS)
+    # counting prompts for the gold count by layer (10 per count; at least one per count)
+    n_counting: int = positive_int(90, minimum=9)
+    n_pairs: int = positive_int(8)  # IOI pairs; the exact sweep runs one forward per unit, batched
+    # at every position (heads are asked for with head_positions)
+    site_types: tuple[str, ...] = each_in(("resid", "attn", "mlp"), [t for t in SITE_TYPES if t != "head"],
+                                          why="heads are asked for with head_positions")
+    # heads (every head of every layer) at these positions (negative from the end); () = none
+    head_positions: tuple[int, ...] = each_int((-1,))
+    ig_steps: int = positive_int(5)
     seed: int = 0
-    batch_size: int = 64  # rows per patched forward
+    batch_size: int = positive_int(64)  # rows per patched forward
     smoke: bool = False
-
-    def __post_init__(self):
-        self.site_types = tuple(self.site_types)
-        self.head_positions = tuple(self.head_positions)
-        if self.lens not in LENS_SOURCES:
-            raise ValueError(f"lens must be one of {list(LENS_SOURCES)}, got {self.lens!r}")
-        if self.lens_recipe not in RECIPES:
-            raise ValueError(f"lens_recipe must be one of {list(RECIPES)}, got {self.lens_recipe!r}")
-        if self.counting_task not in TASKS:
-            raise ValueError(f"counting_task must be one of {list(TASKS)}, got {self.counting_task!r}")
-        bad = [t for t in self.site_types if t not in SITE_TYPES or t == "head"]
-        if bad:
-            raise ValueError(f"site_types {bad} invalid: choose among {[t for t in SITE_TYPES if t != 'head']} (heads "
-                             "are asked for with head_positions)")
-        if not self.site_types and not self.head_positions:
-            raise ValueError("nothing to patch: site_types and head_positions are both empty")
-        if not all(isinstance(p, int) and not isinstance(p, bool) for p in self.head_positions):
-            raise ValueError(f"head_positions must be ints (negative from the end), got {self.head_positions!r}")
-        for name in ("heldout", "n_counting", "n_pairs", "ig_steps", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.n_counting < 9:
-            raise ValueError(f"n_counting must be at least 9 (one prompt per count), got {self.n_counting}")
 
     @classmethod
     def smoke_config(cls, **overrides) -> TunedLensPatchingConfig:
@@ -141,6 +134,12 @@ class TunedLensPatchingResult:
             "patching_map_atp": patching_map_figure(self.patching["atp"]),
         }
 
+    def save(self, out_dir: str | Path, model: Model | None = None) -> dict[str, Path]:
+        """Every table as CSV plus ``study.json`` (model, lens source and card, config, timings) in ``out_dir``."""
+        return write_result_tables(out_dir, self.tables(), {
+            "model": self.model, "lens_source": self.lens_source, "lens_card": self.lens_card,
+            "config": self.config, "timings": self.timings})
+
 
 def _counting_figure(counting: pd.DataFrame, name: str) -> go.Figure:
     fig = go.Figure()
@@ -161,12 +160,14 @@ def get_tuned_lens(model: Model, cfg: TunedLensPatchingConfig, progress: bool = 
     if cfg.lens == "shipped":
         raise FileNotFoundError(f"no shipped tuned lens for {model.name} in {folder}; use lens='train' (recipe "
                                 f"{cfg.lens_recipe!r}) or train one with workbench.methods.tuned_lens")
-    return train_tuned_lens(model, RECIPES[cfg.lens_recipe](seed=cfg.seed), progress=progress), "trained here"
+    # a smoke run trains the smoke recipe sized to the model's cost, whatever lens_recipe says
+    recipe = TunedLensTrainConfig.smoke(model, seed=cfg.seed) if cfg.smoke else RECIPES[cfg.lens_recipe](seed=cfg.seed)
+    return train_tuned_lens(model, recipe, progress=progress), "trained here"
 
 
 def counting_by_layer(model: Model, lens: TunedLens | None, task: str, n: int, seed: int) -> pd.DataFrame:
     """Per layer, on ``n`` counting prompts at the last position, among the nine digit tokens, with the counting
-    study's answer set-up (:func:`workbench.studies.counting_readout.study.answered_task`: a tokenizer that splits the space
+    study's answer set-up (:func:`workbench.data.tasks.answered_task`: a tokenizer that splits the space
     from the digit gets the space at the end of the prompt, so the next token is the digit): the share of prompts whose gold count has the highest digit logit
     (``digit_accuracy``), the gold digit's probability renormalised over the digits (``gold_prob_digits``), and
     the gold digit's full-vocabulary rank (median)."""
@@ -188,24 +189,18 @@ def counting_by_layer(model: Model, lens: TunedLens | None, task: str, n: int, s
                          "gold_rank_median": g.gold_rank.median()}).reset_index()
 
 
-def run_tuned_lens_patching_study(cfg: TunedLensPatchingConfig | None = None, *, model: Model | None = None,
-                      progress: bool = True) -> TunedLensPatchingResult:
-    cfg = cfg or TunedLensPatchingConfig()
-    model = model or load_model(cfg.model)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    pairs = make_ioi_pairs(cfg.n_pairs, seed=cfg.seed, tokenizer=model.tokenizer)
-
-    t = time.perf_counter()
-    lens, source = get_tuned_lens(model, cfg, progress)
-    timings["lens"] = time.perf_counter() - t
-    t = time.perf_counter()
+def compare_lenses(model: Model, cfg: TunedLensPatchingConfig, lens: TunedLens) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Phase ``lens_eval``: held-out KL per layer of the logit and the tuned lens, and the gold count by layer."""
     windows = heldout_windows(model, n=cfg.heldout, context_length=128)
     kl = lens_kl(model, {"logit": None, "tuned": lens}, windows)
     counting = pd.concat([counting_by_layer(model, lz, cfg.counting_task, cfg.n_counting, cfg.seed).assign(lens=name)
                           for name, lz in (("logit", None), ("tuned", lens))], ignore_index=True)
-    timings["lens_eval"] = time.perf_counter() - t
+    return kl, counting
 
+
+def run_patching(model: Model, cfg: TunedLensPatchingConfig, pairs: pd.DataFrame,
+                 progress: bool = True) -> tuple[dict[str, PatchingResult], pd.DataFrame]:
+    """Phase ``patching``: the exact sweep, AtP and EAP-IG over the same units, and their agreement."""
     results: dict[str, list[PatchingResult]] = {"exact": [], "atp": [], "ig": []}
     runs = []
     if cfg.site_types:
@@ -218,9 +213,21 @@ def run_tuned_lens_patching_study(cfg: TunedLensPatchingConfig | None = None, *,
         results["ig"].append(attribution_patching(model, pairs, method="ig", steps=cfg.ig_steps, progress=progress,
                                                   **spec))
     patching = {name: _merge(parts) for name, parts in results.items()}
-    agreement = patching_agreement(patching["exact"], patching["atp"], patching["ig"])
-    timings["patching"] = sum(r.seconds for r in patching.values())
-    timings["total"] = time.perf_counter() - t0
+    return patching, patching_agreement(patching["exact"], patching["atp"], patching["ig"])
+
+
+def run_tuned_lens_patching_study(cfg: TunedLensPatchingConfig | None = None, *, model: Model | None = None,
+                                  progress: bool = True) -> TunedLensPatchingResult:
+    """Phases ``pairs``, ``lens`` (load or train), ``lens_eval`` (:func:`compare_lenses`) and ``patching``
+    (:func:`run_patching`); ``timings`` holds each one's wall seconds and ``total``."""
+    cfg = cfg or TunedLensPatchingConfig()
+    model = model or load_model(cfg.model)
+    phases = Phases()
+    pairs = phases.run("pairs", make_ioi_pairs, cfg.n_pairs, seed=cfg.seed, tokenizer=model.tokenizer)
+    lens, source = phases.run("lens", get_tuned_lens, model, cfg, progress)
+    kl, counting = phases.run("lens_eval", compare_lenses, model, cfg, lens)
+    patching, agreement = phases.run("patching", run_patching, model, cfg, pairs, progress)
+    timings = phases.finish(digits=4)
     return TunedLensPatchingResult(
         config={k: v for k, v in vars(cfg).items() if k != "notebook_params"}, model=model_info(model),
         lens_source=source, lens_card={k: v for k, v in lens.card.items() if k != "loss_curve"}, kl=kl,

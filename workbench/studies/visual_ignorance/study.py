@@ -20,7 +20,6 @@ Results are small dataframes in :class:`VisualResult`; :func:`save_visual_result
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,15 +33,12 @@ from workbench.core.sites import check_layers, spread_layers
 from workbench.data.vqa import (
     COLOURS,
     PRIOR,
-    SHAPES,
     VQAItem,
-    by_attrs,
-    colour_question,
     easy_vqa_images,
     easy_vqa_questions,
     evaluation_set,
-    image_item,
     load_images,
+    probe_training_items,
 )
 from workbench.io.figures import write_result_tables
 from workbench.methods.activations import last_token
@@ -51,7 +47,7 @@ from workbench.methods.blur import KERNELS, blur_decay, check_kernels, gaussian_
 from workbench.methods.probes.base import probe_dir, save_probe
 from workbench.methods.probes.mlp import layerwise_mlp
 from workbench.methods.routing import image_patching, layer_replacement, replacement_windows
-from workbench.studies.notebook import NotebookConfig
+from workbench.studies.notebook import NotebookConfig, Phases, as_tuple, choice, each_in, each_int, positive_int
 from workbench.studies.visual_ignorance import plots
 
 DEFAULT_VLM = "vlm-testbed"
@@ -77,51 +73,35 @@ class VisualConfig(NotebookConfig):
     model: str = DEFAULT_VLM
     donor: str | None = DEFAULT_DONOR  # same architecture, different prior reliance; None skips replacement
     base_lm: str | None = DEFAULT_BASE_LM  # the VLM's base language model (layer replacement VLM <- LM)
-    dataset: str = "testbed"  # "testbed": the held-out splits of workbench.data.vqa; "easy-vqa": its test questions
-    n_items: int = 100  # items per held-out split (accuracy, probes' test items, layer replacement)
-    n_probe_train: int = 480  # colour questions on training images for the probes
-    n_decay_items: int = 50  # items per split for the blur decay (8 levels each: the costliest part per item)
-    n_patch_items: int = 50  # items for activation patching
+    # "testbed": the held-out splits of workbench.data.vqa; "easy-vqa": its test questions
+    dataset: str = choice("testbed", DATASETS)
+    n_items: int = positive_int(100)  # items per held-out split (accuracy, probes' test items, layer replacement)
+    # colour questions on training images for the probes (>= 40: the probes need a validation split)
+    n_probe_train: int = positive_int(480, minimum=40)
+    # items per split for the blur decay (8 levels each: the costliest part per item)
+    n_decay_items: int = positive_int(50)
+    n_patch_items: int = positive_int(50)  # items for activation patching
     patch_split: str | None = None  # None: "colour" (rectangles and triangles: the image matters) or the first split
-    blur_levels: tuple[int, ...] = KERNELS
-    layers: tuple[int, ...] | None = None  # hidden-state layers of the probes; None = all (one pass reads them all)
-    patch_layers: tuple[int, ...] | None = (0, 5, 10, 15, 20, 25, 30)  # patching: one pass per layer and direction
-    swap_sizes: tuple[int, ...] | None = (8, 15)  # first-N / last-N ranges (None: 4/15 of the depth)
-    swap_window: int | None = 10  # sliding window width, stride = half of it (None: half the depth)
-    decay_splits: tuple[str, ...] | None = None  # None: TESTBED_DECAY_SPLITS, or every split of easy-vqa
-    corruptions: tuple[str, ...] = ("blank",)  # "blur" (strongest level) and/or "blank"
+    blur_levels: tuple[int, ...] = KERNELS  # checked (and sorted) by methods.blur.check_kernels
+    # hidden-state layers of the probes (0 = embeddings); None = all (one pass reads them all)
+    layers: tuple[int, ...] | None = each_int(None, lo=0, non_empty=True, optional=True)
+    # patching: one pass per layer and direction
+    patch_layers: tuple[int, ...] | None = each_int((0, 5, 10, 15, 20, 25, 30), lo=0, non_empty=True, optional=True)
+    # first-N / last-N ranges (None: 4/15 of the depth)
+    swap_sizes: tuple[int, ...] | None = as_tuple((8, 15), optional=True)
+    # sliding window width, stride = half of it (None: half the depth)
+    swap_window: int | None = positive_int(10, optional=True)
+    # None: TESTBED_DECAY_SPLITS, or every split of easy-vqa
+    decay_splits: tuple[str, ...] | None = as_tuple(None, optional=True)
+    corruptions: tuple[str, ...] = each_in(("blank",), CORRUPTIONS, non_empty=True)  # "blur" (strongest level), "blank"
     generate: bool = True  # also greedy generation with parsing, for the accuracy table
     seed: int = 0
-    batch_size: int = 32
+    batch_size: int = positive_int(32)
     smoke: bool = False
 
     def __post_init__(self):
         self.blur_levels = check_kernels(self.blur_levels)
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset {self.dataset!r} is unknown; allowed: {DATASETS}")
-        for name in ("n_items", "n_probe_train", "n_decay_items", "n_patch_items", "batch_size", "swap_window"):
-            v = getattr(self, name)
-            if v is None and name == "swap_window":
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if self.n_probe_train < 40:
-            raise ValueError(f"n_probe_train must be >= 40 (the probes need a validation split), "
-                             f"got {self.n_probe_train}")
-        bad = [c for c in self.corruptions if c not in CORRUPTIONS]
-        if bad or not self.corruptions:
-            raise ValueError(f"corruptions {bad or '(none)'} not allowed: {CORRUPTIONS}")
-        for name in ("layers", "patch_layers"):
-            value = getattr(self, name)
-            if value is not None:
-                value = tuple(value)
-                wrong = [v for v in value if isinstance(v, bool) or not isinstance(v, int) or v < 0]
-                if wrong or not value:
-                    raise ValueError(f"{name} {wrong or '(empty)'} not allowed: non-negative ints (0 = embeddings)")
-                setattr(self, name, value)
-        self.decay_splits = None if self.decay_splits is None else tuple(self.decay_splits)
-        self.swap_sizes = None if self.swap_sizes is None else tuple(self.swap_sizes)
-        self.corruptions = tuple(self.corruptions)
+        super().__post_init__()
 
     @classmethod
     def smoke_config(cls, **overrides) -> VisualConfig:
@@ -172,6 +152,10 @@ class VisualResult:
             figures["patching_curves"] = plots.patching_curves(self.patching)
         return figures
 
+    def save(self, out_dir: str | Path, model=None) -> dict[str, Path]:
+        """Every table as CSV plus ``study.json`` (:func:`save_visual_result`; ``model`` is not needed)."""
+        return save_visual_result(self, out_dir)
+
 
 def _eval_splits(cfg: VisualConfig) -> dict[str, list[VQAItem]]:
     if cfg.dataset == "testbed":
@@ -196,25 +180,120 @@ def easy_vqa_test_items(n: int, kind: str, seed: int = 0) -> list[VQAItem]:
     return out
 
 
-def probe_training_items(n: int, seed: int = 0) -> list[VQAItem]:
-    """Colour questions naming the shape, every shape x colour equally often, on easy-VQA *training* images."""
+def _accuracy_phase(models: dict, splits: dict, cfg: VisualConfig) -> tuple[list[dict], list[pd.DataFrame]]:
+    """Phase ``accuracy``: every model on every split, with the image and the blank- and noise-image baselines."""
+    acc_rows, item_frames = [], []
+    for role, m in models.items():
+        for condition in ("image", "blank", "noise"):
+            for split, items in splits.items():
+                images = None if condition == "image" else [
+                    blank_image(it.image.width) if condition == "blank" else noise_image(it.image.width, seed=k)
+                    for k, it in enumerate(items)]
+                df = answer_items(m, items, images=images, batch_size=cfg.batch_size,
+                                  generate=cfg.generate and condition == "image")
+                df = df.assign(model=m.name, role=role, condition=condition, split=split)
+                item_frames.append(df)
+                row = {"model": m.name, "role": role, "condition": condition, "split": split, "n": len(df)}
+                for col in ("correct", "full_correct", "gen_correct", "says_prior", "p_gold"):
+                    if col in df:
+                        row[col] = float(df[col].mean())
+                acc_rows.append(row)
+    return acc_rows, item_frames
 
-    rng = random.Random(f"probe-train:{seed}")
-    groups = by_attrs("train")
-    items = []
-    for k in range(n):
-        shape, colour = SHAPES[k % 3], COLOURS[(k // 3) % len(COLOURS)]
-        i = rng.choice(groups[(shape, colour)])
-        items.append(image_item("train", i, colour_question(shape, rng), colour, "colour", PRIOR))
-    return items
+
+def _replacement_phase(model, donor, base_lm, splits: dict, cfg: VisualConfig, swap_sizes, swap_window
+                       ) -> list[pd.DataFrame]:
+    """Phase ``replacement``: counterfactual layer replacement on the prior-violating items."""
+    repl = []
+    swap_items = splits.get("prior_violating", [])
+    if swap_items:
+        windows = replacement_windows(model.n_layers, swap_sizes, swap_window, max(1, swap_window // 2))
+        pairs = []
+        if donor is not None:
+            pairs += [(f"{model.name} <- {donor.name}", model, donor), (f"{donor.name} <- {model.name}", donor, model)]
+        if base_lm is not None:
+            pairs += [(f"{model.name} <- {base_lm.name}", model, base_lm)]
+        for label, m, d in pairs:
+            repl.append(layer_replacement(m, d, swap_items, windows, batch_size=cfg.batch_size).assign(pair=label))
+    return repl
+
+
+def _patching_phase(models: dict, patch_items: list, cfg: VisualConfig, patch_layers) -> list[pd.DataFrame]:
+    """Phase ``patching``: image-token activation patching between the clean and the corrupted images."""
+    clean = [it.image for it in patch_items]
+    patch = []
+    for role, m in models.items():
+        for corruption in cfg.corruptions:
+            corrupt = [gaussian_blur(im, cfg.blur_levels[-1]) if corruption == "blur" else blank_image(im.width)
+                       for im in clean]
+            df = image_patching(m, patch_items, clean, corrupt, patch_layers, batch_size=cfg.batch_size)
+            patch.append(df.assign(model=m.name, role=role, corruption=corruption))
+    return patch
+
+
+def _probes_phase(models: dict, test_items: list, cfg: VisualConfig, layers) -> tuple[list[dict], dict]:
+    """Phase ``probes``: layer-wise MLP probes, ground truth vs the prior answer (the blank-image answer)."""
+    probe_rows, probe_objects = [], {}
+    if not test_items:
+        return probe_rows, probe_objects
+    train_items = probe_training_items(cfg.n_probe_train, seed=cfg.seed)
+    all_items = train_items + test_items
+    n_train = len(train_items)
+    for role, m in models.items():
+        blind = answer_items(m, all_items, images=[blank_image(it.image.width) for it in all_items],
+                             batch_size=cfg.batch_size)["pred"].tolist()
+        feats = last_token(m, layers=layers, batches=vqa_batches(m, all_items, cfg.batch_size))
+        truth = [it.answer for it in all_items]
+        targets = {"ground_truth": truth}
+        if len(set(blind[:n_train])) > 1:  # one blank-image answer for every item: no prior to probe for
+            targets["prior"] = blind
+        fit = layerwise_mlp(feats, targets, range(n_train), range(n_train, len(all_items)), seed=cfg.seed)
+        conflict = [n_train + k for k, it in enumerate(test_items) if it.answer != blind[n_train + k]]
+        for layer in layers:
+            pg, pp = fit.probes[("ground_truth", layer)], fit.probes.get(("prior", layer))
+            has_pp = bool(conflict) and pp is not None
+            X = feats[layer][conflict] if conflict else None
+            probe_rows.append({
+                "model": m.name, "role": role, "layer": layer, "n_conflict": len(conflict),
+                "p_gt": float(pg.prob_of(X, [truth[i] for i in conflict]).mean()) if conflict else np.nan,
+                "p_prior": float(pp.prob_of(X, [blind[i] for i in conflict]).mean()) if has_pp else np.nan,
+                # the same question asked of the ground-truth probe: does the layer lean to the prior's answer?
+                "p_prior_gt_probe": float(pg.prob_of(X, [blind[i] for i in conflict]).mean()) if conflict
+                else np.nan,
+                "acc_gt": pg.accuracy(X, [truth[i] for i in conflict]) if conflict else np.nan,
+                "acc_prior": pp.accuracy(X, [blind[i] for i in conflict]) if has_pp else np.nan,
+                "acc_gt_all_test": float(fit.table.query("target == 'ground_truth' and layer == @layer")
+                                         ["accuracy_test"].iloc[0]),
+            })
+            probe_objects[(m.name, "ground_truth", layer)] = pg
+            if pp is not None:
+                probe_objects[(m.name, "prior", layer)] = pp
+    return probe_rows, probe_objects
+
+
+def _decay_phase(models: dict, splits: dict, decay_names, cfg: VisualConfig
+                 ) -> tuple[list[pd.DataFrame], list[dict], list[pd.DataFrame]]:
+    """Phase ``decay``: progressive blur, per model and split."""
+    decay, decay_summary, decay_items = [], [], []
+    pool = dict(splits)
+    if cfg.dataset == "testbed":
+        pool["easy-vqa-yesno"] = easy_vqa_test_items(cfg.n_decay_items, "yesno", cfg.seed)
+    decay_splits = {name: pool[name][: cfg.n_decay_items] for name in decay_names}
+    for role, m in models.items():
+        for split, items in decay_splits.items():
+            res = blur_decay(m, items, cfg.blur_levels, batch_size=cfg.batch_size)
+            decay.append(res.levels.assign(model=m.name, role=role, split=split))
+            decay_summary.append({"model": m.name, "role": role, "split": split, **res.summary()})
+            decay_items.append(res.items.assign(model=m.name, role=role, split=split))
+    return decay, decay_summary, decay_items
 
 
 def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None, base_lm=None,
                      progress: bool = True) -> VisualResult:
-
+    """Every input checked first, then the phases ``accuracy``, ``replacement``, ``patching``, ``probes`` and
+    ``decay`` (one function each); ``timings`` holds each one's wall seconds and ``total``."""
     cfg = cfg or VisualConfig()
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+    phases = Phases()
     model = model or load_model(cfg.model)
     if not getattr(model.arch, "is_vlm", False):
         raise ValueError(f"model {model.name!r} is not a vision-language model; the visual study needs one")
@@ -240,120 +319,23 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
     if patch_split not in splits:
         raise ValueError(f"patch_split {patch_split!r} unknown; this dataset's splits: {sorted(splits)}")
 
-    # 1. accuracy with the image and blind baselines
     bar = tqdm(total=5, desc=f"visual {model.name}", unit="part", disable=not progress)
-    bar.set_postfix_str("accuracy")
-    t0 = time.perf_counter()
-    acc_rows, item_frames = [], []
-    for role, m in models.items():
-        for condition in ("image", "blank", "noise"):
-            for split, items in splits.items():
-                images = None if condition == "image" else [
-                    blank_image(it.image.width) if condition == "blank" else noise_image(it.image.width, seed=k)
-                    for k, it in enumerate(items)]
-                df = answer_items(m, items, images=images, batch_size=cfg.batch_size,
-                                  generate=cfg.generate and condition == "image")
-                df = df.assign(model=m.name, role=role, condition=condition, split=split)
-                item_frames.append(df)
-                row = {"model": m.name, "role": role, "condition": condition, "split": split, "n": len(df)}
-                for col in ("correct", "full_correct", "gen_correct", "says_prior", "p_gold"):
-                    if col in df:
-                        row[col] = float(df[col].mean())
-                acc_rows.append(row)
-    timings["accuracy"] = round(time.perf_counter() - t0, 1)
-    bar.update()
 
-    # 2. counterfactual layer replacement
-    bar.set_postfix_str("replacement")
-    t0 = time.perf_counter()
-    repl = []
-    swap_items = splits.get("prior_violating", [])
-    if swap_items:
-        windows = replacement_windows(model.n_layers, swap_sizes, swap_window, max(1, swap_window // 2))
-        pairs = []
-        if donor is not None:
-            pairs += [(f"{model.name} <- {donor.name}", model, donor), (f"{donor.name} <- {model.name}", donor, model)]
-        if base_lm is not None:
-            pairs += [(f"{model.name} <- {base_lm.name}", model, base_lm)]
-        for label, m, d in pairs:
-            repl.append(layer_replacement(m, d, swap_items, windows, batch_size=cfg.batch_size).assign(pair=label))
-    timings["replacement"] = round(time.perf_counter() - t0, 1)
-    bar.update()
+    def phase(name, fn, *args):
+        bar.set_postfix_str(name)
+        out = phases.run(name, fn, *args)
+        bar.update()
+        return out
 
-    # 3. image-token activation patching on the prior-violating items (or all items of the first split)
-    bar.set_postfix_str("patching")
-    t0 = time.perf_counter()
-    patch_items = splits[patch_split][: cfg.n_patch_items]
-    clean = [it.image for it in patch_items]
-    patch = []
-    for role, m in models.items():
-        for corruption in cfg.corruptions:
-            corrupt = [gaussian_blur(im, cfg.blur_levels[-1]) if corruption == "blur" else blank_image(im.width)
-                       for im in clean]
-            df = image_patching(m, patch_items, clean, corrupt, patch_layers, batch_size=cfg.batch_size)
-            patch.append(df.assign(model=m.name, role=role, corruption=corruption))
-    timings["patching"] = round(time.perf_counter() - t0, 1)
-    bar.update()
-
-    # 4. layer-wise MLP probes: ground truth vs the prior answer (the blank-image answer)
-    bar.set_postfix_str("probes")
-    t0 = time.perf_counter()
-    probe_rows, probe_objects = [], {}
-    test_items = [it for it in prior_items] + list(splits.get("colour", []))
-    if test_items:
-        train_items = probe_training_items(cfg.n_probe_train, seed=cfg.seed)
-        all_items = train_items + test_items
-        n_train = len(train_items)
-        for role, m in models.items():
-            blind = answer_items(m, all_items, images=[blank_image(it.image.width) for it in all_items],
-                                 batch_size=cfg.batch_size)["pred"].tolist()
-            feats = last_token(m, layers=layers, batches=vqa_batches(m, all_items, cfg.batch_size))
-            truth = [it.answer for it in all_items]
-            targets = {"ground_truth": truth}
-            if len(set(blind[:n_train])) > 1:  # one blank-image answer for every item: no prior to probe for
-                targets["prior"] = blind
-            fit = layerwise_mlp(feats, targets, range(n_train), range(n_train, len(all_items)), seed=cfg.seed)
-            conflict = [n_train + k for k, it in enumerate(test_items) if it.answer != blind[n_train + k]]
-            for layer in layers:
-                pg, pp = fit.probes[("ground_truth", layer)], fit.probes.get(("prior", layer))
-                has_pp = bool(conflict) and pp is not None
-                X = feats[layer][conflict] if conflict else None
-                probe_rows.append({
-                    "model": m.name, "role": role, "layer": layer, "n_conflict": len(conflict),
-                    "p_gt": float(pg.prob_of(X, [truth[i] for i in conflict]).mean()) if conflict else np.nan,
-                    "p_prior": float(pp.prob_of(X, [blind[i] for i in conflict]).mean()) if has_pp else np.nan,
-                    # the same question asked of the ground-truth probe: does the layer lean to the prior's answer?
-                    "p_prior_gt_probe": float(pg.prob_of(X, [blind[i] for i in conflict]).mean()) if conflict
-                    else np.nan,
-                    "acc_gt": pg.accuracy(X, [truth[i] for i in conflict]) if conflict else np.nan,
-                    "acc_prior": pp.accuracy(X, [blind[i] for i in conflict]) if has_pp else np.nan,
-                    "acc_gt_all_test": float(fit.table.query("target == 'ground_truth' and layer == @layer")
-                                             ["accuracy_test"].iloc[0]),
-                })
-                probe_objects[(m.name, "ground_truth", layer)] = pg
-                if pp is not None:
-                    probe_objects[(m.name, "prior", layer)] = pp
-    timings["probes"] = round(time.perf_counter() - t0, 1)
-    bar.update()
-
-    # 5. progressive-blur decay
-    bar.set_postfix_str("decay")
-    t0 = time.perf_counter()
-    decay, decay_summary, decay_items = [], [], []
-    pool = dict(splits)
-    if cfg.dataset == "testbed":
-        pool["easy-vqa-yesno"] = easy_vqa_test_items(cfg.n_decay_items, "yesno", cfg.seed)
-    decay_splits = {name: pool[name][: cfg.n_decay_items] for name in decay_names}
-    for role, m in models.items():
-        for split, items in decay_splits.items():
-            res = blur_decay(m, items, cfg.blur_levels, batch_size=cfg.batch_size)
-            decay.append(res.levels.assign(model=m.name, role=role, split=split))
-            decay_summary.append({"model": m.name, "role": role, "split": split, **res.summary()})
-            decay_items.append(res.items.assign(model=m.name, role=role, split=split))
-    timings["decay"] = round(time.perf_counter() - t0, 1)
-    bar.update()
+    acc_rows, item_frames = phase("accuracy", _accuracy_phase, models, splits, cfg)
+    repl = phase("replacement", _replacement_phase, model, donor, base_lm, splits, cfg, swap_sizes, swap_window)
+    # on the prior-violating items (or all items of the first split)
+    patch = phase("patching", _patching_phase, models, splits[patch_split][: cfg.n_patch_items], cfg, patch_layers)
+    test_items = list(prior_items) + list(splits.get("colour", []))
+    probe_rows, probe_objects = phase("probes", _probes_phase, models, test_items, cfg, layers)
+    decay, decay_summary, decay_items = phase("decay", _decay_phase, models, splits, decay_names, cfg)
     bar.close()
-    timings["total"] = round(time.perf_counter() - t_start, 1)
+    timings = phases.finish(digits=1)
 
     def cat(frames, first):
         if not frames:
