@@ -250,3 +250,22 @@ def test_figures_of_a_tree_share_one_plotlyjs(tmp_path, lens, no_browser, monkey
     with pytest.warns(RuntimeWarning, match="unavailable"):
         save_figure(fig, "a", root / "01_x")
     assert js.stat().st_size > 1_000_000  # a damaged copy is replaced
+
+
+def test_png_recompression_keeps_every_pixel():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from workbench.io.figures import _recompress_png
+
+    rng = np.random.default_rng(0)
+    pixels = np.zeros((120, 200, 4), dtype=np.uint8)
+    pixels[..., 3] = 255
+    pixels[20:60, 30:170, :3] = rng.integers(0, 255, (40, 140, 3))  # a noisy band on a flat background
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=0)
+    out = _recompress_png(buf.getvalue())
+    assert len(out) < len(buf.getvalue())
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(out))), pixels)
