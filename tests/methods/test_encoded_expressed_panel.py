@@ -222,26 +222,3 @@ def test_prefix_cache_patching_equals_full_forwards(family):
     fast = residual_patching(mm, clean, corrupt, a, w, mm.encode, batch_size=2)
     full = residual_patching(mm, clean, corrupt, a, w, mm.encode, batch_size=2, prefix_cache=False)
     np.testing.assert_allclose(fast.patch_recovery, full.patch_recovery, rtol=1e-4, atol=1e-5)
-
-
-def test_patching_vqa_items_through_their_encoder():
-    import random
-
-    from PIL import Image
-
-    from workbench.data.vqa import VQAItem
-    from workbench.methods.answering import vqa_inputs
-    from workbench.testing.tiny import tiny_vlm
-    vlm = tiny_vlm("llava", seed=0, processor=True)
-    rng = random.Random(0)
-    items = [VQAItem(Image.new("RGB", (32, 32), tuple(rng.randint(0, 255) for _ in range(3))), q, "red", "colour")
-             for q in ["what color is the circle?", "what is the color of this shape?", "colour?", "which colour?"]]
-
-    def encode(chunk):
-        return vqa_inputs(vlm, [it.image for it in chunk], [it.question for it in chunk])
-
-    a, w = [ord("r")] * 2, [ord("g")] * 2
-    fast = residual_patching(vlm, items[:2], items[2:], a, w, encode, batch_size=2)
-    full = residual_patching(vlm, items[:2], items[2:], a, w, encode, batch_size=2, prefix_cache=False)
-    np.testing.assert_allclose(fast.patch_recovery, full.patch_recovery, rtol=1e-4, atol=1e-5)
-    assert fast.patch_recovery.iloc[-1] == pytest.approx(1.0, abs=1e-5)

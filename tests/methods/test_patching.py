@@ -309,6 +309,10 @@ def test_residual_patching_of_vlm_inputs_equals_hand_patched_whole_forwards(meth
     layers = [0, 1, vlm.n_layers]
     want, mc, mx = _by_hand(vlm, encode, items[:2], items[2:], a, w, layers, method)
     got = residual_patching(vlm, items[:2], items[2:], a, w, encode, layers=layers, method=method, batch_size=2)
+    if method == "exact":  # the prefix-cache step equals whole patched forwards of the encoded items
+        full = residual_patching(vlm, items[:2], items[2:], a, w, encode, layers=layers, batch_size=2,
+                                 prefix_cache=False)
+        np.testing.assert_allclose(got.patch_recovery, full.patch_recovery, rtol=1e-4, atol=1e-5)
     change = got.patch_recovery * (got.clean_metric - got.corrupt_metric)
     np.testing.assert_allclose(change, [want[v] for v in layers], rtol=1e-4, atol=2e-6)
 
