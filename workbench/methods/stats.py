@@ -146,7 +146,8 @@ def wilson_ci(k: int, n: int, confidence: float = CONFIDENCE) -> Interval:
         raise ValueError(f"k must be an int in 0..n={n}, got {k!r}")
     confidence = _confidence(confidence)
     lo, hi = proportion_confint(int(k), n, alpha=1 - confidence, method="wilson")
-    return Interval(k / n, float(lo), float(hi), n, confidence, "wilson")
+    lo, hi = (0.0 if k == 0 else float(lo)), (1.0 if k == n else float(hi))  # exact ends, not 1 - 1e-16
+    return Interval(k / n, lo, hi, n, confidence, "wilson")
 
 
 def accuracy_ci(correct, *, groups=None, confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES,
