@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from workbench.methods.probes.linear import RidgeProbe
+from workbench.methods.readout import covector_cosines, random_covector_band
 from workbench.studies.counting_readout.geometry import (
     cosine_summary,
     digit_row_cosines,
@@ -14,7 +15,6 @@ from workbench.studies.counting_readout.geometry import (
     permutation_test,
     principal_angles,
     random_baseline,
-    random_direction_cosines,
     row_norm_percentiles,
 )
 
@@ -39,12 +39,10 @@ def test_cosine_with_itself_is_one():
 def test_random_baseline_matches_empirical_for_large_d():
     d = 2000
     assert random_baseline(d) == pytest.approx(math.sqrt(2 / (math.pi * d)))
-    rand = random_direction_cosines(_rand(12, d), list(range(9)), n=2000, seed=1)
-    assert rand.cosines.shape == (2000, 9)
-    assert abs(rand.mean / random_baseline(d) - 1) < 0.05
-    assert rand.lo < rand.mean_lo < rand.mean < rand.mean_hi < rand.hi
-    again = random_direction_cosines(_rand(12, d), list(range(9)), n=2000, seed=1)
-    assert torch.equal(rand.cosines, again.cosines)
+    rand = random_covector_band(_rand(9, d), n=2000, seed=1)
+    assert abs(rand["random_mean"] / random_baseline(d) - 1) < 0.05
+    assert rand["random_lo"] < rand["random_mean"] < rand["random_hi"]
+    assert random_covector_band(_rand(9, d), n=2000, seed=1) == rand
 
 
 def test_principal_angles():
@@ -110,7 +108,7 @@ def test_geometry_table():
     ids = list(range(1, 10))
     dirs = {3: W[1].clone(), 1: _rand(16, seed=7)}
     table = geometry_table(dirs, W, ids, n_random=500)
-    assert list(table.layer) == [1, 3]
+    assert list(table.layer) == [1, 3] and set(table.basis) == {"raw"}
     row = table.set_index("layer").loc[3]
     assert row.cos_max == pytest.approx(1.0) and row.cos_argmax == 0
     assert row.random_baseline == pytest.approx(random_baseline(16))
@@ -139,3 +137,36 @@ def test_bad_inputs():
         permutation_test(_rand(30, 8), _rand(30), W, [1], n_perm=0)
     with pytest.raises(ValueError, match="non-empty dict"):
         geometry_table({}, W, [1])
+
+
+def test_geometry_bases_gain_and_whitened():
+    """With covectors and a covariance, each layer gets raw, gain and gain_whitened rows; the whitened cosine is
+    the cosine of Σ^{1/2} w and Σ^{1/2} u, and a direction aligned only through a dominant coordinate loses its
+    alignment once whitened."""
+    W = _rand(40, 16, seed=6)
+    ids = list(range(1, 10))
+    U = W[ids] * torch.linspace(0.5, 2.0, 16, dtype=torch.float64)  # a gain
+    A = _rand(16, 16, seed=3)
+    S = A @ A.T + 0.1 * torch.eye(16, dtype=torch.float64)
+    w = _rand(16, seed=8)
+    t = geometry_table({2: w}, W, ids, n_random=300, covectors_by_layer={2: U}, sigma_by_layer={2: S})
+    assert list(t.basis) == ["raw", "gain", "gain_whitened"]
+    ev, V = torch.linalg.eigh(S)
+    half = V @ torch.diag(ev.sqrt()) @ V.T
+    wh, Uh = half @ w, U @ half
+    ref = ((Uh @ wh) / (Uh.norm(dim=1) * wh.norm())).abs()
+    assert t.set_index("basis").loc["gain_whitened", "cos_mean"] == pytest.approx(float(ref.mean()))
+    torch.testing.assert_close(covector_cosines(w, U, S), ref)
+    assert t.set_index("basis").loc["gain", "cos_mean"] == pytest.approx(float(covector_cosines(w, U).mean()))
+    # whitening: the readout u = e0 and a direction w = e0 + e1 where coordinate 0 has huge variance
+    S2 = torch.diag(torch.tensor([100.0, 1.0], dtype=torch.float64))
+    u, w2 = torch.tensor([[1.0, 0.0]], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64) + 0.1
+    assert covector_cosines(w2, u, S2).item() > covector_cosines(w2, u).item()
+
+
+def test_permutation_groups_keep_identical_prompts_identical():
+    W = _rand(20, 8, seed=2)
+    X = _rand(20, 8, seed=4).repeat(3, 1)
+    y = torch.arange(20, dtype=torch.float64).repeat(3)
+    res = permutation_test(X, y, W, [1, 2], n_perm=50, seed=0, groups=[i % 20 for i in range(60)])
+    assert res.null.shape == (50,)

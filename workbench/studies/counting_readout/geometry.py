@@ -6,7 +6,7 @@ This module measures that and the controls that make the number interpretable:
 
 - :func:`digit_row_cosines`: |cos| between a raw-coordinate probe direction and each digit row of ``W_U``.
 - :func:`random_baseline`: E|cos| of a random direction with a fixed vector in d dimensions, ≈ sqrt(2 / (π d)).
-- :func:`random_direction_cosines`: the same, measured with Gaussian random directions against the actual rows.
+- the chance band of random directions in each basis: :func:`workbench.methods.readout.random_covector_band`.
 - :func:`permutation_test`: refit the ridge probe on shuffled counts (one SVD for all permutations) and ask how
   often chance alone gives a mean |cos| at least as large as the observed one.
 - :func:`principal_angles`: angles between two subspaces (e.g. the count directions of all tasks vs the digit rows).
@@ -31,6 +31,8 @@ from jaxtyping import Float
 from workbench.methods.encoded_expressed import random_baseline
 from workbench.methods.probes.base import as_features, as_target, standardise_stats
 from workbench.methods.probes.linear import ALPHAS, RidgeProbe
+from workbench.methods.readout import covector_cosines, random_covector_band
+from workbench.methods.stats import permute_within_units
 
 
 # -- checks ----------------------------------------------------------------------------------------------------
@@ -101,40 +103,6 @@ def cosine_summary(cosines: Float[torch.Tensor, " k"]) -> dict[str, float]:
     return {"mean": float(c.mean()), "min": float(c.min()), "max": float(c.max()), "argmax": int(c.argmax())}
 
 
-@dataclass
-class RandomCosines:
-    """|cos| of random Gaussian directions with the digit rows.
-
-    cosines: [n, k]. mean: mean of all of them. lo/hi: 2.5 and 97.5 percentiles of single |cos| values.
-    mean_lo/mean_hi: 2.5 and 97.5 percentiles of the per-direction mean over the k rows, the band to compare an
-    observed mean |cos| with.
-    """
-
-    cosines: torch.Tensor
-    mean: float
-    lo: float
-    hi: float
-    mean_lo: float
-    mean_hi: float
-
-
-def random_direction_cosines(
-    W_U: Float[torch.Tensor, "vocab d"], digit_ids: Sequence[int], n: int = 1000, seed: int = 0
-) -> RandomCosines:
-    """Empirical |cos| of ``n`` seeded standard-Gaussian directions with the rows ``W_U[digit_ids]``."""
-    W_U = _matrix(W_U)
-    ids = _ids(digit_ids, W_U.shape[0])
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n must be an int >= 2, got {n!r}")
-    gen = torch.Generator().manual_seed(int(seed))
-    D = torch.randn(n, W_U.shape[1], generator=gen, dtype=torch.float64)
-    cos = _abs_cos(D, _rows(W_U, ids))
-    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
-    lo, hi = torch.quantile(cos.reshape(-1), q).tolist()
-    mlo, mhi = torch.quantile(cos.mean(1), q).tolist()
-    return RandomCosines(cosines=cos, mean=float(cos.mean()), lo=lo, hi=hi, mean_lo=mlo, mean_hi=mhi)
-
-
 # -- permutation test ------------------------------------------------------------------------------------------
 @dataclass
 class PermutationResult:
@@ -161,12 +129,17 @@ def permutation_test(
     alpha: float | None = None,
     *,
     alphas: Sequence[float] = ALPHAS,
+    groups: Sequence | None = None,
 ) -> PermutationResult:
     """Is the ridge probe's mean |cos| with the digit rows larger than what shuffled counts give?
 
     The probe is fitted as :class:`workbench.methods.probes.RidgeProbe` does on all of X (standardised, intercept free) with
     ``alpha`` (None: chosen once by :class:`RidgeProbe` on the real targets, then kept fixed for every permutation,
     so the null differs from the real fit only in the labels). One SVD serves all ``n_perm`` permutations.
+    ``W_U`` may be any matrix of readout rows (e.g. the covectors through the final norm, with ``digit_ids``
+    ``range(k)``). ``groups``: identical prompts keep identical labels under every permutation (the labels are
+    shuffled among distinct units). The p-value's floor is 1 / (1 + n_perm): use enough permutations to resolve
+    the p-values you report.
     """
     Xt = as_features(X)
     yt = as_target(y, Xt.shape[0])
@@ -185,9 +158,9 @@ def permutation_test(
     mean, std = standardise_stats(Xt)
     Xs = (Xt - mean) / std
     U, S, Vh = torch.linalg.svd(Xs, full_matrices=False)
-    rng = np.random.default_rng(seed)
-    perms = np.stack([rng.permutation(len(yt)) for _ in range(n_perm)])
-    Y = torch.cat([yt[:, None], yt[torch.from_numpy(perms).T]], dim=1)  # [n, 1 + n_perm]
+    y_np = yt.numpy()
+    shuffled = np.stack([permute_within_units(y_np, groups, seed=seed * 100_003 + i) for i in range(n_perm)], 1)
+    Y = torch.cat([yt[:, None], torch.from_numpy(shuffled).to(yt.dtype)], dim=1)  # [n, 1 + n_perm]
     Yc = Y - Y.mean(0)
     coef = Vh.T @ ((S / (S**2 + alpha))[:, None] * (U.T @ Yc))  # [d, 1 + n_perm]
     dirs = (coef / std[:, None]).T  # raw coordinates
@@ -272,39 +245,54 @@ def geometry_table(
     *,
     n_random: int = 1000,
     seed: int = 0,
+    covectors_by_layer: Mapping[int, torch.Tensor] | None = None,
+    sigma_by_layer: Mapping[int, torch.Tensor] | None = None,
 ) -> pd.DataFrame:
-    """Per layer: mean/min/max |cos| of the probe direction with the digit rows, and the chance references.
+    """Per layer and basis: mean/min/max |cos| of the probe direction with the digit readout, and the chance band.
 
-    probes_by_layer: {layer: fitted RidgeProbe (its ``direction_raw``) or a raw direction [d]}. Columns: layer,
-    cos_mean, cos_min, cos_max, cos_argmax (index into digit_ids of the best-aligned row), random_baseline
-    (sqrt(2/(π d))), random_mean (empirical, Gaussian directions), random_lo / random_hi (95 % band of a random
-    direction's mean |cos| over the digit rows), d. A zero direction (constant features) gives NaN cosines.
+    probes_by_layer: {layer: fitted RidgeProbe (its ``direction_raw``) or a raw direction [d]}. Bases (column
+    ``basis``): ``raw``, the raw head rows ``W_U[digit]`` in raw residual coordinates (what the paper compares);
+    ``gain``, the readout covectors through the final norm (``covectors_by_layer[layer]`` [k, d], from
+    :func:`workbench.methods.readout.readout_covectors`); ``gain_whitened``, the same in the whitened coordinates
+    of ``sigma_by_layer[layer]`` (the residual covariance there). The last two only where given. Columns: layer,
+    basis, cos_mean, cos_min, cos_max, cos_argmax (index into digit_ids of the best-aligned row), random_baseline
+    (sqrt(2/(π d))), random_mean (empirical, random directions isotropic in that basis), random_lo / random_hi
+    (95 % band of a random direction's mean |cos| over the digit rows), d. A zero direction (constant features)
+    gives NaN cosines.
     """
     if not isinstance(probes_by_layer, Mapping) or not probes_by_layer:
         raise ValueError("probes_by_layer must be a non-empty dict {layer: probe or direction}")
     W_U = _matrix(W_U)
     ids = _ids(digit_ids, W_U.shape[0])
     d = W_U.shape[1]
-    rand = random_direction_cosines(W_U, ids, n=n_random, seed=seed)
+    raw_rows = _rows(W_U, ids)
+    raw_band = random_covector_band(raw_rows, n=n_random, seed=seed)
     rows = []
     for layer in sorted(probes_by_layer):
-        direction = torch.as_tensor(_direction_of(probes_by_layer[layer], layer))
-        if not bool(direction.abs().sum() > 0):
-            # A layer whose features do not vary (e.g. the embedding of an always-identical last token) gets a zero
-            # probe: it has no direction, so its cosines are undefined (NaN), not an error.
-            s = {"mean": math.nan, "min": math.nan, "max": math.nan, "argmax": -1}
-        else:
-            s = cosine_summary(digit_row_cosines(direction, W_U, ids))
-        rows.append({
-            "layer": layer,
-            "cos_mean": s["mean"],
-            "cos_min": s["min"],
-            "cos_max": s["max"],
-            "cos_argmax": s["argmax"],
-            "random_baseline": random_baseline(d),
-            "random_mean": rand.mean,
-            "random_lo": rand.mean_lo,
-            "random_hi": rand.mean_hi,
-            "d": d,
-        })
+        direction = torch.as_tensor(_direction_of(probes_by_layer[layer], layer)).detach().double().cpu()
+        bases = [("raw", raw_rows, None, raw_band)]
+        if covectors_by_layer is not None and layer in covectors_by_layer:
+            U = torch.as_tensor(covectors_by_layer[layer]).double()
+            bases.append(("gain", U, None, random_covector_band(U, n=n_random, seed=seed)))
+            if sigma_by_layer is not None and layer in sigma_by_layer:
+                S = sigma_by_layer[layer]
+                bases.append(("gain_whitened", U, S, random_covector_band(U, S, n=n_random, seed=seed)))
+        for basis, U, S, band in bases:
+            if not bool(direction.abs().sum() > 0):
+                # A layer whose features do not vary (e.g. the embedding of an always-identical last token) gets a
+                # zero probe: it has no direction, so its cosines are undefined (NaN), not an error.
+                s = {"mean": math.nan, "min": math.nan, "max": math.nan, "argmax": -1}
+            else:
+                s = cosine_summary(covector_cosines(direction, U, S))
+            rows.append({
+                "layer": layer,
+                "basis": basis,
+                "cos_mean": s["mean"],
+                "cos_min": s["min"],
+                "cos_max": s["max"],
+                "cos_argmax": s["argmax"],
+                "random_baseline": random_baseline(d),
+                **band,
+                "d": d,
+            })
     return pd.DataFrame(rows)
