@@ -18,7 +18,7 @@ from workbench.core.sites import SiteError
 from workbench.core.store import harvest
 from workbench.core.trace import trace
 from workbench.data.corpus import Corpus
-from workbench.methods.sae.evaluate import evaluate_sae, reconstruction_metrics
+from workbench.methods.sae.evaluate import core_data, evaluate_sae, reconstruction_metrics
 from workbench.methods.sae.handle import (
     CARD_FILE,
     SAE_CFG_FILE,
@@ -178,6 +178,23 @@ def test_evaluate_reports_ce_against_clean_and_zero_ablation(trained, model):
     assert m["n_tokens"] == m["n_windows"] * 31 and 0 < m["fvu"] < 2
 
 
+def test_fvu_from_position_two_and_what_the_pooled_fvu_rests_on(trained, model):
+    """``fvu_from_pos2`` is the FVU of positions 2.. recomputed from scratch (their own mean and variance); the
+    variance shares of position 1 and of massive residuals are reported beside it."""
+    handle = load_sae(trained.path, model)
+    m = evaluate_sae(model, handle, Corpus(DOCS), n_tokens=600, context_length=32, error_term=False, progress=False)
+    assert "ce_sae_with_error" not in m and "max_logit_diff_error_term" not in m
+    data = core_data(model, SITE, Corpus(DOCS), n_tokens=600, context_length=32, progress=False)
+    pos = torch.arange(1, 32).repeat(len(data.ids))
+    assert len(pos) == len(data.acts)
+    want = reconstruction_metrics(handle, data.acts[pos >= 2])["fvu"]
+    assert m["fvu_from_pos2"] == pytest.approx(want, rel=1e-6)
+    x = data.acts.double()
+    dev = (x - x.mean(0)).pow(2).sum(1)
+    assert m["pos1_var_share"] == pytest.approx(float(dev[pos == 1].sum() / dev.sum()), rel=1e-6)
+    assert m["n_massive"] >= 0 and 0 <= m["massive_var_share"] <= 1
+
+
 # -- loading checks -----------------------------------------------------------------------------------------------
 def test_a_corrupted_folder_is_refused(trained, tmp_path):
     bad = tmp_path / "bad"
@@ -285,17 +302,25 @@ def test_contexts_logit_effects_and_the_offline_report(scan, trained, model, tmp
 
 def test_count_features_and_data_selection_on_a_tiny_model(trained, model):
     handle = load_sae(trained.path, model)
-    cf = links.count_features(model, handle, "entity", n=60, seed=0, top=5)
+    cf = links.count_features(model, handle, "entity", n=60, seed=0, top=5, n_resamples=100)
     assert list(cf.probes.features) == ["sae_code", "sae_top5", "residual"]
     assert cf.codes.shape == (60, handle.d_sae) and (cf.table.abs_corr.diff().dropna() <= 1e-12).all()
     top = int(cf.table.feature[0])
-    r = np.corrcoef(cf.codes[:, top].numpy(), cf.counts)[0, 1]
+    r = np.corrcoef(cf.codes[cf.train, top].numpy(), cf.counts[cf.train])[0, 1]  # ranked on the training half
     assert cf.table["corr"][0] == pytest.approx(r, abs=1e-6)
-    summary, scores = links.data_selection_benchmark(model, handle, n_target=8, n_per_source=6, corpus=DOCS)
-    assert set(zip(summary.representation, summary.similarity)) == {("sae", "cosine"), ("sae", "jaccard"),
-                                                                   ("neurons", "cosine")}
+    assert not {cf.prompts[i] for i in cf.train} & {cf.prompts[i] for i in cf.test}
+    assert (cf.probes.n_test_prompts == len({cf.prompts[i] for i in cf.test})).all()
+    for v in ("r2_test", "round_acc_test"):
+        ok = cf.probes[f"{v}_lo"].notna()
+        assert ok.any() and ((cf.probes[f"{v}_lo"] <= cf.probes[v] + 1e-9) & (cf.probes[v] <= cf.probes[f"{v}_hi"] + 1e-9))[ok].all()
+    summary, scores = links.data_selection_benchmark(model, handle, n_target=8, n_per_source=6, corpus=DOCS,
+                                                     n_resamples=100)
+    assert list(summary.method) == ["sae_cosine", "sae_jaccard", "neurons_cosine", "neurons_cosine_centred",
+                                    "lexical_tfidf_cosine"]
+    assert set(summary.centring) == {"none", "pool mean"}
     assert len(scores) == 6 * 5 + 12 and scores.label.sum() == 18
-    assert summary.auroc.between(0, 1).all()
+    assert summary.auroc.between(0, 1).all() and (summary.auroc_lo <= summary.auroc + 1e-9).all()
+    assert (summary.auroc_n == summary.n_pool_texts).all()
 
 
 def test_auroc_and_similarity_are_right_on_toy_data():

@@ -98,6 +98,28 @@ def test_sparse_probing_reads_a_single_latent_and_matches_the_residual():
     assert (table.sae_acc == 1.0).all() and (table.residual_acc == 1.0).all()
 
 
+def test_probing_halves_keep_a_repeated_prompt_on_one_side():
+    """Addition-like sets repeat prompts: with ``groups`` (the prompt texts) no prompt is both trained on and scored,
+    and every accuracy comes with its interval over distinct test prompts."""
+    rng = np.random.default_rng(0)
+    prompts = [f"{a}+{b}=" for a, b in rng.integers(0, 5, size=(240, 2))]
+    labels = np.array([int(p[0]) + int(p[2]) for p in prompts]) % 2
+    acts = torch.tensor(rng.normal(size=(240, 5)), dtype=torch.float32)
+    acts[:, 0] += torch.as_tensor(labels, dtype=torch.float32) * 3
+    ps = sb.probing_set("addition", acts, labels, groups=prompts, seed=0, min_positives=4)
+    for t in ps.tasks:
+        units = [prompts[i] for i in t["idx"]]
+        assert not {units[i] for i in t["train"]} & {units[i] for i in t["test"]}
+    table = sb.sparse_probing(_standard_sae(torch.eye(5), torch.eye(5)), [ps], ks=(1,))
+    assert (table.sae_acc_lo <= table.sae_acc).all() and (table.sae_acc <= table.sae_acc_hi).all()
+    assert (table.residual_acc_lo <= table.residual_acc).all()
+    assert (table.n_test_units <= 25).all() and (table.n_test_units < table.n_test).all()  # 25 distinct prompts
+    ungrouped = sb.probing_set("addition", acts, labels, seed=0, min_positives=4)
+    leaks = [bool({prompts[t["idx"][i]] for i in t["train"]} & {prompts[t["idx"][i]] for i in t["test"]})
+             for t in ungrouped.tasks]
+    assert any(leaks)  # without groups the repeated prompts land on both sides
+
+
 def test_probing_set_refuses_a_set_without_a_task():
     with pytest.raises(SAEError, match="no class with 16"):
         sb.probing_set("tiny", torch.zeros(10, 3), [0] * 5 + [1] * 5)

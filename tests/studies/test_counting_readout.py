@@ -210,7 +210,23 @@ def test_study_smoke_on_a_tiny_model(tmp_path):
                                       probes_root=str(tmp_path))
     r = run_counting_study(cfg, model=m, progress=False)
     assert set(r.accuracy.method) == {"baseline", "probe_round", "digit_rows", "lora_qv", "steering"}
-    assert set(r.probes.variant) == {"last_token", "mention_mean"}
+    assert set(r.probes.variant) == {"last_token", "mention_mean", "residual", "decoupled", "decoupled_residual"}
+    # every probe row carries its interval over distinct held-out prompts, and the interval holds the estimate
+    main = r.probes[r.probes.variant == "last_token"]
+    assert (main.r2_lo <= main.r2_test + 1e-12).all() and (main.r2_test <= main.r2_hi + 1e-12).all()
+    addition = main[main.task == "addition"]
+    assert (addition.n_test_units < addition.n_test).all()  # addition repeats prompts: units, not rows
+    # the controls: each task x variant has every control; the steering table has its nulls
+    assert set(r.controls.control) >= {"probe", "control_task", "selectivity", "shuffled_labels",
+                                       "nuisance_baseline", "residual_probe"}
+    assert set(r.controls.variant) == {"plain", "decoupled"}
+    assert set(r.steering.edit) == {"steer_probe", "steer_class_mean", "count_edit"}
+    assert (r.steering.null_n == cfg.n_null).all()
+    assert set(r.geometry.basis) == {"raw", "gain", "gain_whitened"}
+    ex = r.extras.set_index(["task", "key"]).value
+    assert ex["addition", "decoupled_test_operands"]  # addition's decoupled split names its held-out operands
+    assert float(ex["entity", "best_r2_max_null_p"]) >= 1 / (1 + cfg.n_layer_permutations)
+    assert {"digit_restricted_lo", "digit_restricted_hi", "n_units"} <= set(r.accuracy.columns)
     assert r.lens.groupby(["task", "method"]).layer.nunique().eq(m.n_layers + 1).all()
     assert r.accuracy.digit_restricted.between(0, 1).all()
     assert (r.extras[r.extras.key == "digit_rows_params"].value == 9 * m.d_model).all()
@@ -220,7 +236,8 @@ def test_study_smoke_on_a_tiny_model(tmp_path):
     probe = load_probe(saved[0].parent)
     assert probe.direction_raw.shape == (m.d_model,)
     summary = r.summary()
-    assert {"digit_restricted_mean", "generation_sd"} <= set(summary.columns)
+    assert {"digit_restricted_mean", "generation_sd", "digit_restricted_lo", "n_seeds"} <= set(summary.columns)
+    assert set(r.control_summary().control) >= {"probe", "residual_probe"}
     peaks = r.lens_peaks()
     assert len(peaks) == r.lens.groupby(["task", "seed", "method"]).ngroups
     for row in peaks.itertuples():
@@ -236,7 +253,8 @@ def test_study_smoke_on_a_tiny_model(tmp_path):
     yaxes = list(lens_fig.select_yaxes())
     assert len(yaxes) == 2 and all(ax.type == "log" and ax.autorange == "reversed" for ax in yaxes)
     assert len(lens_fig.data) == 2 * 4  # tasks x the four methods with lens ranks
-    for fig in (plots.probe_r2_by_layer(r.probes), plots.cos_by_layer(r.geometry), plots.accuracy_bars(summary)):
+    for fig in (plots.probe_r2_by_layer(r.probes), plots.cos_by_layer(r.geometry), plots.accuracy_bars(summary),
+                plots.probe_controls_by_layer(r.probes)):
         assert len(fig.data) > 0
     with pytest.raises(ValueError, match="lacks column"):
         plots.cos_by_layer(r.probes)
@@ -277,3 +295,21 @@ def test_answers_that_are_not_single_tokens_are_refused(monkeypatch):
     monkeypatch.setitem(DEFAULT_ANSWER_PREFIX, "addition", "= ")  # "= 3": two byte tokens, no fallback
     with pytest.raises(ValueError, match="one token|single"):
         run_counting_study(CountingConfig.smoke_config(tasks=("addition",)), model=m, progress=False)
+
+
+def test_no_prompt_is_on_both_sides_of_any_counting_split():
+    """The study's splits (plain, and each task's decoupled variant) never put a prompt string on both sides; the
+    addition variant never shares a first operand."""
+    from workbench.data.tasks import DECOUPLED_OPTIONS, make_task, split_groups, split_indices
+    from workbench.studies.counting_readout.study import _make_sets
+
+    m = tiny_model("gpt2")
+    cfg = CountingConfig.smoke_config(n_train=120, n_test=60)
+    for task in ("entity", "character", "addition", "list_length"):
+        _, train, test, _ = _make_sets(m, task, 11, cfg)
+        assert not set(train.prompts) & set(test.prompts), task
+        ts = make_task(task, 180, seed=11, **DECOUPLED_OPTIONS[task])
+        groups = split_groups(ts, task, decoupled=True)
+        tr, te = split_indices(ts.counts, [120, 60], seed=11, groups=groups)
+        assert not {groups[i] for i in tr} & {groups[i] for i in te}, task
+        assert not {ts.prompts[i] for i in tr} & {ts.prompts[i] for i in te}, task

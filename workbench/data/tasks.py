@@ -41,6 +41,21 @@ Choices (documented, all adjustable through options):
 
 Counts are balanced (each requested count equally often, the remainder spread at random) and shuffled, all from
 ``numpy.random.default_rng(seed)``: the same arguments give the same prompts on every machine.
+
+Length-decoupled variants (results audit D1: in ``list_length`` the count *is* the word count, in ``entity`` the
+word count explains R² ≈ 0.77 of it, so a count probe may read prompt length). :data:`DECOUPLED_OPTIONS` and
+:func:`decoupled_task` give each task a variant whose prompt length does not follow the count:
+
+- entity, ``total_words``: ``total_words - count`` distractors, so every prompt has the same number of words.
+- list_length, ``fixed_length`` + ``other_items`` + ``category``: a list of exactly ``fixed_length`` items, ``count``
+  of them from ``items`` and the rest from ``other_items`` (disjoint), shuffled; the prompt asks for the category:
+  ``"Items: apple, dog, cat, pear. How many fruits are there? Count:"`` (same ``"Count:"`` answer cue as the
+  plain task, so the answer forms and :func:`answer_setup` are unchanged).
+- character, ``word_length=(12, 12)``: every quoted string has 12 letters.
+- addition: no option; it is decoupled by the split, :func:`split_groups` with ``decoupled=True`` (held-out prompts
+  never share a first operand with training prompts).
+
+:func:`nuisance_frame` lists, per prompt, the lengths (and operands) a count probe must beat.
 """
 
 from __future__ import annotations
@@ -51,6 +66,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 
 from workbench.data.checks import check_range
 from workbench.io.provenance import jsonable
@@ -182,8 +198,11 @@ Generator = Callable[[int, np.random.Generator, dict], tuple[str, list[Span] | N
 
 def _gen_entity(count: int, rng: np.random.Generator, opt: dict) -> tuple[str, list[Span], dict]:
     entity = str(rng.choice(opt["entities"]))
-    lo, hi = opt["n_distractors"]
-    n_dist = int(rng.integers(lo, hi + 1))
+    if opt["total_words"] is not None:  # length-decoupled: every prompt has total_words words before the question
+        n_dist = opt["total_words"] - count
+    else:
+        lo, hi = opt["n_distractors"]
+        n_dist = int(rng.integers(lo, hi + 1))
     words = [entity] * count + [str(w) for w in rng.choice(opt["distractor_words"], size=n_dist)]
     words = [words[i] for i in rng.permutation(len(words))]
     spans, pos = [], 0
@@ -217,6 +236,8 @@ def _gen_addition(count: int, rng: np.random.Generator, opt: dict) -> tuple[str,
 
 
 def _gen_list_length(count: int, rng: np.random.Generator, opt: dict) -> tuple[str, list[Span], dict]:
+    if opt["fixed_length"] is not None:
+        return _gen_list_category(count, rng, opt)
     if opt["repeat"]:  # one item, repeated: the repeated-token counting of arXiv 2605.09239
         items = [str(rng.choice(opt["items"]))] * count
     else:
@@ -229,6 +250,26 @@ def _gen_list_length(count: int, rng: np.random.Generator, opt: dict) -> tuple[s
     return head + opt["delimiter"].join(items) + ". Count:", spans, {"items": items}
 
 
+def _gen_list_category(count: int, rng: np.random.Generator, opt: dict) -> tuple[str, list[Span], dict]:
+    """The length-decoupled list: ``fixed_length`` items, ``count`` from ``items`` (the category), the rest from
+    ``other_items``, shuffled; spans are those of the category items only."""
+    replace = not opt["distinct"]
+    n_other = opt["fixed_length"] - count
+    target = [str(x) for x in rng.choice(opt["items"], size=count, replace=replace)]
+    other = [str(x) for x in rng.choice(opt["other_items"], size=n_other, replace=replace)] if n_other else []
+    tagged = [(x, True) for x in target] + [(x, False) for x in other]
+    tagged = [tagged[i] for i in rng.permutation(len(tagged))]
+    head = "Items: "
+    spans, pos = [], len(head)
+    for x, is_target in tagged:
+        if is_target:
+            spans.append((pos, pos + len(x)))
+        pos += len(x) + len(opt["delimiter"])
+    items = [x for x, _ in tagged]
+    prompt = head + opt["delimiter"].join(items) + f". How many {opt['category']} are there? Count:"
+    return prompt, spans, {"items": items, "is_target": [t for _, t in tagged], "category": opt["category"]}
+
+
 _GENERATORS: dict[str, Generator] = {
     "entity": _gen_entity,
     "character": _gen_character,
@@ -237,11 +278,29 @@ _GENERATORS: dict[str, Generator] = {
 }
 
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
-    "entity": {"entities": ANIMALS, "distractor_words": OBJECTS, "n_distractors": (0, 4)},
+    "entity": {"entities": ANIMALS, "distractor_words": OBJECTS, "n_distractors": (0, 4), "total_words": None},
     "character": {"letters": string.ascii_lowercase, "alphabet": string.ascii_lowercase, "word_length": (10, 14)},
     "addition": {"allow_zero": True},
-    "list_length": {"items": FRUITS, "distinct": True, "delimiter": ", ", "repeat": False},
+    "list_length": {"items": FRUITS, "distinct": True, "delimiter": ", ", "repeat": False, "other_items": None,
+                    "fixed_length": None, "category": None},
 }
+# Options added for the length-decoupled variants: left out of ``TaskSet.params`` while at their default (None), so
+# the params (and probe cards) of the plain tasks are what they were before these options existed.
+_DECOUPLING_OPTIONS = ("total_words", "other_items", "fixed_length", "category")
+
+# The options of each task's length-decoupled variant (results audit D1); see :func:`decoupled_task`.
+DECOUPLED_OPTIONS: dict[str, dict[str, Any]] = {
+    "entity": {"total_words": 12},
+    "character": {"word_length": (12, 12)},
+    "addition": {},  # decoupled by the split: split_groups(..., decoupled=True)
+    "list_length": {"fixed_length": 10, "other_items": ANIMALS, "category": "fruits"},
+}
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"option {name}={value!r} is not allowed: {name} must be an int >= {minimum} (or None)")
+    return int(value)
 
 
 def _check_options(task: str, counts: list[int], options: dict) -> dict:
@@ -259,7 +318,18 @@ def _check_options(task: str, counts: list[int], options: dict) -> dict:
         if clash:
             raise ValueError(f"options entities and distractor_words share {clash}; a distractor must never be an "
                              "entity, or the count would be wrong")
-        opt["n_distractors"] = check_range("option n_distractors", opt["n_distractors"], 0, single=True)
+        if opt["total_words"] is None:
+            opt["n_distractors"] = check_range("option n_distractors", opt["n_distractors"], 0, single=True)
+        else:
+            if options.get("n_distractors") is not None:
+                raise ValueError(f"options total_words={opt['total_words']!r} and n_distractors="
+                                 f"{options['n_distractors']!r} contradict each other: total_words fixes the number "
+                                 "of distractors (total_words - count); give one of them")
+            opt["total_words"] = _check_int("total_words", opt["total_words"], 1)
+            if opt["total_words"] < max(counts):
+                raise ValueError(f"option total_words={opt['total_words']} is too small: it must be >= the largest "
+                                 f"count {max(counts)} (total_words - count distractors are added)")
+            opt["n_distractors"] = None  # unused: recorded as None in params
     elif task == "character":
         for name in ("letters", "alphabet"):
             v = opt[name]
@@ -291,7 +361,41 @@ def _check_options(task: str, counts: list[int], options: dict) -> dict:
         if opt["distinct"] and not opt["repeat"] and len(opt["items"]) < max(counts):
             raise ValueError(f"option items has {len(opt['items'])} words but distinct lists of up to {max(counts)} "
                              "items are requested; give more items or distinct=False")
+        _check_list_category(counts, opt)
     return opt
+
+
+def _check_list_category(counts: list[int], opt: dict) -> None:
+    """The length-decoupled list_length options: fixed_length, other_items and category come together."""
+    given = [k for k in ("fixed_length", "other_items", "category") if opt[k] is not None]
+    if not given:
+        return
+    if opt["fixed_length"] is None:
+        raise ValueError(f"option(s) {given} need fixed_length (the number of items in every list); "
+                         f"got fixed_length=None with {', '.join(f'{k}={opt[k]!r}' for k in given)}")
+    fixed = opt["fixed_length"] = _check_int("fixed_length", opt["fixed_length"], 1)
+    if fixed < max(counts):
+        raise ValueError(f"option fixed_length={fixed} is too small: it must be >= the largest count {max(counts)}")
+    if opt["repeat"]:
+        raise ValueError(f"option fixed_length={fixed} cannot be combined with repeat=True; give repeat=False")
+    if opt["other_items"] is None:
+        raise ValueError(f"option fixed_length={fixed} needs other_items (the words that fill the list besides the "
+                         "counted category), e.g. ANIMALS")
+    opt["other_items"] = _check_words("other_items", opt["other_items"])
+    clash = sorted(set(opt["items"]) & set(opt["other_items"]))
+    if clash:
+        raise ValueError(f"options items and other_items share {clash}; they must be disjoint, or the count "
+                         "would be wrong")
+    cat = opt["category"]
+    if not isinstance(cat, str) or not cat.strip() or cat != cat.strip():
+        raise ValueError(f"option category={cat!r} is not allowed: give the plural name of the counted items, "
+                         "e.g. 'fruits'")
+    if opt["distinct"]:
+        need = fixed - min(counts)
+        if len(opt["other_items"]) < need:
+            raise ValueError(f"option other_items has {len(opt['other_items'])} words but distinct lists of "
+                             f"fixed_length={fixed} need up to {need} of them (for count {min(counts)}); give more "
+                             "other_items or distinct=False")
 
 
 def balanced_counts(n: int, counts: Sequence[int], rng: np.random.Generator) -> np.ndarray:
@@ -317,13 +421,17 @@ def make_task(
     few distinct prompts for a count). Per task (defaults in :data:`DEFAULT_OPTIONS`):
 
     - entity: ``entities`` (words to count), ``distractor_words``, ``n_distractors`` (int or inclusive (min, max),
-      default (0, 4)).
+      default (0, 4)), ``total_words`` (int >= max(counts) or None: ``total_words - count`` distractors, so every
+      prompt has the same number of words before the question; excludes ``n_distractors``).
     - character: ``letters`` (letters to ask about), ``alphabet`` (letters the string is made of),
       ``word_length`` (int or inclusive (min, max); min >= max(counts)).
     - addition: ``allow_zero`` (operands may be 0; default True).
     - list_length: ``items`` (words to list), ``distinct`` (no repeated item within a list; default True),
       ``delimiter`` (between items; default ``", "``), ``repeat`` (one item drawn per prompt and repeated ``count``
-      times; needs ``distinct=False``).
+      times; needs ``distinct=False``); ``fixed_length`` (int >= max(counts) or None), ``other_items`` (words
+      disjoint from ``items``) and ``category`` (plural name of ``items``, e.g. ``"fruits"``), given together: every
+      list has ``fixed_length`` items, ``count`` of them from ``items``, and the prompt asks
+      ``"... How many {category} are there? Count:"``.
 
     Every argument is checked before anything is generated; a bad one raises ValueError naming it and what is allowed.
     """
@@ -358,7 +466,8 @@ def make_task(
         "n": int(n),
         "seed": int(seed),
         "counts": count_list,
-        "options": jsonable(dict(sorted(opt.items()))),
+        "options": jsonable({k: v for k, v in sorted(opt.items())
+                             if not (k in _DECOUPLING_OPTIONS and v is None)}),
     }
     return TaskSet(
         task=name,
@@ -553,6 +662,18 @@ def _check_sizes(sizes, n: int) -> list[int]:
     raise ValueError(f"sizes must be all ints or all floats (fractions); got {sizes!r}")
 
 
+def _split_mixed_groups(group_list: list[list[int]], order: np.ndarray, target: list[int], n: int) -> list[np.ndarray]:
+    """Whole groups in seeded order, each to the split furthest below its size (the last column: unassigned)."""
+    cols = target + ([n - sum(target)] if sum(target) < n else [])
+    got = [0] * len(cols)
+    out: list[list[int]] = [[] for _ in cols]
+    for g in order.tolist():
+        j = max(range(len(cols)), key=lambda j: (cols[j] - got[j], -j))
+        out[j] += group_list[g]
+        got[j] += len(group_list[g])
+    return [np.array(sorted(o), dtype=np.int64) for o in out[: len(target)]]
+
+
 def split_indices(
     counts: Sequence[int] | np.ndarray,
     sizes: Sequence[float] | Sequence[int],
@@ -568,6 +689,9 @@ def split_indices(
     Stratification: every count class is shared among the splits in proportion to their sizes (rounded so that each
     class and each split total come out exact), so without groups each split holds every count equally often to
     within one item whenever the counts were balanced. Which items go where is a seeded shuffle.
+    Groups whose items have different counts (e.g. :func:`split_groups` of addition by first operand) cannot be
+    stratified: then whole groups, in seeded order, each go to the split furthest below its size, and the splits'
+    count balance is whatever the groups give.
     """
     counts = np.asarray(counts).reshape(-1)
     n = len(counts)
@@ -583,6 +707,8 @@ def split_indices(
         members.setdefault(key, []).append(i)
     group_list = list(members.values())
     order = rng.permutation(len(group_list))
+    if any(len({int(counts[i]) for i in g}) > 1 for g in group_list):
+        return _split_mixed_groups(group_list, order, target, n)
     classes = sorted({int(counts[g[0]]) for g in group_list})
     by_class = {c: [int(g) for g in order if int(counts[group_list[g][0]]) == c] for c in classes}
     n_c = np.array([sum(len(group_list[g]) for g in by_class[c]) for c in classes])
@@ -633,3 +759,88 @@ def split(
         raise ValueError(f"split takes a TaskSet, got {type(taskset).__name__}")
     groups = taskset.prompts if group_identical else None
     return [taskset.subset(idx) for idx in split_indices(taskset.counts, sizes, seed=seed, groups=groups)]
+
+
+# -- length-decoupled variants and their nuisances (results audit D1) ------------------------------------------
+def decoupled_task(name: str, n: int, *, seed: int, **options: Any) -> TaskSet:
+    """``n`` prompts of the length-decoupled variant of counting task ``name``: :func:`make_task` with
+    :data:`DECOUPLED_OPTIONS` ``[name]``; ``options`` are passed on and override those (``counts=`` included).
+
+    For addition the prompts are the plain ones: its decoupling is the split (:func:`split_groups` with
+    ``decoupled=True``).
+    """
+    if name not in DECOUPLED_OPTIONS:
+        raise ValueError(f"unknown task {name!r}; valid tasks: {list(TASKS)}")
+    return make_task(name, n, seed=seed, **{**DECOUPLED_OPTIONS[name], **options})
+
+
+def _addition_operands(taskset: TaskSet) -> tuple[list[int], list[int]]:
+    """The operands of each addition prompt: from ``meta`` (``a``, ``b``), else parsed from ``"{a}+{b}="``."""
+    a_list, b_list = [], []
+    for i, (prompt, meta) in enumerate(zip(taskset.prompts, taskset.meta, strict=True)):
+        if isinstance(meta, dict) and "a" in meta and "b" in meta:
+            a, b = int(meta["a"]), int(meta["b"])
+        else:
+            head = prompt.split("=", 1)[0].strip()
+            parts = head.split("+")
+            if "=" not in prompt or len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+                raise ValueError(f"addition prompt {i} ({prompt!r}) has no operands in its meta and does not "
+                                 "read as '{a}+{b}='")
+            a, b = int(parts[0]), int(parts[1])
+        a_list.append(a)
+        b_list.append(b)
+    return a_list, b_list
+
+
+def split_groups(taskset: TaskSet, task: str, *, decoupled: bool = False) -> list:
+    """Group keys for :func:`split_indices` (``groups=``): items with one key never straddle two splits.
+
+    Normally the prompt string (identical prompts stay together, as :func:`split` does). For ``addition`` with
+    ``decoupled=True`` the first operand ``a`` ("addition split by operands"): no held-out prompt shares its first
+    operand with a training prompt, so a probe cannot pass by reading the operand it saw with that sum. There are
+    only 10 such groups (a = 0..9) and a group spans several counts (a=7 only reaches 7..9), so the splits'
+    sizes and count balance follow the groups only roughly; count the distinct held-out units when you report.
+    For the other tasks ``decoupled`` changes nothing (their decoupling is in the prompts, :func:`decoupled_task`).
+    """
+    if not isinstance(taskset, TaskSet):
+        raise ValueError(f"split_groups takes a TaskSet, got {type(taskset).__name__}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; valid tasks: {list(TASKS)}")
+    if task != taskset.task:
+        raise ValueError(f"task={task!r} but the TaskSet holds {taskset.task!r} prompts")
+    _check_bool("decoupled", decoupled)
+    if task == "addition" and decoupled:
+        return list(_addition_operands(taskset)[0])
+    return list(taskset.prompts)
+
+
+def nuisance_frame(taskset: TaskSet, tokenizer=None) -> pd.DataFrame:
+    """Per prompt, the surface quantities that a count probe must beat (one row per prompt, in order).
+
+    Columns: ``n_words`` (whitespace-separated words of the whole prompt, question included), ``n_chars``
+    (characters of the prompt), ``n_tokens`` (only when ``tokenizer`` - a tokenizer or a model with one - is given:
+    ``len(tokenizer(prompt, add_special_tokens=False)["input_ids"])``, i.e. without BOS or other special tokens; a
+    model that prepends BOS sees one more, the same for every prompt) and, for addition, ``operand_a`` and
+    ``operand_b`` (from the per-prompt ``meta``, else parsed from the prompt). The count itself is not a column.
+
+    These are the nuisances of results audit D1: in the plain ``list_length`` task the count equals the word count,
+    in ``entity`` the word count explains most of it, so a probe's R² means "knows the count" only where it beats a
+    regression on these columns and survives their removal (``workbench.methods.probes.controls``). For addition,
+    ``operand_a + operand_b`` *is* the count: pass at most one operand as a nuisance.
+    """
+    if not isinstance(taskset, TaskSet):
+        raise ValueError(f"nuisance_frame takes a TaskSet, got {type(taskset).__name__}")
+    prompts = list(taskset.prompts)
+    frame = pd.DataFrame({
+        "n_words": np.array([len(p.split()) for p in prompts], dtype=np.int64),
+        "n_chars": np.array([len(p) for p in prompts], dtype=np.int64),
+    })
+    if tokenizer is not None:
+        tok = _tokenizer_of(tokenizer)
+        ids = tok(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+        frame["n_tokens"] = np.array([len(x) for x in ids], dtype=np.int64)
+    if taskset.task == "addition":
+        a, b = _addition_operands(taskset)
+        frame["operand_a"] = np.array(a, dtype=np.int64)
+        frame["operand_b"] = np.array(b, dtype=np.int64)
+    return frame

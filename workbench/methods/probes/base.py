@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Float
 from safetensors.torch import load_file, save
 
+from workbench.data.tasks import split_indices
 from workbench.io.artifact import ArtifactError, ArtifactKind, read_artifact, register_kind, write_artifact
 from workbench.io.artifact import read_card as read_json_card
 from workbench.io.paths import safe_segment
@@ -153,11 +154,19 @@ def check_seed(seed) -> int:
     return int(seed)
 
 
-def val_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def val_split(n: int, val_fraction: float, seed: int, groups=None) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, validation) row indices. ``groups``: items with the same key (e.g. the prompt text) stay on one side,
+    so a repeated prompt cannot choose its own alpha (:func:`workbench.data.tasks.split_indices`)."""
     n_val = int(round(val_fraction * n))
     if n_val < 2 or n - n_val < 2:
         raise ValueError(f"{n} training rows are too few for a {val_fraction:.0%} validation split (each part needs "
                          "at least 2 rows); give more data or a fixed alpha / C")
+    if groups is not None:
+        fit, val = split_indices(np.zeros(n, dtype=np.int64), [n - n_val, n_val], seed=seed, groups=groups)
+        if len(fit) < 2 or len(val) < 2:
+            raise ValueError(f"the {len(set(groups))} distinct groups cannot make a {val_fraction:.0%} validation "
+                             "split with at least 2 rows a side")
+        return fit, val
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 

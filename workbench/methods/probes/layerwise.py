@@ -24,6 +24,7 @@ from workbench.methods.probes.base import (
     val_split,
 )
 from workbench.methods.probes.linear import ALPHAS, LogisticProbe, RidgeProbe, fit_softmax_regression
+from workbench.methods.stats import MaxNull, bootstrap_ci, max_null_p, permute_within_units
 
 
 # -- per-layer probing -----------------------------------------------------------------------------------------
@@ -51,12 +52,12 @@ def _indices(name: str, idx, n: int) -> np.ndarray:
 
 def _fit_ridge_stack(
     X: Float[torch.Tensor, "L n d"], y: Float[torch.Tensor, " n"], alphas: tuple[float, ...], val_fraction: float,
-    seed: int,
+    seed: int, groups=None,
 ) -> list[RidgeProbe]:
     """:meth:`RidgeProbe.fit` for every layer at once (batched SVDs on X's device, float64): the same validation
     split, standardisation, alpha choice (ties to the larger alpha) and final fit as a probe fitted alone."""
     L, n, _ = X.shape
-    fit_idx, val_idx = val_split(n, val_fraction, seed)
+    fit_idx, val_idx = val_split(n, val_fraction, seed, groups)
     fit_t, val_t = (torch.from_numpy(i).to(X.device) for i in (fit_idx, val_idx))
     a = torch.tensor(alphas, dtype=torch.float64, device=X.device)
 
@@ -105,8 +106,15 @@ def layerwise_ridge(
     val_fraction: float = 0.2,
     seed: int = 0,
     device: str | torch.device | None = None,
+    groups: Sequence | None = None,
+    ci: bool = False,
 ) -> LayerwiseProbes:
     """Fit a :class:`RidgeProbe` per layer on ``train_idx`` and score it on ``test_idx`` (which must not overlap).
+
+    groups: one key per row (e.g. the prompt text): identical prompts stay on one side of the validation split
+    that picks alpha, and are one unit of the test interval. ci: add the 95 % bootstrap interval of the test R²
+    and probe-round accuracy over distinct test units (``r2_lo``, ``r2_hi``, ``round_acc_lo``, ``round_acc_hi``,
+    ``n_test_units``; :func:`workbench.methods.stats.bootstrap_ci`).
 
     device: where to fit (e.g. the model's device; None = the CPU). Every layer is fitted at once there, with
     batched SVDs in float64; each probe is the one :meth:`RidgeProbe.fit` gives alone (to float64 rounding).
@@ -135,7 +143,11 @@ def layerwise_ridge(
     dev = torch.device("cpu") if device is None else torch.device(device)
     layers = sorted(feats)
     X = torch.stack([feats[layer] for layer in layers]).to(dev)  # [L, n, d]
-    fitted = _fit_ridge_stack(X[:, torch.from_numpy(tr).to(dev)], y_t[tr].to(dev), alphas, val_fraction, seed)
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} keys for {n} rows; give one key per row")
+    keys = None if groups is None else np.asarray(list(groups), dtype=object)
+    fitted = _fit_ridge_stack(X[:, torch.from_numpy(tr).to(dev)], y_t[tr].to(dev), alphas, val_fraction, seed,
+                              None if keys is None else keys[tr].tolist())
     rows, probes = [], {}
     for layer, probe in zip(layers, fitted, strict=True):
         Xl = feats[layer]
@@ -152,7 +164,70 @@ def layerwise_ridge(
             "n_test": len(te),
             "d": Xl.shape[1],
         })
+        if ci:
+            p, t = pred.double().numpy(), y_t[te].double().numpy()
+            g = None if keys is None else keys[te].tolist()
+            rows[-1] |= bootstrap_ci(_r2, p, t, groups=g, method="percentile", n_resamples=1000).to_dict("r2_")
+            acc = bootstrap_ci(_round_acc, p, t, groups=g, method="percentile", n_resamples=1000)
+            rows[-1] |= {"round_acc_lo": acc.lo, "round_acc_hi": acc.hi, "n_test_units": acc.n}
+            for k in ("r2_estimate", "r2_confidence", "r2_n"):
+                rows[-1].pop(k)
     return LayerwiseProbes(table=pd.DataFrame(rows), probes=probes)
+
+
+def _r2(p: np.ndarray, t: np.ndarray) -> float:
+    ss = ((t - t.mean()) ** 2).sum()
+    return float(1 - ((p - t) ** 2).sum() / ss) if ss > 0 else float("nan")
+
+
+def _round_acc(p: np.ndarray, t: np.ndarray) -> float:
+    return float((np.clip(np.rint(p), 1, 9) == t).mean())
+
+
+def layerwise_max_null(
+    features: Mapping[int, Float[Array, "n d"]],
+    y: Float[Array, " n"],
+    train_idx: Sequence[int] | np.ndarray,
+    test_idx: Sequence[int] | np.ndarray,
+    probes: Mapping[int, RidgeProbe],
+    *,
+    n_permutations: int = 999,
+    groups: Sequence | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> MaxNull:
+    """Is the best layer's test R² more than the best of ``len(probes)`` layers would give by chance?
+
+    Each permutation shuffles the labels among distinct units (``groups``), refits every layer's ridge probe on the
+    train rows at that layer's chosen alpha (one SVD per layer serves all permutations) and scores it on the test
+    rows; the winner's observed R² is compared with the max over layers of each permutation
+    (:func:`workbench.methods.stats.max_null_p`). The p-value's floor is 1 / (1 + n_permutations).
+    """
+    layers = sorted(probes)
+    feats = {layer: as_features(features[layer], f"features[{layer!r}]") for layer in layers}
+    n = feats[layers[0]].shape[0]
+    y_np = as_target(y, n).double().numpy()
+    tr, te = _indices("train_idx", train_idx, n), _indices("test_idx", test_idx, n)
+    if isinstance(n_permutations, bool) or not isinstance(n_permutations, int) or n_permutations < 1:
+        raise ValueError(f"n_permutations must be a positive int, got {n_permutations!r}")
+    Y = np.stack([y_np] + [permute_within_units(y_np, groups, seed=seed * 1_000_003 + i)
+                           for i in range(n_permutations)], 1)  # [n, 1 + P]
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    Yt = torch.from_numpy(Y).to(dev)
+    ytr, yte = Yt[torch.from_numpy(tr).to(dev)], Yt[torch.from_numpy(te).to(dev)]
+    scores = np.empty((len(layers), 1 + n_permutations))
+    for j, layer in enumerate(layers):
+        X = feats[layer].to(dev)
+        Xtr = X[torch.from_numpy(tr).to(dev)]
+        mean, std = standardise_stats(Xtr)
+        U, S, Vh = torch.linalg.svd((Xtr - mean) / std, full_matrices=False)
+        a = probes[layer].alpha
+        coef = Vh.T @ ((S / (S**2 + a))[:, None] * (U.T @ (ytr - ytr.mean(0))))  # [d, 1 + P]
+        pred = ((X[torch.from_numpy(te).to(dev)] - mean) / std) @ coef + ytr.mean(0)
+        ss_res = ((pred - yte) ** 2).sum(0)
+        ss_tot = ((yte - yte.mean(0)) ** 2).sum(0)
+        scores[j] = (1 - ss_res / ss_tot).cpu().numpy()
+    return max_null_p(scores[:, 0], scores[:, 1:].T)
 
 
 def layerwise_logistic(

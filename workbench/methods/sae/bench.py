@@ -31,8 +31,10 @@ Metrics (SAEBench's names where they exist):
 
   Both are averaged over words, then over letters.
 * sparse probing: each probing set (prompts with a class label) becomes one-vs-rest binary tasks with balanced
-  negatives; per task the latents are ranked by |mean difference| on the training half and a logistic probe on the
-  top k (k = 1, 2, 5, 10, 20) is scored on the test half, against a logistic probe on the full residual.
+  negatives, split in halves by :func:`workbench.data.tasks.split_indices` (stratified, identical prompts on one
+  side); per task the latents are ranked by |mean difference| on the training half and a logistic probe on the top k
+  (k = 1, 2, 5, 10, 20) is scored on the test half, against a logistic probe on the full residual; each accuracy
+  with its interval over distinct test prompts.
 * stability: for two SAEs of one site trained with different seeds, each latent's best cosine among the other's
   decoder rows (alive latents only), averaged; and the fraction of latents whose best match is above 0.7.
 """
@@ -50,10 +52,12 @@ from torch import Tensor
 
 from workbench.core.trace import trace
 from workbench.data.corpus import Corpus
+from workbench.data.tasks import split_indices
 from workbench.methods.probes.base import standardise_stats
 from workbench.methods.probes.linear import LogisticProbe, fit_softmax_regression
 from workbench.methods.sae.evaluate import CoreData, core_data, core_metrics
 from workbench.methods.sae.handle import SAEError, SAEHandle
+from workbench.methods.stats import Interval, accuracy_ci
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 TEMPLATE_SUFFIX = " has the first letter:"
@@ -88,8 +92,10 @@ class ProbingSet:
     acts: Tensor  # [n, d]
     labels: np.ndarray  # [n] class index
     classes: list[str]
+    groups: list | None = None  # [n] the unit of each item (the prompt text): identical ones stay on one side
     tasks: list[dict] = field(default_factory=list)  # {"positive": class, "train": idx, "test": idx}
     residual_acc: list[float] = field(default_factory=list)  # per task: the full-residual probe's test accuracy
+    residual_ci: list[Interval] = field(default_factory=list)  # per task: its interval over distinct test units
 
 
 @dataclass
@@ -129,16 +135,12 @@ def _icl_prefix(tokenizer) -> list[int]:
     return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _split_half(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    perm = rng.permutation(n)
-    return np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
-
-
 @torch.no_grad()
 def letter_data(model, site: str, *, per_letter: int = 60, seed: int = 0, min_probe_f1: float = 0.6,
                 min_words: int = 6, batch_size: int = 64) -> LetterData:
     """The first-letter task at ``site``: prompts built from token ids (in-context examples + word + suffix, so the
-    word is exactly one token and every prompt has the same length), a seeded half/half split within each letter,
+    word is exactly one token and every prompt has the same length), a seeded half/half split stratified by letter
+    (:func:`workbench.data.tasks.split_indices`),
     and the ground-truth multinomial logistic probe (C chosen on a validation split of the training half)."""
     tok = model.tokenizer
     ids, words = first_letter_words(tok, per_letter=per_letter, seed=seed)
@@ -156,17 +158,8 @@ def letter_data(model, site: str, *, per_letter: int = 60, seed: int = 0, min_pr
         acts.append(tr[site].reshape(len(batch), -1).float().cpu())
     acts = torch.cat(acts)
     letters = np.array([LETTERS.index(w[1]) for w in words])
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for c in range(26):
-        idx = np.flatnonzero(letters == c)
-        if len(idx) == 0:
-            continue
-        perm = rng.permutation(idx)
-        half = (len(idx) + 1) // 2
-        train += perm[:half].tolist()
-        test += perm[half:].tolist()
-    train, test = np.sort(train), np.sort(test)
+    # halves stratified by letter, each word on one side (the package's one split)
+    train, test = (np.sort(i) for i in split_indices(letters, [0.5, 0.5], seed=seed, groups=words))
     probe = LogisticProbe(seed=seed).fit(acts[train], letters[train])
     pred = np.full(len(words), -1)
     pred[:] = probe.predict(acts).numpy()
@@ -190,10 +183,14 @@ def _f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return 2 * tp / denom if denom else 0.0
 
 
-def probing_set(name: str, acts: Tensor, labels: Sequence, *, seed: int = 0, min_positives: int = 8) -> ProbingSet:
+def probing_set(name: str, acts: Tensor, labels: Sequence, *, groups: Sequence | None = None, seed: int = 0,
+                min_positives: int = 8) -> ProbingSet:
     """One-vs-rest binary tasks of a labelled set: for each class with at least ``2 * min_positives`` examples, its
-    examples and as many others (a seeded sample), split in halves; each task's full-residual logistic probe is fit
-    here (C chosen on a validation split) and its test accuracy kept as the baseline."""
+    examples and as many others (a seeded sample), split in halves by :func:`workbench.data.tasks.split_indices`
+    (stratified by the binary target; ``groups``, e.g. the prompt texts, keeps identical items on one side, so a
+    repeated prompt is never both trained on and scored); each task's full-residual logistic probe is fit here (C
+    chosen on a validation split) and its test accuracy kept as the baseline, with its interval over distinct test
+    units."""
     if isinstance(min_positives, bool) or not isinstance(min_positives, int) or min_positives < 4:
         raise SAEError(f"min_positives must be an int >= 4 (the residual probe's validation split needs 8 training "
                        f"rows), got {min_positives!r}")
@@ -202,8 +199,12 @@ def probing_set(name: str, acts: Tensor, labels: Sequence, *, seed: int = 0, min
     y = np.array([classes.index(str(v)) for v in labels.tolist()])
     if acts.shape[0] != len(y):
         raise SAEError(f"probing set {name!r}: {acts.shape[0]} activations for {len(y)} labels")
+    if groups is not None:
+        groups = list(groups)
+        if len(groups) != len(y):
+            raise SAEError(f"probing set {name!r}: {len(groups)} groups for {len(y)} labels")
     rng = np.random.default_rng(seed)
-    ps = ProbingSet(name, acts.float(), y, classes)
+    ps = ProbingSet(name, acts.float(), y, classes, groups)
     for c in range(len(classes)):
         pos = np.flatnonzero(y == c)
         neg = np.flatnonzero(y != c)
@@ -212,15 +213,25 @@ def probing_set(name: str, acts: Tensor, labels: Sequence, *, seed: int = 0, min
         neg = rng.choice(neg, len(pos), replace=False)
         idx = np.concatenate([pos, neg])
         target = np.concatenate([np.ones(len(pos), int), np.zeros(len(neg), int)])
-        tr, te = _split_half(len(idx), rng)
+        unit = _units(ps, idx)
+        tr, te = (np.sort(i) for i in split_indices(target, [0.5, 0.5], seed=seed + c, groups=unit))
+        if len(tr) == 0 or len(te) == 0 or len(set(target[tr])) < 2:
+            continue  # too few distinct items to hold both classes out
         task = {"positive": classes[c], "idx": idx, "target": target, "train": tr, "test": te}
         X = ps.acts[idx]
         probe = LogisticProbe(Cs=FULL_CS, seed=seed).fit(X[tr], target[tr])
+        correct = (probe.predict(X[te]).numpy() == target[te]).astype(np.float64)
         ps.tasks.append(task)
-        ps.residual_acc.append(probe.accuracy(X[te], target[te]))
+        ps.residual_acc.append(float(correct.mean()))
+        ps.residual_ci.append(accuracy_ci(correct, groups=[unit[i] for i in te], seed=seed))
     if not ps.tasks:
         raise SAEError(f"probing set {name!r} has no class with {2 * min_positives}+ examples and as many others")
     return ps
+
+
+def _units(ps: ProbingSet, idx: np.ndarray) -> list:
+    """The unit key of each of ``ps``'s items ``idx``: its group, or the item itself when the set has no groups."""
+    return [ps.groups[i] for i in idx] if ps.groups is not None else [int(i) for i in idx]
 
 
 def bench_data(model, site: str, corpus: Corpus | Sequence[str], *, probing: Mapping[str, tuple[Tensor, Sequence]]
@@ -228,8 +239,9 @@ def bench_data(model, site: str, corpus: Corpus | Sequence[str], *, probing: Map
                words_per_letter: int = 60, min_positives: int = 8, first_position: int = 1,
                ce_tokens: int | None = None, seed: int = 0, progress: bool = True) -> BenchData:
     """Everything the suite measures SAEs of ``site`` against (see the module docstring). ``probing``: {name:
-    (activations [n, d] at ``site``, labels), made into tasks by :func:`probing_set`; ``words_per_letter=0`` leaves
-    absorption out."""
+    (activations [n, d] at ``site``, labels) or (activations, labels, groups)}, made into tasks by
+    :func:`probing_set` (groups, e.g. the prompt texts: identical items stay on one side of the split);
+    ``words_per_letter=0`` leaves absorption out."""
     for name, v in (("n_tokens", n_tokens), ("context_length", context_length), ("words_per_letter", words_per_letter)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (v == 0 and name != "words_per_letter"):
             raise SAEError(f"{name} must be a positive int, got {v!r}")
@@ -237,8 +249,8 @@ def bench_data(model, site: str, corpus: Corpus | Sequence[str], *, probing: Map
                      skip_documents=skip_documents, first_position=first_position, ce_tokens=ce_tokens,
                      progress=progress)
     letters = letter_data(model, site, per_letter=words_per_letter, seed=seed) if words_per_letter else None
-    sets = [probing_set(name, acts, labels, seed=seed, min_positives=min_positives)
-            for name, (acts, labels) in (probing or {}).items()]
+    sets = [probing_set(name, spec[0], spec[1], groups=spec[2] if len(spec) > 2 else None, seed=seed,
+                        min_positives=min_positives) for name, spec in (probing or {}).items()]
     return BenchData(site, core, letters, sets, {"n_tokens": n_tokens, "context_length": context_length,
                                                  "skip_documents": skip_documents,
                                                  "words_per_letter": words_per_letter,
@@ -326,19 +338,29 @@ def absorption(handle: SAEHandle, data: LetterData, *, max_main: int = 10, f1_ju
 
 
 def sparse_probing(handle: SAEHandle, sets: Sequence[ProbingSet], ks: Sequence[int] = SPARSE_KS) -> pd.DataFrame:
-    """Per probing set, binary task and k: the top-k-latent probe's test accuracy beside the full residual's."""
+    """Per probing set, binary task and k: the top-k-latent probe's test accuracy (latents ranked on the training
+    half only) beside the full residual's, each with its interval over distinct test units (:func:`accuracy_ci`)
+    and the number of those units (``n_test_units``)."""
     rows = []
     for ps in sets:
         codes_all = _encode(handle, ps.acts)
-        for task, res_acc in zip(ps.tasks, ps.residual_acc):
+        for task, res_acc, res_ci in zip(ps.tasks, ps.residual_acc, ps.residual_ci or [None] * len(ps.tasks)):
             codes, target = codes_all[task["idx"]], task["target"]
             tr, te = task["train"], task["test"]
+            unit = _units(ps, task["idx"])
+            test_units = [unit[i] for i in te]
             for k in ks:
                 cols = _top_by_mean_diff(codes[tr], target[tr], k)
                 pred = _fit_predict(codes[tr][:, cols], target[tr], codes[te][:, cols])
+                correct = (pred == target[te]).astype(np.float64)
+                ci = accuracy_ci(correct, groups=test_units, n_resamples=1000)
                 rows.append({"set": ps.name, "positive": task["positive"], "k": int(k),
-                             "sae_acc": float((pred == target[te]).mean()), "residual_acc": res_acc,
-                             "n_train": len(tr), "n_test": len(te)})
+                             "sae_acc": float(correct.mean()), "sae_acc_lo": ci.lo, "sae_acc_hi": ci.hi,
+                             "residual_acc": res_acc,
+                             "residual_acc_lo": res_ci.lo if res_ci is not None else np.nan,
+                             "residual_acc_hi": res_ci.hi if res_ci is not None else np.nan,
+                             "ci_method": ci.method, "n_train": len(tr), "n_test": len(te),
+                             "n_test_units": len(set(test_units))})
     return pd.DataFrame(rows)
 
 
@@ -381,7 +403,7 @@ def summary_row(result: dict) -> dict:
     """One flat row of a :func:`bench_sae` result: the core metrics, the mean absorption over letters, and the
     sparse-probing accuracy per k (mean over every set's tasks) with the residual's."""
     core = {k: v for k, v in result["core"].items() if k != "feature_freq"}
-    row = {k: core[k] for k in ("fvu", "l0", "n_dead", "n_dense", "ce_loss_recovered")}
+    row = {k: core[k] for k in ("fvu", "fvu_from_pos2", "l0", "n_dead", "n_dense", "ce_loss_recovered") if k in core}
     row["dead_frac"] = core["n_dead"] / len(result["core"]["feature_freq"])
     ab = result["absorption"]
     if len(ab):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,7 +66,7 @@ def evaluate_answers(
     counts: Sequence[int],
     answer_ids: Sequence[int],
     *,
-    edits: Mapping[str, Edit] | None = None,
+    edits: Mapping[str, Edit] | Callable[[np.ndarray], Mapping[str, Edit]] | None = None,
     gen_tokens: int = 6,
     batch_size: int = 64,
     generate: bool = True,
@@ -77,7 +77,8 @@ def evaluate_answers(
 
     ``answer_ids[k - 1]`` is the token of answer ``k``. The lens of the last layer is the next-token distribution
     the digit and full-vocabulary rules score. ``edits`` (trace edits, e.g. steering at the last position) apply to
-    the last prompt token's forward and to every generation step; a swapped head (``swap_modules``) applies to all
+    the last prompt token's forward and to every generation step; a callable ``edits(index)`` gives the edits of one
+    batch from the indices of its prompts (a per-prompt edit, e.g. toward a per-prompt target); a swapped head (``swap_modules``) applies to all
     of it. ``lens=False`` reads only the last layer (``ranks`` then holds the last layer alone).
 
     ``cache``: a :class:`~workbench.methods.activations.PrefixCache` of exactly these prompts on this model (every
@@ -109,9 +110,10 @@ def evaluate_answers(
     rows, rank_parts = [], []
     for b in cache.batches:
         batch = b.index
-        if edits:
+        batch_edits = edits(batch) if callable(edits) else edits
+        if batch_edits:
             # the last prompt token recomputed under the edits on the cache of the others, then generation under them
-            out = cache.step(b, edits=edits, sites=sites, generate=gen_tokens if generate else 0, decided=_decided,
+            out = cache.step(b, edits=batch_edits, sites=sites, generate=gen_tokens if generate else 0, decided=_decided,
                              first_logits=lambda caps, _: model.lens_logits(caps[sites[-1]]))
             H = torch.stack([out.captures[site] for site in sites])  # [n_layers, B, d]
             final = model.lens_logits(H[-1])  # the model's next-token logits (lens of the last layer)

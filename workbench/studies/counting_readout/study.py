@@ -42,6 +42,7 @@ from workbench.data.tasks import (
     answered_task,
     make_task,
     split,
+    split_indices,
 )
 from workbench.io.atomic import atomic_write_bytes, sha256_file
 from workbench.io.checkpoint import UnitCheckpoint
@@ -53,10 +54,17 @@ from workbench.methods.probes.base import probe_dir, save_probe
 from workbench.methods.probes.features import residual_features_many
 from workbench.methods.probes.layerwise import layerwise_logistic, layerwise_ridge
 from workbench.studies.counting_readout import plots
+from workbench.methods.stats import accuracy_ci, seed_summary
+from workbench.studies.counting_readout.controls import (
+    best_layer_null,
+    decoupled_probes,
+    nuisance_controls,
+    readout_geometry,
+    steering_controls,
+)
 from workbench.studies.counting_readout.evaluation import evaluate_answers
 from workbench.studies.counting_readout.geometry import (
     geometry_table,
-    permutation_test,
     principal_angles,
     random_baseline,
     row_norm_percentiles,
@@ -107,7 +115,10 @@ class CountingConfig(NotebookConfig):
     steer_select_n: int = 32  # train prompts used to pick the steering alpha (6 alphas x 32 forwards)
     gen_tokens: int = 6
     batch_size: int = 64  # prompts are batched by length, so a big batch costs little padding
-    n_permutations: int = 100
+    n_permutations: int = positive_int(999)  # geometry permutation test: p floor 1/1000
+    n_layer_permutations: int = positive_int(199)  # best-layer R2 against the max over layers (p floor 1/200)
+    n_null: int = positive_int(50)  # norm-matched random directions per steering null
+    n_shuffles: int = positive_int(5)  # shuffled-label refits of the probe control
     logistic_C: float = 1.0  # fixed (on standardised features): a per-layer C search would dominate the run time
     probes_root: str | None = "."  # best-layer probes go to <probes_root>/probes/<model>/<task>/ (None: not saved)
     # a subset skips the others (LoRA is ~half of the run time)
@@ -118,7 +129,8 @@ class CountingConfig(NotebookConfig):
     def smoke_config(cls, **overrides) -> CountingConfig:
         """Small enough for CI: one seed, few prompts, short training."""
         base = dict(seeds=(11,), n_train=27, n_test=18, n_lora_train=18, repair_steps=50, lora_steps=2,
-                    steer_select_n=12, gen_tokens=3, n_permutations=10, probes_root=None, smoke=True)
+                    steer_select_n=12, gen_tokens=3, n_permutations=19, n_layer_permutations=9, n_null=3,
+                    n_shuffles=2, probes_root=None, smoke=True)
         return cls(**(base | overrides))
 
 
@@ -130,13 +142,15 @@ class CountingResult:
     tied_head: bool
     d_model: int
     n_layers: int
-    probes: pd.DataFrame  # task, seed, variant, layer, r2_test, round_acc_test, r2_val, alpha, logistic_acc
-    geometry: pd.DataFrame  # task, seed, layer, cos_mean/min/max, random baseline and band
+    probes: pd.DataFrame  # task, seed, variant, layer, r2_test (+ CI), round_acc_test (+ CI), r2_val, alpha, ...
+    geometry: pd.DataFrame  # task, seed, layer, basis, cos_mean/min/max, random baseline and band
     lens: pd.DataFrame  # task, seed, method, layer, median_rank, mean_prob, lens_accuracy
     accuracy: pd.DataFrame  # task, seed, method, digit_restricted, full_vocab, generation
     extras: pd.DataFrame  # task, seed, key, value: best layer, permutation p, chosen alpha, param counts, times
     angles: pd.DataFrame  # seed, layer, angle_index, degrees
     norm_percentiles: pd.DataFrame  # digit, token, percentile
+    controls: pd.DataFrame = field(default_factory=pd.DataFrame)  # task, seed, variant, layer, control, r2 (+ CI), ...
+    steering: pd.DataFrame = field(default_factory=pd.DataFrame)  # task, seed, edit, value (+ CI), null range, p
     timings: dict = field(default_factory=dict)
 
     def lens_peaks(self) -> pd.DataFrame:
@@ -144,21 +158,35 @@ class CountingResult:
         return lens_peaks(self.lens)
 
     def summary(self) -> pd.DataFrame:
-        """Accuracy mean and sd over seeds: one row per task x method."""
+        """Accuracy over seeds, one row per task x method: mean, sd and the t interval over seeds of each metric
+        (:func:`workbench.methods.stats.seed_summary`), and the distinct held-out prompts per seed (``n_units``)."""
         metrics = ["digit_restricted", "full_vocab", "generation"]
-        g = self.accuracy.groupby(["task", "method"], sort=False)[metrics]
-        mean, sd = g.mean(), g.std(ddof=1)
-        out = mean.add_suffix("_mean").join(sd.add_suffix("_sd")).reset_index()
+        out = seed_summary(self.accuracy, metrics, ["task", "method"])
+        if "n_units" in self.accuracy.columns:
+            units = self.accuracy.groupby(["task", "method"], sort=False).n_units.mean().rename("n_units_per_seed")
+            out = out.merge(units.reset_index(), on=["task", "method"])
         return out
+
+    def control_summary(self) -> pd.DataFrame:
+        """The probe controls over seeds, one row per task x variant x control: mean, sd, t interval of R² and
+        probe-round accuracy, the layer(s) they were measured at, distinct held-out prompts per seed."""
+        if self.controls.empty:
+            return pd.DataFrame()
+        out = seed_summary(self.controls, ["r2", "round_acc"], ["task", "variant", "control"])
+        extra = self.controls.groupby(["task", "variant", "control"], sort=False).agg(
+            layers=("layer", lambda x: ",".join(str(v) for v in sorted(set(x)))),
+            n_test_units=("n_test_units", "mean")).reset_index()
+        return out.merge(extra, on=["task", "variant", "control"])
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """The tables a notebook records in its manifest (the full tables go to CSV by ``save_counting_result``)."""
-        return {"accuracy_table": self.summary()}
+        return {"accuracy_table": self.summary(), "controls_table": self.control_summary()}
 
     def figures(self) -> dict[str, go.Figure]:
         """The study's figures, by name: probe R², |cos| with the digit rows, lens ranks, accuracy."""
         return {
             "r2_by_layer": plots.probe_r2_by_layer(self.probes),
+            "probe_controls": plots.probe_controls_by_layer(self.probes),
             "cos_by_layer": plots.cos_by_layer(self.geometry),
             "lens_rank_by_layer": plots.lens_rank_by_layer(self.lens),
             "accuracy": plots.accuracy_bars(self.summary()),
@@ -167,6 +195,25 @@ class CountingResult:
     def save(self, out_dir: str | Path, model: Model | None = None) -> dict[str, Path]:
         """Every table as CSV plus ``study.json`` (:func:`save_counting_result`; ``model`` is not needed)."""
         return save_counting_result(self, out_dir)
+
+
+def _accuracy_intervals(items: pd.DataFrame, test: TaskSet) -> dict:
+    """95 % intervals of the three accuracies over the held-out prompts (Wilson, or the bootstrap over distinct
+    prompts where prompts repeat) and the number of distinct prompts."""
+    out = {}
+    for metric, col in (("digit_restricted", "digit_correct"), ("full_vocab", "full_correct"),
+                        ("generation", "gen_correct")):
+        if items[col].isna().any():
+            continue
+        ci = accuracy_ci(items[col].astype(int).to_numpy(), groups=test.prompts)
+        out |= {f"{metric}_lo": ci.lo, f"{metric}_hi": ci.hi}
+    return out | {"n_units": len(set(test.prompts))}
+
+
+def _ordered(ts: TaskSet, seed: int, cfg: CountingConfig) -> TaskSet:
+    """The train prompts then the held-out ones, as :func:`_make_sets` splits them (the features' row order)."""
+    tr, te = split_indices(ts.counts, [cfg.n_train, cfg.n_test], seed=seed, groups=ts.prompts)
+    return ts.subset(np.concatenate([tr, te]))
 
 
 def _make_sets(model: Model, task: str, seed: int, cfg: CountingConfig) -> tuple[TaskSet, TaskSet, TaskSet, list[int]]:
@@ -194,12 +241,15 @@ def unit_features(model: Model, train: TaskSet, test: TaskSet, task: str, layers
 
 
 def unit_probes(model: Model, variants: dict, counts: np.ndarray, tr_idx: np.ndarray, te_idx: np.ndarray, seed: int,
-                cfg: CountingConfig) -> tuple[list[pd.DataFrame], object]:
+                cfg: CountingConfig, groups: Sequence[str] | None = None) -> tuple[list[pd.DataFrame], object]:
     """Phase ``probes`` of one (seed, task): per variant, ridge probes for every layer at once (batched SVDs on the
-    model's device) and logistic probes layer by layer; returns the tables and the ``last_token`` ridge fit."""
+    model's device; alpha on a validation split that keeps identical prompts together, ``groups``; held-out R² and
+    probe-round accuracy with 95 % bootstrap intervals over distinct prompts) and logistic probes layer by layer;
+    returns the tables and the ``last_token`` ridge fit."""
     tables, main = [], None
     for variant, fts in variants.items():
-        lw = layerwise_ridge(fts, counts.astype(float), tr_idx, te_idx, seed=seed, device=model.device)
+        lw = layerwise_ridge(fts, counts.astype(float), tr_idx, te_idx, seed=seed, device=model.device, groups=groups,
+                             ci=True)
         table = lw.table.merge(layerwise_logistic(fts, counts, tr_idx, te_idx, C=cfg.logistic_C,
                                                   device=model.device), on="layer")
         tables.append(table.assign(variant=variant)[["variant", *table.columns]])
@@ -316,7 +366,7 @@ class _Checkpoint(UnitCheckpoint):
                          "direction_sha256": hashlib.sha256(data).hexdigest()})
 
 
-_FRAME_ROWS = ("probes", "geometry", "lens")  # rows kept as DataFrames (the others are dicts)
+_FRAME_ROWS = ("probes", "geometry", "lens", "controls", "steering")  # rows kept as DataFrames (the others are dicts)
 
 
 def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None = None,
@@ -347,8 +397,9 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
     directions_by_seed: dict[int, dict[str, torch.Tensor]] = {}
     lora_cache: dict = {}  # (seed, tasks) -> the trained adapter, so a joint adapter is trained once per seed
     digit_ids_any = None
+    control_rows, steer_rows = [], []
     rows = {"probes": probe_rows, "geometry": geo_rows, "lens": lens_rows, "accuracy": acc_rows,
-            "extras": extra_rows}
+            "extras": extra_rows, "controls": control_rows, "steering": steer_rows}
     ckpt = None
     if checkpoint:
         folder = checkpoint_dir(model, cfg, layers) if checkpoint is True else Path(checkpoint)
@@ -357,6 +408,7 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
     for seed, task in bar:
         bar.set_postfix(task=task, seed=seed)
         ts, train, test, digit_ids = _make_sets(model, task, seed, cfg)
+        ordered = _ordered(ts, seed, cfg)  # train then test prompts, the row order of the features
         if ckpt is not None and ckpt.load_unit(seed, task, rows, directions_by_seed):
             digit_ids_any = digit_ids
             timings["resumed_units"] = timings.get("resumed_units", 0) + 1
@@ -371,25 +423,37 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
 
         variants, test_cache = phases.run("features", unit_features, model, train, test, task, layers, cfg)
         feats = variants["last_token"]
-        tables, main = phases.run("probes", unit_probes, model, variants, counts, tr_idx, te_idx, seed, cfg)
+        tables, main = phases.run("probes", unit_probes, model, variants, counts, tr_idx, te_idx, seed, cfg,
+                                  ordered.prompts)
         probe_rows += [_rank_rows(t, **key) for t in tables]
+        best = int(main.table.loc[main.table.r2_val.idxmax(), "layer"])
+        best_probe = main.probes[best]
+        directions_by_seed.setdefault(seed, {})[task] = best_probe.direction_raw
+        facts = {"best_layer": best, "best_layer_r2_test": float(main.table.set_index("layer").r2_test[best]),
+                 "prompt_suffix_space": float(ts.prompts[0].endswith(" ")),
+                 "n_test_units": len(set(test.prompts)), "n_train_units": len(set(train.prompts))}
+
+        with phases("controls"):
+            facts |= best_layer_null(feats, counts, tr_idx, te_idx, main.probes, ordered.prompts, seed,
+                                     cfg.n_layer_permutations, device=model.device)
+            ctrl, residual = nuisance_controls(model, ordered, feats, counts, tr_idx, te_idx, best, seed,
+                                               n_shuffles=cfg.n_shuffles, device=model.device)
+            control_rows.append(_rank_rows(ctrl, variant="plain", **key))
+            probe_rows.append(_rank_rows(residual.assign(variant="residual"), **key))
+        with phases("decoupled"):
+            dec_tables, dec_ctrl, dec_facts = decoupled_probes(
+                model, task, seed, cfg.n_train, cfg.n_test, layers, cfg.batch_size, n_shuffles=cfg.n_shuffles,
+                device=model.device, plain=(ordered, feats))
+            probe_rows += [_rank_rows(t, **key) for t in dec_tables]
+            control_rows.append(_rank_rows(dec_ctrl, variant="decoupled", **key))
+            facts |= dec_facts
 
         with phases("geometry"):
-            geo = geometry_table(main.probes, W_U, digit_ids, seed=seed)
+            geo, geo_facts = readout_geometry(model, feats, main.probes, counts, tr_idx, best, digit_ids,
+                                              ordered.prompts, seed, cfg.n_permutations)
             geo_rows.append(_rank_rows(geo, **key))
-            best = int(main.table.loc[main.table.r2_val.idxmax(), "layer"])
-            best_probe = main.probes[best]
-            directions_by_seed.setdefault(seed, {})[task] = best_probe.direction_raw
-            perm = permutation_test(feats[best][tr_idx], counts[tr_idx].astype(float), W_U, digit_ids,
-                                    n_perm=cfg.n_permutations, seed=seed, alpha=best_probe.alpha)
-        extra_rows += [
-            key | {"key": "best_layer", "value": best},
-            key | {"key": "best_layer_r2_test", "value": float(main.table.set_index("layer").r2_test[best])},
-            key | {"key": "permutation_p", "value": perm.p_value},
-            key | {"key": "permutation_observed_cos", "value": perm.observed},
-            key | {"key": "permutation_null_mean_cos", "value": float(torch.as_tensor(perm.null).double().mean())},
-            key | {"key": "prompt_suffix_space", "value": float(ts.prompts[0].endswith(" "))},
-        ]
+            facts |= geo_facts
+        extra_rows += [key | {"key": k, "value": v} for k, v in facts.items()]
         if cfg.probes_root:
             save_probe(best_probe, probe_dir(model.name, task, f"seed{seed}_layer{best}", cfg.probes_root),
                        model=model, site=layer_site(best), layer=best, task=task, generator_params=ts.params,
@@ -400,14 +464,17 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
             with phases(f"eval_{method}"):
                 ev = evaluate_answers(m, test.prompts, test.counts, digit_ids, edits=edits, gen_tokens=cfg.gen_tokens,
                                       batch_size=cfg.batch_size, cache=test_cache if m is model else None)
-                acc_rows.append(key | {"method": method} | ev.accuracy())
+                acc_rows.append(key | {"method": method} | ev.accuracy() | _accuracy_intervals(ev.items, test))
                 lens_rows.append(_rank_rows(ev.ranks_by_layer(), method=method, **key))
             return ev
 
         evaluate("baseline")
-        pr = float(main.table.set_index("layer").round_acc_test[best])
-        acc_rows.append(key | {"method": "probe_round", "digit_restricted": pr, "full_vocab": np.nan,
-                               "generation": np.nan})
+        best_row = main.table.set_index("layer").loc[best]
+        acc_rows.append(key | {"method": "probe_round", "digit_restricted": float(best_row.round_acc_test),
+                               "full_vocab": np.nan, "generation": np.nan,
+                               "digit_restricted_lo": float(best_row.round_acc_lo),
+                               "digit_restricted_hi": float(best_row.round_acc_hi),
+                               "n_units": int(best_row.n_test_units)})
 
         if "digit_rows" in cfg.interventions:
             with phases("train_digit_rows"):
@@ -441,6 +508,12 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
                            key | {"key": "steer_alpha_abs", "value": alpha * scale}]
             extra_rows += [key | {"key": f"steer_train_acc@{a}", "value": v} for a, v in curve.items()]
             evaluate("steering", edits={site: steering_edit(best_probe.direction_raw, alpha * scale)})
+            with phases("steering_controls"):
+                steer, steer_facts = steering_controls(
+                    model, test, test_cache, digit_ids, feats, counts, tr_idx, best, best_probe, alpha * scale, seed,
+                    n_null=cfg.n_null, batch_size=cfg.batch_size)
+            steer_rows.append(_rank_rows(steer, **key))
+            extra_rows += [key | {"key": k, "value": v} for k, v in steer_facts.items()]
         if ckpt is not None:
             ckpt.save_unit(seed, task, rows, marks, directions_by_seed[seed][task])
 
@@ -466,6 +539,8 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
         lens=pd.concat(lens_rows, ignore_index=True),
         accuracy=pd.DataFrame(acc_rows),
         extras=pd.DataFrame(extra_rows),
+        controls=pd.concat(control_rows, ignore_index=True) if control_rows else pd.DataFrame(),
+        steering=pd.concat(steer_rows, ignore_index=True) if steer_rows else pd.DataFrame(),
         angles=pd.DataFrame(angle_rows),
         norm_percentiles=pd.DataFrame(norm_rows),
         timings=phases.finish() | {"random_baseline": random_baseline(model.d_model)},
@@ -491,14 +566,15 @@ def lens_peaks(lens: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-TABLES = ("probes", "geometry", "lens", "accuracy", "extras", "angles", "norm_percentiles")
+TABLES = ("probes", "geometry", "lens", "accuracy", "extras", "angles", "norm_percentiles", "controls", "steering")
 
 
 def save_counting_result(result: CountingResult, out_dir: str | Path) -> dict[str, Path]:
     """Write every table of ``result`` (and the seed summary) as CSV into ``out_dir``; returns the paths."""
 
     tables = {name: getattr(result, name) for name in TABLES} | {"accuracy_summary": result.summary(),
-                                                                 "lens_peaks": result.lens_peaks()}
+                                                                 "lens_peaks": result.lens_peaks(),
+                                                                 "controls_summary": result.control_summary()}
     paths = write_result_tables(out_dir, tables, {
         "model": result.model, "weights_hash": result.weights_hash, "tied_head": result.tied_head,
         "d_model": result.d_model, "n_layers": result.n_layers, "config": result.config, "timings": result.timings,

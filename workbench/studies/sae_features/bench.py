@@ -50,7 +50,8 @@ ARCH_SETTINGS: dict[str, dict] = {
     "gated": {"l1_coefficient": 5.0, "l1_warm_up_steps": 60},
     "standard": {"l1_coefficient": 5.0, "l1_warm_up_steps": 60},
 }
-METRICS = ("fvu", "l0", "dead_frac", "n_dense", "ce_loss_recovered", "absorption_fraction", "full_absorption",
+METRICS = ("fvu", "fvu_from_pos2", "l0", "dead_frac", "n_dense", "ce_loss_recovered", "absorption_fraction",
+           "full_absorption",
            "sparse_acc_k1", "sparse_acc_k2", "sparse_acc_k5", "sparse_acc_k10", "sparse_acc_k20", "residual_acc",
            "best_cos_mean", "frac_matched")
 
@@ -139,24 +140,28 @@ def _trained(model, store: ActivationStore, cfg: BenchConfig, architecture: str,
 
 
 def count_probing_sets(model, site: str, tasks, n: int, seed: int) -> dict:
-    """{task: (last-token activations at ``site``, counts)} of ``make_task`` prompts."""
+    """{task: (last-token activations at ``site``, counts, prompts)} of ``make_task`` prompts; the prompts are the
+    split's groups (addition repeats its ~55 distinct prompts: a repeated one stays on one side)."""
     out = {}
     for task in tasks:
         ts = make_task(task, n, seed=seed)
-        out[f"count:{task}"] = (last_token(model, ts.prompts, sites=[site], by_length=False)[site], ts.counts)
+        out[f"count:{task}"] = (last_token(model, ts.prompts, sites=[site], by_length=False)[site], ts.counts,
+                                list(ts.prompts))
     return out
 
 
 def vqa_probing_sets(vlm, site: str, n: int, seed: int, batch_size: int = 32) -> dict:
     """{"vqa:colour": ..., "vqa:shape": ...}: the testbed's last-prompt-token activations at ``site`` (a residual
     site, ``blocks.{l-1}.hook_resid_post``) for colour questions naming the shape (easy-VQA training images), labelled
-    by the colour and by the shape."""
+    by the colour and by the shape, grouped by (image, question): an item drawn twice stays on one side."""
     layers = [l for l in range(vlm.n_layers + 1) if layer_site(l) == site]
     if not layers:
         raise SAEError(f"VQA probing reads a residual site (blocks.N.hook_resid_post), not {site!r}")
     items = probe_training_items(n, seed=seed)
     acts = last_token(vlm, layers=layers[:1], batches=vqa_batches(vlm, items, batch_size))[layers[0]]
-    return {"vqa:colour": (acts, [it.colour for it in items]), "vqa:shape": (acts, [it.shape for it in items])}
+    groups = [f"{it.source}|{it.question}" for it in items]
+    return {"vqa:colour": (acts, [it.colour for it in items], groups),
+            "vqa:shape": (acts, [it.shape for it in items], groups)}
 
 
 def _spread(runs: pd.DataFrame) -> pd.DataFrame:

@@ -1,7 +1,12 @@
 """The SAE study's links to the threads: which SAE features carry the count, and data selection in SAE space.
 
-    counting = count_features(model, handle, "entity", n=400)         # features correlated with the count
-    selection = data_selection_benchmark(model, handle)                # SAE vs raw-neuron similarity ranking
+    counting = count_features(model, handle, "entity", n=400, seed=0)  # features correlated with the count
+    selection, scores = data_selection_benchmark(model, handle, seed=0)  # SAE vs neurons vs lexical ranking
+
+Every split is :func:`workbench.data.tasks.split_indices` (stratified by count, identical prompts on one side) and
+everything fitted (the features kept, the ridge penalty, the probe) sees the training half only. Every score carries
+a bootstrap interval over distinct test prompts (:mod:`workbench.methods.stats`); the study runs each seed of its
+``seeds`` and summarises them with :func:`workbench.methods.stats.seed_summary`.
 
 Last-token activations come from the activation engine (:func:`workbench.methods.activations.last_token`).
 """
@@ -9,74 +14,159 @@ Last-token activations come from the activation engine (:func:`workbench.methods
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Float
+from scipy.stats import rankdata
+from sklearn.feature_extraction.text import TfidfVectorizer
 from torch import Tensor
 
 from workbench.core.trace import trace
 from workbench.data.corpus import DEFAULT_CORPUS, Corpus, load_corpus
 from workbench.data.reasoning import arithmetic_chains, graph_reachability
-from workbench.data.tasks import make_task
+from workbench.data.tasks import make_task, split_indices
 from workbench.methods.activations import last_token
-from workbench.methods.probes.linear import RidgeProbe
+from workbench.methods.probes.linear import ALPHAS, RidgeProbe
+from workbench.methods.stats import N_RESAMPLES, Interval, accuracy_ci, bootstrap_ci
 from workbench.methods.sae.handle import SAEError, SAEHandle
 
 
 # -- counting link ------------------------------------------------------------------------------------------------
+TEST_FRACTION = 0.5  # half the prompts (grouped by prompt text, stratified by count) are held out
+VAL_FRACTION = 0.2  # of the training half: the validation split that picks the ridge penalty
+
+
 @dataclass
 class CountFeatures:
-    table: pd.DataFrame  # one row per feature: corr with the count, density on the prompts, mean act by count
-    probes: pd.DataFrame  # ridge probe R2 / round accuracy on SAE codes vs raw residual (held-out)
+    table: pd.DataFrame  # one row per feature, ranked on the TRAINING half: corr with the count (train and test)
+    probes: pd.DataFrame  # ridge probe R2 / round accuracy on SAE codes vs raw residual (held-out, with CIs)
     codes: Tensor  # [n, d_sae] SAE codes at the last token
     counts: np.ndarray
+    prompts: list[str] = field(default_factory=list)
+    train: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    test: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    selected: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # the top features (train)
+
+
+def pearson_r(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson r of every column of ``X`` [n, d] with ``y`` [n] (0 for a constant column)."""
+    X, y = np.asarray(X, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    xc, yc = X - X.mean(0), y - y.mean()
+    denom = np.sqrt((xc ** 2).sum(0) * (yc ** 2).sum())
+    return np.divide(xc.T @ yc, denom, out=np.zeros(X.shape[1]), where=denom > 0)
+
+
+def _r2(pred: np.ndarray, y: np.ndarray) -> float:
+    ss = float(((y - y.mean()) ** 2).sum())
+    return 1.0 - float(((y - pred) ** 2).sum()) / ss if ss > 0 else float("nan")
+
+
+def interval_columns(name: str, iv: Interval) -> dict:
+    """``{name: estimate, name_lo, name_hi, name_n (distinct units), name_confidence, name_method}``."""
+    d = iv.to_dict(f"{name}_")
+    return {name: d.pop(f"{name}_estimate"), **d}
+
+
+def robust_ci(statistic, *arrays, groups, seed: int = 0, n_resamples: int = N_RESAMPLES) -> Interval:
+    """:func:`workbench.methods.stats.bootstrap_ci` over distinct ``groups`` (BCa, falling back to the percentile
+    interval where BCa is undefined); an interval of NaNs (method ``"none"``) when no bootstrap is possible (fewer
+    than two distinct units, or a statistic undefined on the resamples)."""
+    for method in ("BCa", "percentile"):
+        try:
+            return bootstrap_ci(statistic, *arrays, groups=groups, seed=seed, n_resamples=n_resamples, method=method)
+        except (ValueError, SAEError, ZeroDivisionError, FloatingPointError):
+            continue
+    est = float(statistic(*arrays))
+    return Interval(est, float("nan"), float("nan"), len(set(groups)), method="none")
+
+
+def fit_ridge_grouped(X, y: np.ndarray, groups: Sequence, *, seed: int = 0) -> RidgeProbe:
+    """A ridge probe whose penalty is picked on a validation split of ``(X, y)`` that keeps identical prompts
+    (``groups``) on one side, refitted on all of ``(X, y)`` with that penalty."""
+    y = np.asarray(y, dtype=np.float64)
+    fit, val = split_indices(y.astype(np.int64), [1 - VAL_FRACTION, VAL_FRACTION], seed=seed, groups=list(groups))
+    scores = []
+    if len(fit) >= 2 and len(val) >= 2 and np.ptp(y[fit]) > 0:
+        for a in ALPHAS:
+            pred = RidgeProbe(alpha=a).fit(X[torch.as_tensor(fit)], y[fit]).predict(X[torch.as_tensor(val)])
+            s = _r2(pred.double().numpy(), y[val])
+            scores.append(s if np.isfinite(s) else -np.inf)
+        best = max(range(len(ALPHAS)), key=lambda i: (scores[i], i))  # ties -> the larger alpha
+        return RidgeProbe(alpha=ALPHAS[best]).fit(X, y)
+    return RidgeProbe(seed=seed).fit(X, y)
+
+
+def count_probes(codes, residual, counts, prompts: Sequence[str], *, task: str, seed: int = 0, top: int = 20,
+                 n_resamples: int = N_RESAMPLES) -> CountFeatures:
+    """The count probes on given last-token SAE codes and residuals. One split (:func:`split_indices`: stratified by
+    count, identical prompts on one side); everything fitted sees the training half only: the features are ranked
+    by |Pearson r| with the count on the training prompts, the top ``top`` kept, and each ridge probe (its penalty
+    chosen on a grouped validation split of the training half) is scored on the test half, with a bootstrap CI
+    over distinct test prompts (R2) and the accuracy interval of :func:`accuracy_ci` (rounded prediction)."""
+    codes_t = torch.as_tensor(codes).float()
+    resid_t = torch.as_tensor(residual).float()
+    counts = np.asarray(counts)
+    prompts = list(prompts)
+    y = counts.astype(np.float64)
+    train, test = (np.sort(i) for i in split_indices(counts, [1 - TEST_FRACTION, TEST_FRACTION], seed=seed,
+                                                      groups=prompts))
+    c = codes_t.double().numpy()
+    r = pearson_r(c[train], y[train])  # train labels only
+    order = np.argsort(-np.abs(r), kind="stable")
+    r_test = pearson_r(c[test], y[test])
+    table = pd.DataFrame({"feature": order, "corr": r[order], "abs_corr": np.abs(r[order]),
+                          "corr_test": r_test[order], "density": (c[train][:, order] > 0).mean(0)})
+    for k in range(1, 10):
+        mask = counts[train] == k
+        table[f"mean_count_{k}"] = c[train][mask][:, order].mean(0) if mask.any() else np.nan
+    selected = order[:top].copy()
+    groups_train = [prompts[i] for i in train]
+    groups_test = [prompts[i] for i in test]
+    rows = []
+    tr, te = torch.as_tensor(train), torch.as_tensor(test)
+    for name, X in (("sae_code", codes_t), (f"sae_top{top}", codes_t[:, torch.as_tensor(selected)]),
+                    ("residual", resid_t)):
+        probe = fit_ridge_grouped(X[tr], y[train], groups_train, seed=seed)
+        pred = probe.predict(X[te]).double().numpy()
+        yt = y[test]
+        correct = (np.clip(np.round(pred), 1, 9) == yt).astype(np.float64)
+        r2 = robust_ci(_r2, pred, yt, groups=groups_test, seed=seed, n_resamples=n_resamples)
+        acc = accuracy_ci(correct, groups=groups_test, seed=seed, n_resamples=n_resamples)
+        rows.append({"task": task, "seed": seed, "features": name, "d": X.shape[1],
+                     **interval_columns("r2_test", r2), **interval_columns("round_acc_test", acc),
+                     "alpha": probe.alpha, "n_train": len(train), "n_test": len(test),
+                     "n_train_prompts": len(set(groups_train)), "n_test_prompts": len(set(groups_test))})
+    table.insert(0, "seed", seed)
+    table.insert(0, "task", task)
+    return CountFeatures(table.head(max(top, 50)).reset_index(drop=True), pd.DataFrame(rows), codes_t, counts,
+                         prompts, train, test, selected)
 
 
 def count_features(model, handle: SAEHandle, task: str = "entity", *, n: int = 400, seed: int = 0,
-                   top: int = 20) -> CountFeatures:
-    """Which SAE features carry the count: encode the last-token activation of ``n`` counting prompts of ``task``,
-    rank features by |Pearson r| with the count, and compare held-out ridge probes (alpha chosen on a validation
-    split) on the SAE code, on the top-``top`` features only, and on the raw residual."""
+                   top: int = 20, n_resamples: int = N_RESAMPLES) -> CountFeatures:
+    """Which SAE features carry the count: encode the last-token activation of ``n`` counting prompts of ``task``
+    (generated with ``seed``) and run :func:`count_probes` on them (features ranked on the training half only;
+    held-out ridge probes on the SAE code, on the top-``top`` features and on the raw residual, with CIs)."""
 
     ts = make_task(task, n, seed=seed)
     x = last_token(model, ts.prompts, sites=[handle.site], by_length=False)[handle.site]
     codes = handle.encode(x.to(handle.sae.W_enc.device)).float().cpu()
-    y = ts.counts.astype(np.float64)
-    c = codes.double().numpy()
-    cc = c - c.mean(0)
-    yc = y - y.mean()
-    denom = np.sqrt((cc ** 2).sum(0) * (yc ** 2).sum())
-    r = np.divide(cc.T @ yc, denom, out=np.zeros(c.shape[1]), where=denom > 0)
-    order = np.argsort(-np.abs(r))
-    table = pd.DataFrame({"feature": order, "corr": r[order], "abs_corr": np.abs(r[order]),
-                          "density": (c[:, order] > 0).mean(0)})
-    for k in range(1, 10):
-        mask = ts.counts == k
-        table[f"mean_count_{k}"] = c[mask][:, order].mean(0) if mask.any() else np.nan
-    train, test = _split(len(ts), seed)
-    rows = []
-    for name, X in (("sae_code", codes), (f"sae_top{top}", codes[:, torch.as_tensor(order[:top].copy())]),
-                    ("residual", x)):
-        probe = RidgeProbe(seed=seed).fit(X[train], y[train])
-        rows.append({"task": task, "features": name, "d": X.shape[1], "r2_test": probe.r2(X[test], y[test]),
-                     "round_acc_test": probe.round_accuracy(X[test], y[test]), "alpha": probe.alpha,
-                     "n_train": len(train), "n_test": len(test)})
-    table.insert(0, "task", task)
-    return CountFeatures(table.head(max(top, 50)).reset_index(drop=True), pd.DataFrame(rows), codes, ts.counts)
-
-
-def _split(n: int, seed: int, test_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    perm = np.random.default_rng(seed).permutation(n)
-    k = int(round(n * (1 - test_fraction)))
-    return np.sort(perm[:k]), np.sort(perm[k:])
+    return count_probes(codes, x, ts.counts, ts.prompts, task=task, seed=seed, top=top, n_resamples=n_resamples)
 
 
 # -- data selection -----------------------------------------------------------------------------------------------
 REPRESENTATIONS = ("sae", "neurons")
 SIMILARITIES = ("cosine", "jaccard")
+CENTRINGS = ("none", "pool mean")
+# (representation, similarity, centring): the SAE code as it is (its encoder subtracts the decoder bias, about the
+# training data's mean, before it encodes), the raw residual by cosine both uncentred (the biased baseline of the
+# earlier tables, kept so the bias stays visible) and centred on the pool's mean (label-free: every candidate's
+# vector, positives and negatives alike), and a lexical baseline (TF-IDF bag of words, no model at all).
+SELECTION_METHODS = (("sae", "cosine", "none"), ("sae", "jaccard", "none"), ("neurons", "cosine", "none"),
+                     ("neurons", "cosine", "pool mean"), ("lexical", "tfidf_cosine", "none"))
 
 
 @torch.no_grad()
@@ -100,11 +190,26 @@ def represent(model, handle: SAEHandle, texts: Sequence[str], representation: st
     return torch.cat(out)
 
 
-def similarity(pool: Float[Tensor, "n d"], target: Float[Tensor, "m d"], kind: str = "cosine") -> Float[Tensor, " n"]:
+def lexical_vectors(pool: Sequence[str], target: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """TF-IDF bag-of-words vectors of ``pool`` and ``target`` (words, numbers and single punctuation marks as
+    tokens, lowercased, IDF fitted on pool and target together, no labels), L2-normalised rows."""
+    vec = TfidfVectorizer(lowercase=True, token_pattern=r"(?u)\b\w+\b|[^\w\s]")
+    m = vec.fit_transform(list(pool) + list(target)).toarray()
+    m = torch.as_tensor(m, dtype=torch.float32)
+    return m[: len(pool)], m[len(pool):]
+
+
+def similarity(pool: Float[Tensor, "n d"], target: Float[Tensor, "m d"], kind: str = "cosine", *,
+               center: Float[Tensor, " d"] | None = None) -> Float[Tensor, " n"]:
     """Score of each pool vector against the target set: cosine with the target centroid, or weighted Jaccard
-    (sum of minima / sum of maxima, for non-negative vectors such as SAE codes) with the centroid."""
+    (sum of minima / sum of maxima, for non-negative vectors such as SAE codes) with the centroid. ``center``: a
+    vector subtracted from pool and target first (centred cosine)."""
     if kind not in SIMILARITIES:
         raise SAEError(f"similarity must be one of {list(SIMILARITIES)}, got {kind!r}")
+    if center is not None:
+        if kind != "cosine":
+            raise SAEError("centring applies to the cosine similarity only")
+        pool, target = pool - center, target - center
     centroid = target.mean(0, keepdim=True)
     if kind == "cosine":
         return torch.nn.functional.cosine_similarity(pool, centroid, dim=1)
@@ -119,8 +224,9 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     pos, neg = scores[labels], scores[~labels]
     if len(pos) == 0 or len(neg) == 0:
         raise SAEError("AUROC needs both positive and negative items")
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (len(pos) * len(neg)))
+    ranks = rankdata(scores)  # average ranks: a tie counts one half (the Mann-Whitney U statistic)
+    u = float(ranks[labels].sum()) - len(pos) * (len(pos) + 1) / 2
+    return u / (len(pos) * len(neg))
 
 
 def selection_pool(n_per_source: int = 60, *, seed: int = 0, corpus=None) -> pd.DataFrame:
@@ -151,29 +257,34 @@ def selection_pool(n_per_source: int = 60, *, seed: int = 0, corpus=None) -> pd.
 
 
 def data_selection_benchmark(model, handle: SAEHandle, *, n_target: int = 40, n_per_source: int = 60, seed: int = 0,
-                             corpus=None, pool: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                             corpus=None, pool: pd.DataFrame | None = None,
+                             n_resamples: int = N_RESAMPLES) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rank a mixed pool against a target task (entity counting prompts, a template none of the pool's positives
-    uses) by similarity in SAE space vs raw-neuron space. Returns (summary: AUROC and precision@n_pos per
-    representation x similarity, scores: the pool with one score column per method)."""
+    uses) by similarity in SAE space, in raw-neuron space (uncentred and centred on the pool's mean) and by TF-IDF
+    bag of words (:data:`SELECTION_METHODS`). Returns (summary: one row per method with the AUROC, its bootstrap CI
+    over distinct pool texts and precision@n_pos; scores: the pool with one score column per method)."""
 
     pool = pool if pool is not None else selection_pool(n_per_source, seed=seed, corpus=corpus)
     target = make_task("entity", n_target, seed=seed + 2).prompts
     scores = pool.copy()
     rows = []
     labels = pool["label"].to_numpy(bool)
+    texts = list(pool["text"])
     n_pos = int(labels.sum())
-    for rep in REPRESENTATIONS:
-        P = represent(model, handle, list(pool["text"]), rep)
-        T = represent(model, handle, target, rep)
-        for kind in SIMILARITIES:
-            if rep == "neurons" and kind == "jaccard":
-                continue  # raw activations are signed
-            s = similarity(P, T, kind).numpy()
-            col = f"{rep}_{kind}"
-            scores[col] = s
-            top = np.argsort(-s)[:n_pos]
-            rows.append({"representation": rep, "similarity": kind, "auroc": auroc(s, labels),
-                         "precision_at_n_pos": float(labels[top].mean()), "n_pool": len(pool), "n_pos": n_pos,
-                         "n_target": n_target, "dims": P.shape[1],
-                         "mean_nonzero_dims": float((P != 0).sum(1).float().mean())})
+    vectors = {rep: (represent(model, handle, texts, rep), represent(model, handle, target, rep))
+               for rep in REPRESENTATIONS}
+    vectors["lexical"] = lexical_vectors(texts, target)
+    for rep, kind, centring in SELECTION_METHODS:
+        P, T = vectors[rep]
+        center = P.mean(0) if centring == "pool mean" else None
+        s = similarity(P, T, "cosine" if kind == "tfidf_cosine" else kind, center=center).numpy()
+        method = f"{rep}_{kind}" + ("_centred" if centring != "none" else "")
+        scores[method] = s
+        top = np.argsort(-s, kind="stable")[:n_pos]
+        iv = robust_ci(auroc, s, labels, groups=texts, seed=seed, n_resamples=n_resamples)
+        rows.append({"seed": seed, "method": method, "representation": rep, "similarity": kind, "centring": centring,
+                     **interval_columns("auroc", iv), "precision_at_n_pos": float(labels[top].mean()),
+                     "n_pool": len(pool), "n_pool_texts": len(set(texts)), "n_pos": n_pos, "n_target": n_target,
+                     "dims": P.shape[1], "mean_nonzero_dims": float((P != 0).sum(1).float().mean())})
+    scores.insert(0, "seed", seed)
     return pd.DataFrame(rows), scores

@@ -25,47 +25,114 @@ def sae_density(density: pd.DataFrame, *, title: str | None = None) -> go.Figure
 
 
 def sae_ce(metrics: pd.DataFrame, *, title: str | None = None) -> go.Figure:
-    """Next-token cross-entropy: clean, SAE spliced in, SAE + error term, site zero-ablated."""
+    """Next-token cross-entropy per text distribution: clean, SAE spliced in, SAE + error term, site zero-ablated;
+    each distribution's FVU, L0 and CE loss recovered in its legend entry (rows without a CE, such as the card's
+    held-out shard, are left out of the bars)."""
     cols = {"ce_clean": "clean", "ce_sae": "SAE", "ce_sae_with_error": "SAE + error", "ce_zero_ablation": "zero"}
-    check_frame(metrics, tuple(cols) + ("fvu", "l0"), "sae_ce")
-    row = metrics.iloc[0]
-    fig = go.Figure(go.Bar(x=list(cols.values()), y=[row[c] for c in cols],
-                           marker_color=[PAPER_COLORWAY[i] for i in (2, 0, 5, 1)],
-                           text=[f"{row[c]:.3f}" for c in cols], textposition="outside"))
-    sub = f"FVU {row.fvu:.3f}, L0 {row.l0:.1f}"
-    if "ce_loss_recovered" in metrics:
-        sub += f", CE loss recovered {row.ce_loss_recovered:.3f}"
-    fig.update_layout(title=title or f"Cross-entropy with the SAE spliced in ({sub})", yaxis_title="CE (nats)",
-                      xaxis_title="forward pass")
+    check_frame(metrics, ("ce_clean", "ce_sae", "ce_zero_ablation", "fvu", "l0"), "sae_ce")
+    rows = metrics[metrics["ce_clean"].notna()]
+    fig = go.Figure()
+    for i, (_, row) in enumerate(rows.iterrows()):
+        name = str(row["distribution"]) if "distribution" in rows else "text"
+        label = f"{name}: FVU {row.fvu:.3f}"
+        if "fvu_from_pos2" in rows and pd.notna(row.get("fvu_from_pos2")):
+            label += f" ({row.fvu_from_pos2:.3f} from position 2)"
+        label += f", L0 {row.l0:.1f}"
+        if "ce_loss_recovered" in rows:
+            label += f", CE recovered {row.ce_loss_recovered:.3f}"
+        present = [c for c in cols if c in rows and pd.notna(row.get(c))]
+        fig.add_trace(go.Bar(x=[cols[c] for c in present], y=[row[c] for c in present], name=label,
+                             marker_color=PAPER_COLORWAY[i % len(PAPER_COLORWAY)],
+                             text=[f"{row[c]:.3f}" for c in present], textposition="outside"))
+    fig.update_layout(title=title or "Cross-entropy with the SAE spliced in, per text distribution (positions 1..)",
+                      yaxis_title="CE (nats)", xaxis_title="forward pass", barmode="group",
+                      legend=dict(orientation="h", yanchor="top", y=-0.2))
     return apply_theme(fig)
 
 
 def sae_count_features(count_features: pd.DataFrame, top: int = 10, *, title: str | None = None) -> go.Figure:
-    """The ``top`` features most correlated with the count, per task (signed Pearson r)."""
+    """The ``top`` features most correlated with the count on the training half, per task (signed Pearson r; the
+    first seed when the frame holds several): bars the training r, diamonds the same features' r on the test half."""
     check_frame(count_features, ("task", "feature", "corr", "abs_corr"), "sae_count_features")
+    if "seed" in count_features:
+        count_features = count_features[count_features.seed == count_features.seed.iloc[0]]
     tasks = list(dict.fromkeys(count_features.task))
     fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=tasks, shared_yaxes=True)
     for j, task in enumerate(tasks, start=1):
         sub = count_features[count_features.task == task].nlargest(top, "abs_corr")
         fig.add_trace(go.Bar(x=[str(f) for f in sub.feature], y=sub["corr"], marker_color=PAPER_COLORWAY[0],
-                             showlegend=False), row=1, col=j)
+                             name="r (train)", showlegend=j == 1), row=1, col=j)
+        if "corr_test" in sub:
+            fig.add_trace(go.Scatter(x=[str(f) for f in sub.feature], y=sub["corr_test"], mode="markers",
+                                     marker=dict(symbol="diamond", size=8, color=PAPER_COLORWAY[1]),
+                                     name="r (test)", showlegend=j == 1), row=1, col=j)
         fig.update_xaxes(type="category", title_text="feature", row=1, col=j)
     fig.update_yaxes(range=[-1, 1], title_text="Pearson r with the count", row=1, col=1)
-    fig.update_layout(title=title or "SAE features that carry the count (last token)")
+    fig.update_layout(title=title or "SAE features that carry the count (last token; ranked on the training half)")
+    return apply_theme(fig)
+
+
+def _seed_points(fig, frame: pd.DataFrame, x: str, value: str, *, colour: str, name: str, row=None, col=None,
+                 width: float = 0.25) -> None:
+    """Each seed's estimate as a dot with its bootstrap interval (``value_lo`` / ``value_hi``), spread around its
+    category, and the mean over seeds as a diamond."""
+    cats = list(dict.fromkeys(frame[x]))
+    seeds = list(dict.fromkeys(frame.seed)) if "seed" in frame else [None]
+    for k, seed in enumerate(seeds):
+        sub = frame if seed is None else frame[frame.seed == seed]
+        off = (k - (len(seeds) - 1) / 2) * width / max(len(seeds), 1)
+        xs = [cats.index(c) + off for c in sub[x]]
+        err = {}
+        if f"{value}_lo" in sub and f"{value}_hi" in sub:
+            err = dict(error_y=dict(type="data", symmetric=False, array=(sub[f"{value}_hi"] - sub[value]).tolist(),
+                                    arrayminus=(sub[value] - sub[f"{value}_lo"]).tolist(), visible=True,
+                                    thickness=1, width=2))
+        fig.add_trace(go.Scatter(x=xs, y=sub[value], mode="markers", marker=dict(size=6, color=colour),
+                                 name=name, legendgroup=name, showlegend=k == 0 and (row in (None, 1) and
+                                                                                       col in (None, 1)),
+                                 hovertext=[f"seed {seed}: {v:.3f}" for v in sub[value]], **err),
+                      **({} if row is None else dict(row=row, col=col)))
+    mean = frame.groupby(x, sort=False)[value].mean().reindex(cats)
+    fig.add_trace(go.Scatter(x=list(range(len(cats))), y=mean, mode="markers", name=f"{name}, mean over seeds",
+                             legendgroup=name, marker=dict(symbol="diamond-open", size=12, color=colour),
+                             showlegend=row in (None, 1) and col in (None, 1)),
+                  **({} if row is None else dict(row=row, col=col)))
+    axis = dict(tickmode="array", tickvals=list(range(len(cats))), ticktext=cats)
+    if row is None:
+        fig.update_xaxes(**axis)
+    else:
+        fig.update_xaxes(**axis, row=row, col=col)
+
+
+def sae_count_probes(count_probes: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+    """Held-out R2 of the count probes per task and feature set: one dot per seed with its bootstrap interval over
+    distinct test prompts, the mean over seeds as a diamond."""
+    check_frame(count_probes, ("task", "features", "r2_test"), "sae_count_probes")
+    tasks = list(dict.fromkeys(count_probes.task))
+    fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=tasks, shared_yaxes=True)
+    for j, task in enumerate(tasks, start=1):
+        _seed_points(fig, count_probes[count_probes.task == task], "features", "r2_test", colour=PAPER_COLORWAY[0],
+                     name="held-out R²", row=1, col=j)
+    n = count_probes.groupby("task")["n_test_prompts"].min() if "n_test_prompts" in count_probes else None
+    sub = "" if n is None else f"; distinct test prompts per seed >= {int(n.min())}"
+    fig.update_yaxes(title_text="held-out R²", row=1, col=1)
+    fig.update_layout(title=title or f"Count probes on SAE codes vs the residual (95 % bootstrap CIs{sub})")
     return apply_theme(fig)
 
 
 def sae_data_selection(selection: pd.DataFrame, *, title: str | None = None) -> go.Figure:
-    """AUROC of ranking counting prompts above the rest of a mixed pool, per representation and similarity."""
-    check_frame(selection, ("representation", "similarity", "auroc", "precision_at_n_pos"), "sae_data_selection")
-    labels = [f"{r} / {s}" for r, s in zip(selection.representation, selection.similarity)]
+    """AUROC of ranking counting prompts above the rest of a mixed pool, per method (representation, similarity,
+    centring): one dot per seed with its bootstrap interval over distinct pool texts, the mean over seeds as a
+    diamond; 0.5 is chance."""
+    check_frame(selection, ("representation", "similarity", "auroc"), "sae_data_selection")
+    frame = selection.copy()
+    if "method" not in frame:
+        frame["method"] = [f"{r} / {s}" for r, s in zip(frame.representation, frame.similarity)]
     fig = go.Figure()
-    fig.add_trace(go.Bar(x=labels, y=selection.auroc, name="AUROC", marker_color=PAPER_COLORWAY[0]))
-    fig.add_trace(go.Bar(x=labels, y=selection.precision_at_n_pos, name="precision@n_pos",
-                         marker_color=PAPER_COLORWAY[1]))
+    _seed_points(fig, frame, "method", "auroc", colour=PAPER_COLORWAY[0], name="AUROC")
     fig.add_hline(y=0.5, line_dash="dot", line_color="#666")
-    fig.update_layout(barmode="group", yaxis_range=[0, 1.05], yaxis_title="score",
-                      title=title or "Data selection: counting prompts out of a mixed pool")
+    fig.update_layout(yaxis_range=[0, 1.05], yaxis_title="AUROC", xaxis_title="method",
+                      title=title or "Data selection: counting prompts out of a mixed pool (95 % bootstrap CIs)")
     return apply_theme(fig)
 
 

@@ -34,8 +34,10 @@ from workbench.methods.sae import features as sf
 from workbench.methods.sae.evaluate import evaluate_sae
 from workbench.methods.sae.handle import SAEError, SAEHandle, load_sae, save_sae
 from workbench.methods.sae.train import ARCHITECTURES, SAETrainConfig, train_sae
-from workbench.studies.notebook import NotebookConfig, Phases, as_tuple, each_in, each_int, positive_int
+from workbench.methods.stats import seed_summary
+from workbench.studies.notebook import NotebookConfig, Phases, as_tuple, choice, each_in, each_int, positive_int
 from workbench.studies.sae_features import links, plots
+from workbench.studies.sae_features.prose import PROSE_CORPORA, prose_corpus, prose_source
 from workbench.studies.sae_features.bench import BenchConfig, BenchResult, run_bench
 
 REPO = repo_root()
@@ -152,6 +154,12 @@ class SAEStudyConfig(NotebookConfig):
     n_count_prompts: int = positive_int(400, minimum=8)  # per task; half train, half test for the probes on SAE codes
     # data-selection pool: per source (3 counting tasks, 2 reasoning tasks, 2x corpus)
     n_select_per_source: int = positive_int(60, minimum=8)
+    # the count probes and the data selection run once per seed (prompts, pool, split); tables summarise them
+    seeds: tuple[int, ...] = each_int((0, 1, 2), lo=0, non_empty=True)
+    n_resamples: int = positive_int(2000, minimum=50)  # bootstrap resamples of every interval over distinct prompts
+    # the second text distribution of the quality table (English prose outside the training corpus; None: none)
+    prose_corpus: str | None = choice("python-reference", PROSE_CORPORA, optional=True)
+    n_prose_tokens: int = positive_int(16_384, minimum=8)
     train_tokens: int = positive_int(300_000, minimum=8)  # sae="train": tokens harvested for training
     # sae="train": the shipped recipe on fewer tokens (1,172 steps, the last 400 decaying)
     train: SAETrainConfig = field(default_factory=lambda: SAETrainConfig(
@@ -188,7 +196,7 @@ class SAEStudyConfig(NotebookConfig):
     @classmethod
     def smoke_config(cls, **overrides) -> SAEStudyConfig:
         base = dict(n_eval_tokens=1024, n_scan_tokens=2048, count_tasks=("entity",), n_count_prompts=60,
-                    n_select_per_source=8, train_tokens=20_000,
+                    n_select_per_source=8, train_tokens=20_000, n_resamples=200, n_prose_tokens=512,
                     train=SAETrainConfig(expansion=2, k=16, total_tokens=20_000, batch_size=1024), smoke=True,
                     bench_seeds=(0, 1),
                     bench=BenchConfig(train=SAETrainConfig(expansion=1, total_tokens=4096, batch_size=512,
@@ -205,29 +213,34 @@ class SAEStudyResult:
     model: str
     weights_hash: str
     sae_path: str
-    metrics: pd.DataFrame  # one row: FVU, L0, dead, dense, CE clean / SAE / SAE+error / zero, loss recovered
+    # one row per text distribution (the training corpus's fresh text, prose outside it; the card's held-out shard):
+    # FVU (pooled, and from position 2: see methods.sae.evaluate.first_token_fvu), L0, dead, dense, CE clean / SAE / SAE+error / zero, loss recovered
+    metrics: pd.DataFrame
     density: pd.DataFrame  # one row per feature: freq, max and mean activation, dead / dense
     report_features: pd.DataFrame  # feature, freq, max_act, top promoted / suppressed tokens
-    count_features: pd.DataFrame  # per task: features ranked by |corr| with the count
-    count_probes: pd.DataFrame  # per task: ridge R2 on SAE codes / top features / raw residual
-    selection: pd.DataFrame  # AUROC and precision per representation x similarity
-    selection_scores: pd.DataFrame  # the pool with each method's score
+    count_features: pd.DataFrame  # per task x seed: features ranked by |corr| with the count on the training half
+    count_probes: pd.DataFrame  # per task x seed x features: held-out ridge R2 / round accuracy with CIs
+    selection: pd.DataFrame  # per seed x method: AUROC with its CI, precision@n_pos
+    selection_scores: pd.DataFrame  # the pools (one per seed) with each method's score
     report_html: str
     handle: SAEHandle | None = None
     scan: object = None
     timings: dict = field(default_factory=dict)
     bench: BenchResult | None = None  # the architecture comparison
+    count_probes_summary: pd.DataFrame = field(default_factory=pd.DataFrame)  # over seeds: mean, sd, t interval
+    selection_summary: pd.DataFrame = field(default_factory=pd.DataFrame)  # over seeds: mean, sd, t interval
 
     def summary(self) -> pd.DataFrame:
         """The core metrics: FVU, L0, dead and dense features, CE clean / with the SAE / loss recovered."""
-        cols = ["fvu", "l0", "n_dead", "n_dense", "ce_clean", "ce_sae", "ce_sae_with_error", "ce_zero_ablation",
-                "ce_loss_recovered"]
+        cols = ["distribution", "fvu", "fvu_from_pos2", "l0", "n_dead", "n_dense", "ce_clean", "ce_sae",
+                "ce_sae_with_error", "ce_zero_ablation", "ce_loss_recovered"]
         return self.metrics[[c for c in cols if c in self.metrics.columns]]
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """The tables a notebook records in its manifest (all tables go to CSV by ``save_sae_result``)."""
         out = {"metrics_table": self.metrics, "count_probes_table": self.count_probes,
-               "selection_table": self.selection}
+               "count_probes_summary_table": self.count_probes_summary, "selection_table": self.selection,
+               "selection_summary_table": self.selection_summary}
         if self.bench is not None:
             out["bench_summary_table"] = self.bench.summary
         return out
@@ -239,6 +252,7 @@ class SAEStudyResult:
             "sae_density": plots.sae_density(self.density),
             "sae_feature_histograms": plots.sae_feature_histograms(self.scan, self.report_features.feature.tolist()),
             "sae_count_features": plots.sae_count_features(self.count_features),
+            "sae_count_probes": plots.sae_count_probes(self.count_probes),
             "sae_data_selection": plots.sae_data_selection(self.selection),
         } | ({"sae_bench": plots.sae_bench(self.bench.runs)} if self.bench is not None else {})
 
@@ -247,8 +261,8 @@ class SAEStudyResult:
         return save_sae_result(self, out_dir)
 
 
-TABLES = ("metrics", "density", "report_features", "count_features", "count_probes", "selection",
-          "selection_scores")
+TABLES = ("metrics", "density", "report_features", "count_features", "count_probes", "count_probes_summary",
+          "selection", "selection_summary", "selection_scores")
 BENCH_TABLES = ("runs", "summary", "absorption", "probing", "stability")
 
 
@@ -301,13 +315,41 @@ def _resolve_sae(cfg: SAEStudyConfig, model) -> SAEHandle:
     return load_sae(cfg.sae, model)
 
 
+QUALITY_COLUMNS = ("fvu", "l0", "n_dead", "n_dense", "n_tokens")
+
+
 def _evaluate_phase(model, handle: SAEHandle, corpus, cfg: SAEStudyConfig, progress: bool) -> pd.DataFrame:
-    """Phase ``evaluate``: FVU, L0, dead and dense features, the cross-entropies (one row)."""
+    """Phase ``evaluate``: FVU (pooled, and from position 2: a few massive residuals at position 1 can carry half
+    the variance, :func:`workbench.methods.sae.evaluate.first_token_fvu`), L0, dead and dense features and
+    the cross-entropies, one row per text distribution: the training corpus's fresh text (documents the store never
+    saw), English prose outside the corpus (``cfg.prose_corpus``), and, for reference, the card's held-out shard of
+    the training store (FVU / L0 / dead / dense as measured at training, no CE). Every row leaves position 0 (BOS)
+    out of FVU and L0 and, with ``eval_first_position=1``, keeps it clean in the spliced and zero-ablated
+    forwards (its prediction is then the same in all of them and cancels in the loss recovered)."""
+    rows = []
+    bos = ("position 0 (BOS) out of FVU/L0; " + ("kept clean in the spliced forwards" if cfg.eval_first_position
+                                                 else "spliced too"))
+    base = {"model": model.name, "site": handle.site, "architecture": handle.architecture, "d_in": handle.d_in,
+            "d_sae": handle.d_sae}
     ev = evaluate_sae(model, handle, corpus, n_tokens=cfg.n_eval_tokens, skip_documents=cfg.eval_skip_documents,
                       first_position=cfg.eval_first_position, progress=progress)
     ev.pop("feature_freq")
-    return pd.DataFrame([{"model": model.name, "site": handle.site, "architecture": handle.architecture,
-                          "d_in": handle.d_in, "d_sae": handle.d_sae, **ev}])
+    rows.append({**base, "distribution": f"{cfg.corpus}:fresh", "source": f"{cfg.corpus}, documents "
+                 f"{cfg.eval_skip_documents:,} on (never in the training store)", "positions": "1..", "bos": bos,
+                 **ev})
+    if cfg.prose_corpus:
+        ev = evaluate_sae(model, handle, prose_corpus(cfg.prose_corpus), n_tokens=cfg.n_prose_tokens,
+                          first_position=cfg.eval_first_position, error_term=False, progress=progress)
+        ev.pop("feature_freq")
+        rows.append({**base, "distribution": f"{cfg.prose_corpus}:prose", "source": prose_source(cfg.prose_corpus),
+                     "positions": "1..", "bos": bos, **ev})
+    card = (handle.card or {}).get("metrics", {})
+    if "heldout_fvu" in card:
+        rows.append({**base, "distribution": f"{(handle.card.get('corpus') or {}).get('name', 'store')}:heldout-shard",
+                     "source": "the SAE card: the training store's last shard, measured at training",
+                     "positions": "1..", "bos": "position 0 left out (the store's position-0 rows)",
+                     **{c: card[f"heldout_{c}"] for c in QUALITY_COLUMNS if f"heldout_{c}" in card}})
+    return pd.DataFrame(rows)
 
 
 def _features_phase(model, handle: SAEHandle, corpus, cfg: SAEStudyConfig, progress: bool):
@@ -325,15 +367,42 @@ def _features_phase(model, handle: SAEHandle, corpus, cfg: SAEStudyConfig, progr
 
 
 def _counting_phase(model, handle: SAEHandle, cfg: SAEStudyConfig, bar) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Phase ``counting``: per counting task, the features that carry the count and probes on the SAE code."""
+    """Phase ``counting``: per counting task and seed, the features that carry the count (ranked on the training
+    half) and held-out probes on the SAE code, with intervals over distinct test prompts."""
     count_tables, probe_tables = [], []
     for task in cfg.count_tasks:
-        bar.set_postfix_str(f"counting: {task}")
-        cf = links.count_features(model, handle, task, n=cfg.n_count_prompts, seed=cfg.seed)
-        count_tables.append(cf.table)
-        probe_tables.append(cf.probes)
+        for seed in cfg.seeds:
+            bar.set_postfix_str(f"counting: {task}, seed {seed}")
+            cf = links.count_features(model, handle, task, n=cfg.n_count_prompts, seed=seed,
+                                      n_resamples=cfg.n_resamples)
+            count_tables.append(cf.table)
+            probe_tables.append(cf.probes)
         bar.update()
     return pd.concat(count_tables, ignore_index=True), pd.concat(probe_tables, ignore_index=True)
+
+
+def _selection_phase(model, handle: SAEHandle, corpus, cfg: SAEStudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Phase ``selection``: the data-selection benchmark once per seed (pool, targets and bootstrap)."""
+    runs = [links.data_selection_benchmark(model, handle, n_per_source=cfg.n_select_per_source, seed=seed,
+                                           corpus=corpus, n_resamples=cfg.n_resamples) for seed in cfg.seeds]
+    return pd.concat([r[0] for r in runs], ignore_index=True), pd.concat([r[1] for r in runs], ignore_index=True)
+
+
+COUNT_PROBE_VALUES = ("r2_test", "round_acc_test")
+SELECTION_VALUES = ("auroc", "precision_at_n_pos")
+
+
+def count_probes_summary(count_probes: pd.DataFrame) -> pd.DataFrame:
+    """Per task and feature set: mean, sd and t interval over seeds of the held-out R2 and round accuracy, and the
+    mean number of distinct test prompts."""
+    out = seed_summary(count_probes, list(COUNT_PROBE_VALUES), by=["task", "features"])
+    n = count_probes.groupby(["task", "features"], sort=False)["n_test_prompts"].mean().rename("n_test_prompts_mean")
+    return out.merge(n.reset_index(), on=["task", "features"])
+
+
+def selection_summary(selection: pd.DataFrame) -> pd.DataFrame:
+    """Per method: mean, sd and t interval over seeds of the AUROC and precision@n_pos."""
+    return seed_summary(selection, list(SELECTION_VALUES), by=["method", "representation", "similarity", "centring"])
 
 
 def run_sae_study(cfg: SAEStudyConfig | None = None, *, model=None, progress: bool = True) -> SAEStudyResult:
@@ -359,8 +428,7 @@ def run_sae_study(cfg: SAEStudyConfig | None = None, *, model=None, progress: bo
     scan, density, report_features, report = phase("features", "features", _features_phase, model, handle, corpus,
                                                    cfg, progress)
     count_features, count_probes = phases.run("counting", _counting_phase, model, handle, cfg, bar)
-    selection, scores = phase("selection", "data selection", lambda: links.data_selection_benchmark(
-        model, handle, n_per_source=cfg.n_select_per_source, seed=cfg.seed, corpus=corpus))
+    selection, scores = phase("selection", "data selection", _selection_phase, model, handle, corpus, cfg)
     bench = None
     if cfg.bench is not None:
         bench = phase("bench", "architecture comparison", lambda: run_bench(
@@ -371,7 +439,8 @@ def run_sae_study(cfg: SAEStudyConfig | None = None, *, model=None, progress: bo
         metrics=metrics, density=density, report_features=report_features,
         count_features=count_features, count_probes=count_probes,
         selection=selection, selection_scores=scores, report_html=report, handle=handle, scan=scan,
-        timings=phases.finish(digits=4), bench=bench,
+        timings=phases.finish(digits=4), bench=bench, count_probes_summary=count_probes_summary(count_probes),
+        selection_summary=selection_summary(selection),
     )
 
 
