@@ -33,6 +33,10 @@ def _ids(tok, text):
     return tok(text)["input_ids"]
 
 
+def _words(text):
+    return text.replace(",", " ").replace(".", " ").split()
+
+
 def test_default_is_at_least_64_pairs_over_at_least_4_templates(pairs):
     assert len(pairs) >= 64 and len(TEMPLATES) >= 4
     assert pairs["template"].nunique() >= 4
@@ -46,19 +50,22 @@ def test_default_is_at_least_64_pairs_over_at_least_4_templates(pairs):
 def test_the_name_swap_flips_the_second_subject_mention(pairs):
     for r in pairs.itertuples():
         assert r.answer == " " + r.io and r.wrong == " " + r.s and r.io != r.s
-        assert r.clean.count(r.s) == 2 and r.clean.count(r.io) == 1
-        assert r.corrupt.count(r.io) == 2 and r.corrupt.count(r.s) == 1
-        assert r.clean.rsplit(r.s, 1)[0] == r.corrupt.rsplit(r.io, 1)[0]  # identical up to S2
+        clean, corrupt = _words(r.clean), _words(r.corrupt)
+        assert clean.count(r.s) == 2 and clean.count(r.io) == 1
+        assert corrupt.count(r.io) == 2 and corrupt.count(r.s) == 1
+        s2 = len(clean) - 1 - clean[::-1].index(r.s)
+        assert clean[:s2] == corrupt[:s2] and corrupt[s2] == r.io and clean[s2 + 1:] == corrupt[s2 + 1:]
 
 
 def test_the_abc_corruption_uses_fresh_names(pairs):
     for r in pairs.itertuples():
         assert len({r.io, r.s, r.c, r.d}) == 4
-        clean_words = set(r.clean.replace(",", " ").replace(".", " ").split())
-        assert r.c not in clean_words and r.d not in clean_words  # fresh: not in the clean prompt
-        assert r.io not in r.corrupt_abc.split()  # the answer is no longer in the context
-        assert r.corrupt_abc.count(r.s) == 1  # only S2 keeps the subject: three different names
-        assert r.corrupt_abc.replace(r.c, r.io, 1).replace(r.d, r.s, 1) == r.clean
+        clean, abc = _words(r.clean), _words(r.corrupt_abc)
+        assert r.c not in clean and r.d not in clean  # fresh: neither is in the clean prompt
+        assert r.io not in abc and abc.count(r.s) == 1  # the answer left the context; only S2 keeps the subject
+        assert abc.count(r.c) == 1 and abc.count(r.d) == 1  # three different names: the answer is undetermined
+        assert r.corrupt_abc == TEMPLATES[r.template].format(A=r.c, B=r.d, S=r.s, place=r.place, obj=r.obj)
+        assert [i for i, (a, b) in enumerate(zip(clean, abc)) if a != b] == [clean.index(r.io), clean.index(r.s)]
 
 
 def test_all_three_prompts_line_up_token_by_token(tok, pairs):

@@ -8,6 +8,7 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -312,7 +313,8 @@ def test_count_features_and_data_selection_on_a_tiny_model(trained, model):
     assert (cf.probes.n_test_prompts == len({cf.prompts[i] for i in cf.test})).all()
     for v in ("r2_test", "round_acc_test"):
         ok = cf.probes[f"{v}_lo"].notna()
-        assert ok.any() and ((cf.probes[f"{v}_lo"] <= cf.probes[v] + 1e-9) & (cf.probes[v] <= cf.probes[f"{v}_hi"] + 1e-9))[ok].all()
+        inside = (cf.probes[f"{v}_lo"] <= cf.probes[v] + 1e-9) & (cf.probes[v] <= cf.probes[f"{v}_hi"] + 1e-9)
+        assert ok.any() and inside[ok].all()
     summary, scores = links.data_selection_benchmark(model, handle, n_target=8, n_per_source=6, corpus=DOCS,
                                                      n_resamples=100)
     assert list(summary.method) == ["sae_cosine", "sae_jaccard", "neurons_cosine", "neurons_cosine_centred",
@@ -353,6 +355,23 @@ def test_the_study_runs_end_to_end_on_a_tiny_model(model, tmp_path):
     assert paths["report"].is_file() and (tmp_path / "out" / "metrics.csv").is_file()
     assert result.metrics.ce_sae_with_error[0] == pytest.approx(result.metrics.ce_clean[0], abs=1e-5)
     assert list(result.report_features.feature) == [0, 1]
+    # quality on two distributions (the corpus's text, prose outside it), positions 1.. (BOS out)
+    # and the card's held-out shard for reference (FVU / L0 as measured at training, no CE)
+    measured = result.metrics.iloc[:2]
+    assert list(measured.distribution) == [f"{cfg.corpus}:fresh", "python-reference:prose"]
+    assert measured.fvu_from_pos2.notna().all() and measured.ce_loss_recovered.notna().all()
+    card = result.metrics.iloc[2]
+    assert card.distribution.endswith(":heldout-shard") and pd.isna(card.ce_clean)
+    assert card.fvu == pytest.approx(result.handle.card["metrics"]["heldout_fvu"])
+    # one row per seed x condition, intervals over distinct test prompts, seed summaries
+    assert set(result.count_probes.seed) == set(cfg.seeds) == set(result.selection.seed)
+    assert len(result.count_probes) == len(cfg.seeds) * 3 and len(result.count_probes_summary) == 3
+    assert {"r2_test_lo", "r2_test_hi", "n_test_prompts"} <= set(result.count_probes.columns)
+    assert {"auroc_lo", "auroc_hi", "auroc_n"} <= set(result.selection.columns)
+    assert (result.selection_summary.n_seeds == len(cfg.seeds)).all()
+    for name in ("count_probes_summary", "selection_summary", "selection"):
+        assert (tmp_path / "out" / f"{name}.csv").is_file()
+    assert {"sae_count_probes", "sae_data_selection", "sae_ce"} <= set(result.figures())
     with pytest.raises(SAEError, match="neither one of"):
         SAEStudyConfig(sae="no/such/folder")
     with pytest.raises(ValueError, match="count_tasks="):

@@ -12,6 +12,7 @@ statsmodels; this module only fixes the conventions:
 - :func:`seed_summary`: mean, sd and the t interval over seeds.
 - :func:`max_null_p`: the p-value of a winner picked from N candidates against the max over the N nulls of each
   permutation (the family-wise correction for "best layer" claims), and :func:`permutation_p`.
+- :func:`sign_flip_null`: the sign-flip null of per-item effects (no effect: each unit's sign is a coin flip).
 - :func:`group_codes`: distinct-unit codes of any key sequence.
 
 Every interval is a small :class:`Interval` (estimate, lo, hi, n units, confidence, method) with ``to_dict``.
@@ -20,6 +21,7 @@ Every interval is a small :class:`Interval` (estimate, lo, hi, n units, confiden
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -30,7 +32,7 @@ from statsmodels.stats.proportion import proportion_confint
 
 CONFIDENCE = 0.95
 N_RESAMPLES = 2000
-METHODS = ("BCa", "percentile", "basic")
+METHODS = ("auto", "BCa", "percentile", "basic")
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,9 @@ def bootstrap_ci(
 
     ``statistic`` takes the per-item arrays (subset to the resampled items, units drawn with replacement and all of
     a unit's items kept together) and returns a float. A statistic that is constant under resampling gets the
-    point interval (estimate, estimate, estimate): that is its exact bootstrap distribution.
+    point interval (estimate, estimate, estimate): that is its exact bootstrap distribution. ``method="auto"``:
+    BCa, and the percentile interval where BCa is undefined (a degenerate jackknife, e.g. a minimum or a
+    statistic that is constant on most resamples); ``Interval.method`` records which one was used.
     """
     data = _arrays(arrays)
     confidence = _confidence(confidence)
@@ -122,14 +126,17 @@ def bootstrap_ci(
     draws = np.array([on_units(rng.integers(0, k, k)) for _ in range(min(n_resamples, 200))], dtype=np.float64)
     if np.all(draws == estimate):  # e.g. every answer right: the bootstrap distribution is a point
         return Interval(estimate, estimate, estimate, k, confidence, f"bootstrap-{method}")
-    res = sps.bootstrap((np.arange(k),), lambda u: on_units(u), vectorized=False, paired=False,
-                        confidence_level=confidence, n_resamples=n_resamples, method=method,
-                        random_state=np.random.default_rng(seed))
-    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"the {method} bootstrap interval is undefined for this statistic (got [{lo}, {hi}]); "
-                         "use method='percentile'")
-    return Interval(estimate, lo, hi, k, confidence, f"bootstrap-{method}")
+    for m in (("BCa", "percentile") if method == "auto" else (method,)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", sps.DegenerateDataWarning)  # an undefined BCa shows as NaN below
+            res = sps.bootstrap((np.arange(k),), lambda u: on_units(u), vectorized=False, paired=False,
+                                confidence_level=confidence, n_resamples=n_resamples, method=m,
+                                random_state=np.random.default_rng(seed))
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        if math.isfinite(lo) and math.isfinite(hi):
+            return Interval(estimate, lo, hi, k, confidence, f"bootstrap-{m}")
+    raise ValueError(f"the {method} bootstrap interval is undefined for this statistic (got [{lo}, {hi}]); "
+                     "use method='auto' or 'percentile'")
 
 
 def mean_ci(values, *, groups=None, confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES,
@@ -254,3 +261,18 @@ def permute_within_units(labels, groups=None, *, seed: int) -> np.ndarray:
     if not np.array_equal(unit_y[codes], y):
         raise ValueError("labels differ within a unit (identical prompts with different labels)")
     return unit_y[np.random.default_rng(seed).permutation(k)][codes]
+
+
+def sign_flip_null(effects, groups=None, *, n_permutations: int = 999, seed: int = 0) -> np.ndarray:
+    """[n_permutations, N] means over items of ``effects`` [n_items, N] with each unit's sign flipped at random
+    (all items of a unit, and all N candidates of an item, flip together): the null of no effect for a per-item
+    effect that is symmetric about 0 under that null. Feed it to :func:`max_null_p` for a "best of N" claim."""
+    x = np.asarray(effects, dtype=np.float64)
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"effects must be [n_items, n_candidates], got shape {x.shape}")
+    codes = np.arange(len(x)) if groups is None else group_codes(list(groups))
+    if len(codes) != len(x):
+        raise ValueError(f"groups has {len(codes)} keys for {len(x)} items")
+    n_permutations = _positive_int("n_permutations", n_permutations)
+    signs = np.random.default_rng(seed).choice(np.array([-1.0, 1.0]), size=(n_permutations, int(codes.max()) + 1))
+    return signs[:, codes] @ x / len(x)

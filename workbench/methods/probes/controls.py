@@ -41,14 +41,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workbench.methods.probes.base import as_features, check_seed
+from workbench.methods.probes.base import as_features, check_seed, probe_round_accuracy, r2_score
 from workbench.methods.probes.linear import ALPHAS, RidgeProbe
 from workbench.methods.stats import N_RESAMPLES, bootstrap_ci, group_codes, permute_within_units
 
 CONTROLS = ("probe", "control_task", "selectivity", "shuffled_labels", "nuisance_baseline", "residual_probe")
 COLUMNS = ("control", "r2", "r2_lo", "r2_hi", "round_acc", "round_acc_lo", "round_acc_hi", "n_test_units")
 MAX_LEVELS = 30  # an integer-valued nuisance with at most this many levels also enters the design one-hot
-LO, HI = 1, 9  # the counts a probe answers (round accuracy clips to these)
 
 
 # -- the control task ------------------------------------------------------------------------------------------
@@ -188,17 +187,6 @@ def residualize(X, design, train_idx) -> torch.Tensor:
 
 
 # -- scoring ---------------------------------------------------------------------------------------------------
-def _r2(pred: np.ndarray, y: np.ndarray) -> float:
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    if ss_tot == 0.0:
-        return float("nan")
-    return 1.0 - float(((y - pred) ** 2).sum()) / ss_tot
-
-
-def _round_acc(pred: np.ndarray, y: np.ndarray) -> float:
-    return float(np.mean(np.clip(np.round(pred), LO, HI) == y))
-
-
 def _mean_over_columns(metric: Callable) -> Callable:
     """metric(P[:, k], y) averaged over the columns of P (the shuffles)."""
     return lambda P, y: float(np.mean([metric(P[:, k], y) for k in range(P.shape[1])]))
@@ -209,13 +197,8 @@ def _interval(statistic: Callable, arrays: Sequence[np.ndarray], groups: np.ndar
     estimate = float(statistic(*arrays))
     if not np.isfinite(estimate):
         return estimate, float("nan"), float("nan")
-    for method in ("BCa", "percentile"):
-        try:
-            ci = bootstrap_ci(statistic, *arrays, groups=groups, seed=seed, n_resamples=n_resamples, method=method)
-        except ValueError:
-            continue
-        return ci.estimate, ci.lo, ci.hi
-    return estimate, float("nan"), float("nan")
+    ci = bootstrap_ci(statistic, *arrays, groups=groups, seed=seed, n_resamples=n_resamples, method="auto")
+    return ci.estimate, ci.lo, ci.hi
 
 
 @dataclass
@@ -338,7 +321,7 @@ def probe_controls(
 
     # the probe
     pred_p = fit_predict("probe", Xf, yv)
-    rows.append(row("probe", _r2, _round_acc, [pred_p, y_te]))
+    rows.append(row("probe", r2_score, probe_round_accuracy, [pred_p, y_te]))
 
     # the control task (Hewitt & Liang), and selectivity
     control_seed, y_c = None, None
@@ -353,11 +336,11 @@ def probe_controls(
     else:
         pred_c = fit_predict("control_task", Xf, y_c)
         yc_te = y_c[te]
-        rows.append(row("control_task", _r2, _round_acc, [pred_c, yc_te]))
+        rows.append(row("control_task", r2_score, probe_round_accuracy, [pred_c, yc_te]))
         rows.append(row(
             "selectivity",
-            lambda p, t, pc, tc: _r2(p, t) - _r2(pc, tc),
-            lambda p, t, pc, tc: _round_acc(p, t) - _round_acc(pc, tc),
+            lambda p, t, pc, tc: r2_score(p, t) - r2_score(pc, tc),
+            lambda p, t, pc, tc: probe_round_accuracy(p, t) - probe_round_accuracy(pc, tc),
             [pred_p, y_te, pred_c, yc_te],
         ))
 
@@ -368,7 +351,8 @@ def probe_controls(
         y_perm[tr] = permute_within_units(y_tr, units[tr], seed=seed + 1 + k)
         shuffled.append(fit_predict("shuffled_labels", Xf, y_perm, seed))
     P = np.stack(shuffled, axis=1)
-    rows.append(row("shuffled_labels", _mean_over_columns(_r2), _mean_over_columns(_round_acc), [P, y_te]))
+    rows.append(row("shuffled_labels", _mean_over_columns(r2_score), _mean_over_columns(probe_round_accuracy),
+                    [P, y_te]))
 
     # the nuisances alone
     if design.shape[1] == 0:
@@ -376,12 +360,12 @@ def probe_controls(
         pred_n = np.full(len(te), y_tr.mean())
     else:
         pred_n = fit_predict("nuisance_baseline", torch.from_numpy(design), yv)
-    rows.append(row("nuisance_baseline", _r2, _round_acc, [pred_n, y_te]))
+    rows.append(row("nuisance_baseline", r2_score, probe_round_accuracy, [pred_n, y_te]))
 
     # the features with the nuisances regressed out (fitted on the training rows)
     R = residualize(Xf, design, tr)
     pred_r = fit_predict("residual_probe", R, yv)
-    rows.append(row("residual_probe", _r2, _round_acc, [pred_r, y_te]))
+    rows.append(row("residual_probe", r2_score, probe_round_accuracy, [pred_r, y_te]))
 
     return ProbeControls(rows=rows, alpha=alpha, n_train=len(tr), n_test=len(te), n_test_units=n_units,
                          types_from=types_from, design_columns=design_names, seed=seed, n_shuffles=int(n_shuffles),

@@ -167,21 +167,12 @@ def layerwise_ridge(
         if ci:
             p, t = pred.double().numpy(), y_t[te].double().numpy()
             g = None if keys is None else keys[te].tolist()
-            rows[-1] |= bootstrap_ci(_r2, p, t, groups=g, method="percentile", n_resamples=1000).to_dict("r2_")
-            acc = bootstrap_ci(_round_acc, p, t, groups=g, method="percentile", n_resamples=1000)
+            rows[-1] |= bootstrap_ci(r2_score, p, t, groups=g, method="percentile", n_resamples=1000).to_dict("r2_")
+            acc = bootstrap_ci(probe_round_accuracy, p, t, groups=g, method="percentile", n_resamples=1000)
             rows[-1] |= {"round_acc_lo": acc.lo, "round_acc_hi": acc.hi, "n_test_units": acc.n}
             for k in ("r2_estimate", "r2_confidence", "r2_n"):
                 rows[-1].pop(k)
     return LayerwiseProbes(table=pd.DataFrame(rows), probes=probes)
-
-
-def _r2(p: np.ndarray, t: np.ndarray) -> float:
-    ss = ((t - t.mean()) ** 2).sum()
-    return float(1 - ((p - t) ** 2).sum() / ss) if ss > 0 else float("nan")
-
-
-def _round_acc(p: np.ndarray, t: np.ndarray) -> float:
-    return float((np.clip(np.rint(p), 1, 9) == t).mean())
 
 
 def layerwise_max_null(

@@ -7,7 +7,9 @@ recovered on live forwards over fresh corpus windows.
 
 The windows are :func:`workbench.data.corpus.token_windows` (the package's one windowing rule and BOS rule), full
 windows only. Position 0 (the BOS attention sink) is left out of FVU / L0 as in training, and by default keeps its
-clean residual in the spliced and zero-ablated forwards (``first_position=1``).
+clean residual in the spliced and zero-ablated forwards (``first_position=1``). The pooled FVU can rest on a handful of
+massive residuals at position 1 (:func:`first_token_fvu`), so the metrics also give ``fvu_from_pos2`` (positions 2..)
+with position 1's and the massive residuals' shares of the variance.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from workbench.data.corpus import DEFAULT_CORPUS, Corpus, load_corpus
 from workbench.data.reasoning import arithmetic_chains, graph_reachability
 from workbench.data.tasks import make_task, split_indices
 from workbench.methods.activations import last_token
+from workbench.methods.probes.base import r2_score
 from workbench.methods.probes.linear import ALPHAS, RidgeProbe
 from workbench.methods.stats import N_RESAMPLES, Interval, accuracy_ci, bootstrap_ci
 from workbench.methods.sae.handle import SAEError, SAEHandle
@@ -59,11 +60,6 @@ def pearson_r(X: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.divide(xc.T @ yc, denom, out=np.zeros(X.shape[1]), where=denom > 0)
 
 
-def _r2(pred: np.ndarray, y: np.ndarray) -> float:
-    ss = float(((y - y.mean()) ** 2).sum())
-    return 1.0 - float(((y - pred) ** 2).sum()) / ss if ss > 0 else float("nan")
-
-
 def interval_columns(name: str, iv: Interval) -> dict:
     """``{name: estimate, name_lo, name_hi, name_n (distinct units), name_confidence, name_method}``."""
     d = iv.to_dict(f"{name}_")
@@ -92,7 +88,7 @@ def fit_ridge_grouped(X, y: np.ndarray, groups: Sequence, *, seed: int = 0) -> R
     if len(fit) >= 2 and len(val) >= 2 and np.ptp(y[fit]) > 0:
         for a in ALPHAS:
             pred = RidgeProbe(alpha=a).fit(X[torch.as_tensor(fit)], y[fit]).predict(X[torch.as_tensor(val)])
-            s = _r2(pred.double().numpy(), y[val])
+            s = r2_score(pred.double().numpy(), y[val])
             scores.append(s if np.isfinite(s) else -np.inf)
         best = max(range(len(ALPHAS)), key=lambda i: (scores[i], i))  # ties -> the larger alpha
         return RidgeProbe(alpha=ALPHAS[best]).fit(X, y)
@@ -133,7 +129,7 @@ def count_probes(codes, residual, counts, prompts: Sequence[str], *, task: str, 
         pred = probe.predict(X[te]).double().numpy()
         yt = y[test]
         correct = (np.clip(np.round(pred), 1, 9) == yt).astype(np.float64)
-        r2 = robust_ci(_r2, pred, yt, groups=groups_test, seed=seed, n_resamples=n_resamples)
+        r2 = robust_ci(r2_score, pred, yt, groups=groups_test, seed=seed, n_resamples=n_resamples)
         acc = accuracy_ci(correct, groups=groups_test, seed=seed, n_resamples=n_resamples)
         rows.append({"task": task, "seed": seed, "features": name, "d": X.shape[1],
                      **interval_columns("r2_test", r2), **interval_columns("round_acc_test", acc),
@@ -176,7 +172,14 @@ def represent(model, handle: SAEHandle, texts: Sequence[str], representation: st
     non-negative) or of the raw site activation (``"neurons"``)."""
     if representation not in REPRESENTATIONS:
         raise SAEError(f"representation must be one of {list(REPRESENTATIONS)}, got {representation!r}")
-    out = []
+    return represent_all(model, handle, texts, batch_size=batch_size)[representation]
+
+
+@torch.no_grad()
+def represent_all(model, handle: SAEHandle, texts: Sequence[str], *,
+                  batch_size: int = 32) -> dict[str, Float[Tensor, "n d"]]:
+    """{representation: [n, d]} of :data:`REPRESENTATIONS` from one forward per batch (see :func:`represent`)."""
+    out = {rep: [] for rep in REPRESENTATIONS}
     for s in range(0, len(texts), batch_size):
         enc = model.encode(list(texts[s : s + batch_size]))
         with trace(model, handle.site, stop=True) as tr:
@@ -185,9 +188,10 @@ def represent(model, handle: SAEHandle, texts: Sequence[str], representation: st
         mask = enc["attention_mask"].to(x.device).clone().float()
         first = mask.argmax(1)  # left padding: the first real token
         mask[torch.arange(len(mask)), first] = 0.0
-        v = handle.encode(x).float() if representation == "sae" else x
-        out.append(((v * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)).cpu())
-    return torch.cat(out)
+        denom = mask.sum(1, keepdim=True).clamp(min=1)
+        for rep, v in (("sae", handle.encode(x).float()), ("neurons", x)):
+            out[rep].append(((v * mask[..., None]).sum(1) / denom).cpu())
+    return {rep: torch.cat(v) for rep, v in out.items()}
 
 
 def lexical_vectors(pool: Sequence[str], target: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -271,8 +275,8 @@ def data_selection_benchmark(model, handle: SAEHandle, *, n_target: int = 40, n_
     labels = pool["label"].to_numpy(bool)
     texts = list(pool["text"])
     n_pos = int(labels.sum())
-    vectors = {rep: (represent(model, handle, texts, rep), represent(model, handle, target, rep))
-               for rep in REPRESENTATIONS}
+    pool_vecs, target_vecs = represent_all(model, handle, texts), represent_all(model, handle, target)
+    vectors = {rep: (pool_vecs[rep], target_vecs[rep]) for rep in REPRESENTATIONS}
     vectors["lexical"] = lexical_vectors(texts, target)
     for rep, kind, centring in SELECTION_METHODS:
         P, T = vectors[rep]

@@ -31,7 +31,7 @@ from workbench.io.atomic import atomic_write_text
 from workbench.io.figures import write_result_tables
 from workbench.io.paths import cache_root, model_key, repo_root, safe_segment
 from workbench.methods.sae import features as sf
-from workbench.methods.sae.evaluate import evaluate_sae
+from workbench.methods.sae.evaluate import core_data, core_metrics, evaluate_sae
 from workbench.methods.sae.handle import SAEError, SAEHandle, load_sae, save_sae
 from workbench.methods.sae.train import ARCHITECTURES, SAETrainConfig, train_sae
 from workbench.methods.stats import seed_summary
@@ -159,7 +159,8 @@ class SAEStudyConfig(NotebookConfig):
     n_resamples: int = positive_int(2000, minimum=50)  # bootstrap resamples of every interval over distinct prompts
     # the second text distribution of the quality table (English prose outside the training corpus; None: none)
     prose_corpus: str | None = choice("python-reference", PROSE_CORPORA, optional=True)
-    n_prose_tokens: int = positive_int(16_384, minimum=8)
+    n_prose_tokens: int = positive_int(16_384, minimum=8)  # FVU / L0 (forwards stopped at the site: cheap)
+    n_prose_ce_tokens: int = positive_int(4_096, minimum=8)  # the first of them also carry the cross-entropies
     train_tokens: int = positive_int(300_000, minimum=8)  # sae="train": tokens harvested for training
     # sae="train": the shipped recipe on fewer tokens (1,172 steps, the last 400 decaying)
     train: SAETrainConfig = field(default_factory=lambda: SAETrainConfig(
@@ -197,6 +198,7 @@ class SAEStudyConfig(NotebookConfig):
     def smoke_config(cls, **overrides) -> SAEStudyConfig:
         base = dict(n_eval_tokens=1024, n_scan_tokens=2048, count_tasks=("entity",), n_count_prompts=60,
                     n_select_per_source=8, train_tokens=20_000, n_resamples=200, n_prose_tokens=512,
+                    n_prose_ce_tokens=256,
                     train=SAETrainConfig(expansion=2, k=16, total_tokens=20_000, batch_size=1024), smoke=True,
                     bench_seeds=(0, 1),
                     bench=BenchConfig(train=SAETrainConfig(expansion=1, total_tokens=4096, batch_size=512,
@@ -214,7 +216,8 @@ class SAEStudyResult:
     weights_hash: str
     sae_path: str
     # one row per text distribution (the training corpus's fresh text, prose outside it; the card's held-out shard):
-    # FVU (pooled, and from position 2: see methods.sae.evaluate.first_token_fvu), L0, dead, dense, CE clean / SAE / SAE+error / zero, loss recovered
+    # FVU (pooled, and from position 2: see methods.sae.evaluate.first_token_fvu), L0, dead, dense, CE clean / SAE /
+    # SAE+error / zero, loss recovered
     metrics: pd.DataFrame
     density: pd.DataFrame  # one row per feature: freq, max and mean activation, dead / dense
     report_features: pd.DataFrame  # feature, freq, max_act, top promoted / suppressed tokens
@@ -338,8 +341,9 @@ def _evaluate_phase(model, handle: SAEHandle, corpus, cfg: SAEStudyConfig, progr
                  f"{cfg.eval_skip_documents:,} on (never in the training store)", "positions": "1..", "bos": bos,
                  **ev})
     if cfg.prose_corpus:
-        ev = evaluate_sae(model, handle, prose_corpus(cfg.prose_corpus), n_tokens=cfg.n_prose_tokens,
-                          first_position=cfg.eval_first_position, error_term=False, progress=progress)
+        data = core_data(model, handle.site, prose_corpus(cfg.prose_corpus), n_tokens=cfg.n_prose_tokens,
+                         first_position=cfg.eval_first_position, ce_tokens=cfg.n_prose_ce_tokens, progress=progress)
+        ev = core_metrics(model, handle, data, progress=progress)
         ev.pop("feature_freq")
         rows.append({**base, "distribution": f"{cfg.prose_corpus}:prose", "source": prose_source(cfg.prose_corpus),
                      "positions": "1..", "bos": bos, **ev})

@@ -52,7 +52,7 @@ def kl_ratio_figure(ratio: pd.DataFrame, *, title: str | None = None) -> go.Figu
     fig = go.Figure()
     fig.add_scatter(x=g["layer"], y=g["ratio"], mode="lines+markers", name="logit / tuned",
                     error_y=_errors(g, "ratio", "ratio_lo", "ratio_hi"))
-    fig.add_hline(y=1, line_dash="dot", annotation_text="equal")
+    fig.add_hline(y=1, line_dash="dot")  # equal KL (no annotation: plotly misplaces it on a log axis)
     fig.update_layout(title=title or "How much closer the tuned lens is: KL(logit lens) / KL(tuned lens) per layer",
                       xaxis_title="layer (0 = embeddings)", yaxis_title="KL ratio (95 % CI over windows)",
                       yaxis_type="log")
@@ -70,10 +70,11 @@ def recovery_figure(summary: pd.DataFrame, *, title: str | None = None) -> go.Fi
     corruptions = list(dict.fromkeys(s["corruption"]))
     panels = [(st, r) for st in dict.fromkeys(s["site_type"].astype(str))
               for r in _role_order(s.loc[s["site_type"].astype(str) == st, "role"])]
-    titles = [f"{CORRUPTION_NAMES.get(c, c)}: {st} at {r}" for c in corruptions for st, r in panels]
+    titles = [f"{st} at {r}" for st, r in panels]  # columns; the rows (corruptions) are named on the y axes
     fig = make_subplots(rows=len(corruptions), cols=len(panels), subplot_titles=titles, shared_xaxes=True,
-                        shared_yaxes=True, horizontal_spacing=0.03, vertical_spacing=0.12)
+                        shared_yaxes=True, horizontal_spacing=0.03, vertical_spacing=0.08)
     methods = list(dict.fromkeys(s["method"]))
+    shown: set[str] = set()
     for i, c in enumerate(corruptions, start=1):
         for j, (st, role) in enumerate(panels, start=1):
             part = s[(s["corruption"] == c) & (s["site_type"].astype(str) == st) & (s["role"] == role)]
@@ -86,19 +87,21 @@ def recovery_figure(summary: pd.DataFrame, *, title: str | None = None) -> go.Fi
                 band(fig, g["layer"], g["recovery_lo"], g["recovery_hi"], color=color, opacity=0.2, legendgroup=name,
                      row=i, col=j)
                 fig.add_scatter(x=g["layer"], y=g["recovery_mean"], mode="lines+markers", name=name,
-                                legendgroup=name, showlegend=i == 1 and j == 1, line={"color": color},
+                                legendgroup=name, showlegend=name not in shown, line={"color": color},
                                 marker={"size": 4}, row=i, col=j,
                                 customdata=g[["recovery_lo", "recovery_hi"]].to_numpy(),
                                 hovertemplate="block %{x}: %{y:.3f} [%{customdata[0]:.3f}, %{customdata[1]:.3f}]"
                                               "<extra>" + name + "</extra>")
+                shown.add(name)
             fig.add_hline(y=0, line_width=0.5, line_color="gray", row=i, col=j)
-    for i in range(1, len(corruptions) + 1):
-        fig.update_yaxes(title_text="recovery (95 % CI over pairs)", row=i, col=1)
+    for i, c in enumerate(corruptions, start=1):
+        fig.update_yaxes(title_text=f"{CORRUPTION_NAMES.get(c, c)}<br>recovery (95 % CI)", row=i, col=1)
     for j in range(1, len(panels) + 1):
         fig.update_xaxes(title_text="block", row=len(corruptions), col=j)
     n = int(s["n_pairs"].max()) if "n_pairs" in s else None
-    fig.update_layout(title=title or "Patching recovery by block" + (f" ({n} IOI pairs)" if n else ""),
-                      height=330 * len(corruptions) + 120, width=max(700, 300 * len(panels) + 150))
+    fig.update_layout(title=title or "Patching recovery by block, mean and 95 % CI over pairs"
+                      + (f" ({n} IOI pairs)" if n else ""),
+                      height=300 * len(corruptions) + 140, width=max(700, 260 * len(panels) + 200))
     return apply_theme(fig)
 
 
@@ -113,7 +116,8 @@ def role_map_figure(scores: pd.DataFrame, *, method: str, corruption: str | None
         raise ValueError(f"no {method!r} scores; methods here: {sorted(set(scores['method']))}")
     if corruption is not None:
         if corruption not in set(f["corruption"]):
-            raise ValueError(f"corruption {corruption!r} is not in these scores; they have {sorted(set(f['corruption']))}")
+            raise ValueError(f"corruption {corruption!r} is not in these scores; they have "
+                             f"{sorted(set(f['corruption']))}")
         f = f[f["corruption"] == corruption]
     if pair is not None:
         if pair not in set(f["pair"]):
@@ -121,9 +125,8 @@ def role_map_figure(scores: pd.DataFrame, *, method: str, corruption: str | None
         f = f[f["pair"] == pair]
     corruptions = list(dict.fromkeys(f["corruption"]))
     types = [t for t in ("resid", "attn", "mlp", "head") if t in set(f["site_type"].astype(str))]
-    titles = [f"{CORRUPTION_NAMES.get(c, c)}: {t}" for c in corruptions for t in types]
-    fig = make_subplots(rows=len(corruptions), cols=len(types), subplot_titles=titles, horizontal_spacing=0.06,
-                        vertical_spacing=0.14)
+    fig = make_subplots(rows=len(corruptions), cols=len(types), subplot_titles=types, horizontal_spacing=0.06,
+                        vertical_spacing=0.1)
     for i, c in enumerate(corruptions, start=1):
         for j, st in enumerate(types, start=1):
             g = f[(f["corruption"] == c) & (f["site_type"].astype(str) == st)]
@@ -137,12 +140,13 @@ def role_map_figure(scores: pd.DataFrame, *, method: str, corruption: str | None
                 x = list(table.columns)
             fig.add_heatmap(z=table.values, x=x, y=table.index, coloraxis="coloraxis", row=i, col=j,
                             hovertemplate="block %{y}<br>%{x}<br>recovery %{z:.3f}<extra></extra>")
-        fig.update_yaxes(title_text="block", row=i, col=1)
+        fig.update_yaxes(title_text=f"{CORRUPTION_NAMES.get(c, c)}<br>block", row=i, col=1)
     which = f"pair {pair}" if pair is not None else f"mean over {f['pair'].nunique()} pairs"
-    fig.update_layout(title=title or f"{METHOD_NAMES.get(method, method)}: recovery by block and position role "
-                                     f"({which}; roles: IO, S1, S2 = the names' mentions, END = the last token)",
+    fig.update_layout(title=title or f"{METHOD_NAMES.get(method, method)}: recovery by block and position ({which})"
+                                     "<br><sup>IO, S1, S2: the names' mentions; END: the last token</sup>",
                       coloraxis={"colorscale": "RdBu", "cmid": 0, "colorbar": {"title": "recovery"}},
-                      height=320 * len(corruptions) + 140)
+                      height=300 * len(corruptions) + 180, width=max(600, 280 * len(types) + 220),
+                      margin={"t": 110})
     return apply_theme(fig)
 
 

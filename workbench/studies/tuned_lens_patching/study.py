@@ -81,6 +81,7 @@ from workbench.studies.tuned_lens_patching.plots import (
     role_map_figure,
 )
 from workbench.studies.tuned_lens_patching.uncertainty import (
+    AGREEMENT_N_BOOT,
     N_BOOT,
     N_PERMUTATIONS,
     agreement_intervals,
@@ -130,7 +131,8 @@ class TunedLensPatchingConfig(NotebookConfig):
     ig_steps: int = positive_int(5)
     seed: int = 0
     batch_size: int = positive_int(64)  # rows per patched forward
-    n_boot: int = positive_int(N_BOOT, minimum=100)  # bootstrap resamples per interval
+    # bootstrap resamples per interval (at most AGREEMENT_N_BOOT for the agreement's correlations)
+    n_boot: int = positive_int(N_BOOT, minimum=100)
     n_permutations: int = positive_int(N_PERMUTATIONS, minimum=99)  # sign flips of the winners' null
     smoke: bool = False
 
@@ -304,8 +306,8 @@ def _plans(pairs: pd.DataFrame, cfg: TunedLensPatchingConfig, corruption: str) -
     if cfg.head_positions:
         specs.append((list(range(len(pairs))), {"site_types": ("head",), "positions": list(cfg.head_positions)}))
     if not specs:
-        raise ValueError(f"nothing to patch under the {corruption} corruption: the roles {list(cfg.positions)} all come "
-                         "before the first token where its prompts differ (their activations are identical); add "
+        raise ValueError(f"nothing to patch under the {corruption} corruption: the roles {list(cfg.positions)} all "
+                         "come before the first token where its prompts differ (their activations are identical); add "
                          "later roles (S2, END) or head_positions")
     return specs
 
@@ -359,7 +361,8 @@ def run_patching(model: Model, cfg: TunedLensPatchingConfig, pairs: pd.DataFrame
     for c, res in patching.items():
         a = patching_agreement(res["exact"], res["atp"], res["ig"]).assign(corruption=c)
         a["site_type"] = a["site_type"].astype(str)
-        ci = pd.concat([agreement_intervals(res["exact"], res[m], groups, n_boot=cfg.n_boot, seed=cfg.seed)
+        ci = pd.concat([agreement_intervals(res["exact"], res[m], groups, n_boot=min(cfg.n_boot, AGREEMENT_N_BOOT),
+                                            seed=cfg.seed)
                         for m in ("atp", "ig")], ignore_index=True)
         ci["site_type"] = ci["site_type"].astype(str)
         agreement.append(a.merge(ci, on=["method", "site_type"], how="left"))

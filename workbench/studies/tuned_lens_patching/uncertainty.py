@@ -10,7 +10,6 @@ the held-out window (its tokens are not independent). Intervals come from :func:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -18,9 +17,10 @@ import pandas as pd
 from scipy.stats import rankdata
 
 from workbench.methods.patching import PatchingResult
-from workbench.methods.stats import bootstrap_ci, group_codes, max_null_p
+from workbench.methods.stats import bootstrap_ci, max_null_p, sign_flip_null
 
 N_BOOT = 2000
+AGREEMENT_N_BOOT = 1000  # the agreement's resamples re-rank thousands of units each: fewer, to keep the phase short
 N_PERMUTATIONS = 999
 AGREEMENT_KEYS = ["pair", "site_type", "layer", "head", "position"]
 
@@ -34,17 +34,11 @@ def interval(statistic: Callable[..., float], *arrays, groups: Sequence, n_boot:
         return math.nan, math.nan, "none (fewer than 2 units)"
     if not math.isfinite(float(statistic(*(np.asarray(a) for a in arrays)))):
         return math.nan, math.nan, "undefined"
-    for method in ("BCa", "percentile"):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # scipy's degenerate-data warnings: the fallback handles them
-                iv = bootstrap_ci(statistic, *arrays, groups=list(groups), n_resamples=n_boot, method=method,
-                                  seed=seed)
-        except ValueError:
-            continue
-        if math.isfinite(iv.lo) and math.isfinite(iv.hi):
-            return iv.lo, iv.hi, iv.method
-    return math.nan, math.nan, "undefined"
+    try:
+        iv = bootstrap_ci(statistic, *arrays, groups=list(groups), n_resamples=n_boot, method="auto", seed=seed)
+    except ValueError:
+        return math.nan, math.nan, "undefined"
+    return iv.lo, iv.hi, iv.method
 
 
 def spread(values, groups: Sequence, *, n_boot: int = N_BOOT, seed: int = 0, prefix: str = "") -> dict:
@@ -82,23 +76,6 @@ def unit_summary(scores: pd.DataFrame, groups: Sequence, *, by: Sequence[str], n
         row["score_mean"] = float(g["score"].mean())
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def sign_flip_null(effects: np.ndarray, groups: Sequence, *, n_permutations: int = N_PERMUTATIONS,
-                   seed: int = 0) -> np.ndarray:
-    """[n_permutations, N] means over items of ``effects`` [n_items, N] with each unit's sign flipped at random
-    (all items of a unit, and all N candidates of an item, flip together): the null of no effect for a per-item
-    effect whose distribution is symmetric about 0 under that null."""
-    x = np.asarray(effects, dtype=np.float64)
-    if x.ndim != 2 or len(x) == 0:
-        raise ValueError(f"effects must be [n_items, n_candidates], got shape {x.shape}")
-    codes = group_codes(list(groups))
-    if len(codes) != len(x):
-        raise ValueError(f"groups has {len(codes)} keys for {len(x)} items")
-    if isinstance(n_permutations, bool) or not isinstance(n_permutations, int) or n_permutations < 1:
-        raise ValueError(f"n_permutations must be a positive int, got {n_permutations!r}")
-    signs = np.random.default_rng(seed).choice(np.array([-1.0, 1.0]), size=(n_permutations, int(codes.max()) + 1))
-    return signs[:, codes] @ x / len(x)
 
 
 def best_against_null(effects: np.ndarray, groups: Sequence, *, n_permutations: int = N_PERMUTATIONS,
