@@ -112,7 +112,8 @@ def bootstrap_ci(
     codes = np.arange(n) if groups is None else group_codes(groups)
     if len(codes) != n:
         raise ValueError(f"groups has {len(codes)} keys for {n} items; give one key per item")
-    members = [np.flatnonzero(codes == u) for u in range(int(codes.max()) + 1)]
+    order = np.argsort(codes, kind="stable")
+    members = np.split(order, np.flatnonzero(np.diff(codes[order])) + 1)  # the items of each unit 0..k-1
     k = len(members)
     estimate = float(statistic(*data))
 
@@ -256,7 +257,7 @@ def permute_within_units(labels, groups=None, *, seed: int) -> np.ndarray:
     if len(codes) != len(y):
         raise ValueError(f"groups has {len(codes)} keys for {len(y)} labels")
     k = int(codes.max()) + 1
-    first = np.array([np.flatnonzero(codes == u)[0] for u in range(k)])
+    _, first = np.unique(codes, return_index=True)  # codes are 0..k-1: the first item of each unit, in order
     unit_y = y[first]
     if not np.array_equal(unit_y[codes], y):
         raise ValueError("labels differ within a unit (identical prompts with different labels)")

@@ -197,7 +197,10 @@ def _interval(statistic: Callable, arrays: Sequence[np.ndarray], groups: np.ndar
     estimate = float(statistic(*arrays))
     if not np.isfinite(estimate):
         return estimate, float("nan"), float("nan")
-    ci = bootstrap_ci(statistic, *arrays, groups=groups, seed=seed, n_resamples=n_resamples, method="auto")
+    try:
+        ci = bootstrap_ci(statistic, *arrays, groups=groups, seed=seed, n_resamples=n_resamples, method="auto")
+    except ValueError:  # e.g. resamples with one count only, where R² is undefined: no interval, not a guess
+        return estimate, float("nan"), float("nan")
     return ci.estimate, ci.lo, ci.hi
 
 

@@ -167,12 +167,21 @@ def layerwise_ridge(
         if ci:
             p, t = pred.double().numpy(), y_t[te].double().numpy()
             g = None if keys is None else keys[te].tolist()
-            rows[-1] |= bootstrap_ci(r2_score, p, t, groups=g, method="percentile", n_resamples=1000).to_dict("r2_")
-            acc = bootstrap_ci(probe_round_accuracy, p, t, groups=g, method="percentile", n_resamples=1000)
-            rows[-1] |= {"round_acc_lo": acc.lo, "round_acc_hi": acc.hi, "n_test_units": acc.n}
-            for k in ("r2_estimate", "r2_confidence", "r2_n"):
-                rows[-1].pop(k)
+            r2 = _interval(r2_score, p, t, g)
+            acc = _interval(probe_round_accuracy, p, t, g)
+            rows[-1] |= {"r2_lo": r2[0], "r2_hi": r2[1], "round_acc_lo": acc[0], "round_acc_hi": acc[1],
+                         "n_test_units": len(set(g)) if g is not None else len(t)}
     return LayerwiseProbes(table=pd.DataFrame(rows), probes=probes)
+
+
+def _interval(statistic, p: np.ndarray, t: np.ndarray, groups) -> tuple[float, float]:
+    """95 % percentile bootstrap interval over distinct units (1,000 resamples); NaN where a resample leaves the
+    statistic undefined (e.g. one count only: no R²)."""
+    try:
+        ci = bootstrap_ci(statistic, p, t, groups=groups, method="percentile", n_resamples=1000)
+    except ValueError:
+        return float("nan"), float("nan")
+    return ci.lo, ci.hi
 
 
 def layerwise_max_null(

@@ -25,7 +25,14 @@ import torch
 from workbench.core.models import Model
 from workbench.core.sites import layer_site
 from workbench.data.tasks import DECOUPLED_OPTIONS, TaskSet, answered_task, nuisance_frame, split_groups, split_indices
-from workbench.methods.controls import class_mean_direction, direction_null, probe_target_edit, scaled_edit
+from workbench.methods.activations import PrefixCache
+from workbench.methods.controls import (
+    NullResult,
+    class_mean_direction,
+    direction_null,
+    probe_target_edit,
+    scaled_edit,
+)
 from workbench.methods.probes.controls import nuisance_design, probe_controls, residualize
 from workbench.methods.probes.features import residual_features_many
 from workbench.methods.probes.layerwise import layerwise_max_null, layerwise_ridge
@@ -76,7 +83,7 @@ def decoupled_probes(model: Model, task: str, seed: int, n_train: int, n_test: i
         ts, feats = plain
         groups = split_groups(ts, task, decoupled=True)
         tr, te = split_indices(ts.counts, [n_train, n_test], seed=seed, groups=groups)
-        facts0 = {"decoupled_test_operands": ",".join(str(a) for a in sorted({groups[i] for i in te}))}
+        facts0 = {f"decoupled_test_operand_{a}": 1.0 for a in sorted({groups[i] for i in te})}  # held-out a's
     else:
         facts0 = {}
         ts_all, _ = answered_task(model, task, n_train + n_test, seed=seed + 10_000, **DECOUPLED_OPTIONS[task])
@@ -142,70 +149,70 @@ def _probe_readout(probe) -> tuple[torch.Tensor, float]:
     return w, float(probe.intercept - probe.mean.double() @ w)
 
 
-def steering_controls(model: Model, test, cache, digit_ids: Sequence[int], feats: dict, counts: np.ndarray,
-                      tr: np.ndarray, best: int, probe, alpha_abs: float, seed: int, *, n_null: int,
+def steering_controls(model: Model, test, digit_ids: Sequence[int], feats: dict, counts: np.ndarray,
+                      tr: np.ndarray, best: int, probe, alpha_abs: float, seed: int, *, n_null: int, n_prompts: int,
                       batch_size: int, progress: bool = False) -> tuple[pd.DataFrame, dict]:
-    """Steering and the count-dependent edit on the held-out prompts (digit-restricted next token), each against a
-    null of ``n_null`` norm-matched random directions.
+    """Steering and the count-dependent edit on the first ``n_prompts`` held-out prompts (digit-restricted next
+    token), each against a null of ``n_null`` norm-matched random directions.
 
-    - ``probe`` / ``class_mean``: a constant shift of ``alpha_abs`` along the probe direction / the class-mean
-      direction at the best layer; score: accuracy change against the unedited model. A constant shift cannot
-      separate balanced counts, so this measures only whether the direction moves answers more than chance.
+    - ``steer_probe`` / ``steer_class_mean``: a constant shift of ``alpha_abs`` along the probe direction / the
+      class-mean direction at the best layer; score: the accuracy change against the unedited model. Both are
+      compared with one null (random directions of the same norm ``alpha_abs``). A constant shift cannot separate
+      balanced counts, so this asks only whether the direction moves answers more than a random one.
     - ``count_edit``: each prompt's probe reading moved to another count (seeded, never its own); score: the
-      fraction of answers that follow the target. Its null displaces each prompt by the same distance along random
-      directions."""
+      fraction of answers that follow the target (chance 1/9). Its null displaces each prompt by the same distance
+      along random directions."""
     site = layer_site(best)
-    base = evaluate_answers(model, test.prompts, test.counts, digit_ids, generate=False, lens=False, cache=cache,
-                            batch_size=batch_size).items
-    base_acc = float(base.digit_correct.mean())
-    groups = test.prompts
+    sub = test.subset(np.arange(min(n_prompts, len(test))))
+    cache = PrefixCache.build(model, sub.prompts, batch_size=batch_size)
+    groups = sub.prompts
 
-    def acc_with(edits) -> pd.DataFrame:
-        return evaluate_answers(model, test.prompts, test.counts, digit_ids, edits=edits, generate=False, lens=False,
+    def items_with(edits=None) -> pd.DataFrame:
+        return evaluate_answers(model, sub.prompts, sub.counts, digit_ids, edits=edits, generate=False, lens=False,
                                 cache=cache, batch_size=batch_size).items
 
-    rows, facts = [], {"steer_baseline_acc": base_acc}
+    base = items_with()
+    base_correct = base.digit_correct.to_numpy(float)
+    facts = {"steer_baseline_acc": float(base_correct.mean()), "steer_n_prompts": len(sub)}
+
+    def change(items) -> float:
+        return float(items.digit_correct.mean()) - float(base_correct.mean())
+
+    def steer_score(u) -> float:
+        return change(items_with({site: steering_edit(u, alpha_abs)}))
+
     X = feats[best][tr].double()
     directions = {"probe": probe.direction_raw.double(), "class_mean": class_mean_direction(X, counts[tr])}
-    for name, v in directions.items():
-        unit = v / v.norm()
-
-        def score(u, items=None):
-            items = acc_with({site: steering_edit(u, alpha_abs)}) if items is None else items
-            return float(items.digit_correct.mean()) - base_acc
-
-        items = acc_with({site: steering_edit(unit, alpha_abs)})
-        null = direction_null(score, unit, n=n_null, seed=seed, progress=progress)
-        change = items.digit_correct.to_numpy(float) - base.digit_correct.to_numpy(float)
-        ci = mean_ci(change, groups=groups)
+    units = {name: v / v.norm() for name, v in directions.items()}
+    null = direction_null(steer_score, units["probe"], n=n_null, seed=seed, progress=progress)
+    rows = []
+    for name, unit in units.items():
+        items = items_with({site: steering_edit(unit, alpha_abs)})
+        ci = mean_ci(items.digit_correct.to_numpy(float) - base_correct, groups=groups)
+        res = NullResult.of(change(items), null.null)
         rows.append({"edit": f"steer_{name}", "alpha_abs": alpha_abs, "score": "accuracy_change",
                      "value": ci.estimate, "value_lo": ci.lo, "value_hi": ci.hi, "n_units": ci.n,
-                     "acc": float(items.digit_correct.mean())} | null.to_dict("null_"))
+                     "acc": float(items.digit_correct.mean())} | res.to_dict("null_"))
+    facts["class_mean_cos_probe"] = float(units["class_mean"] @ units["probe"])
     # the count-dependent edit: targets are other counts, drawn per prompt
     rng = np.random.default_rng(seed)
-    gold = np.asarray(test.counts)
+    gold = np.asarray(sub.counts)
     targets = ((gold - 1 + rng.integers(1, 9, len(gold))) % 9) + 1
     w, b = _probe_readout(probe)
     H = cache.last_token([best])[best].double().cpu()
-    amounts = torch.from_numpy(targets).double() - (H @ w + b)
-    shift = (amounts / w.norm()).abs()  # each prompt's displacement along the probe direction
+    shift = ((torch.from_numpy(targets).double() - (H @ w + b)) / w.norm()).abs()  # each prompt's displacement
 
-    def edit_for(index):
-        return {site: probe_target_edit(w.float(), b, torch.from_numpy(targets[index]).float())}
-
-    def follow(items):
+    def follow(items) -> float:
         return float((items.digit_pred.to_numpy() == targets).mean())
 
-    items = acc_with(edit_for)
-    obs_follow = follow(items)
+    def null_score(u) -> float:
+        return follow(items_with(lambda index: {site: scaled_edit(u.float(), shift[index].float())}))
 
-    def null_score(u):
-        return follow(acc_with(lambda index: {site: scaled_edit(u.float(), shift[index].float())}))
-
-    null = direction_null(null_score, w / w.norm(), n=n_null, seed=seed + 1, progress=progress)
+    items = items_with(lambda index: {site: probe_target_edit(w.float(), b, torch.from_numpy(targets[index]).float())})
+    edit_null = direction_null(null_score, w / w.norm(), n=n_null, seed=seed + 1, progress=progress)
+    res = NullResult.of(follow(items), edit_null.null)
     ci = accuracy_ci((items.digit_pred.to_numpy() == targets).astype(int), groups=groups)
     rows.append({"edit": "count_edit", "alpha_abs": float(shift.mean()), "score": "follows_target",
-                 "value": obs_follow, "value_lo": ci.lo, "value_hi": ci.hi, "n_units": ci.n,
-                 "acc": float(items.digit_correct.mean())} | null.to_dict("null_"))
-    facts["count_edit_chance"] = 1 / 9
+                 "value": ci.estimate, "value_lo": ci.lo, "value_hi": ci.hi, "n_units": ci.n,
+                 "acc": float(items.digit_correct.mean())} | res.to_dict("null_"))
     return pd.DataFrame(rows), facts

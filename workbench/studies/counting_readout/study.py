@@ -100,7 +100,9 @@ class CountingConfig(NotebookConfig):
     tasks: tuple[str, ...] = each_in(tuple(TASKS), TASKS, non_empty=True)
     # the paper's seeds; each seed draws its own prompts and trains anew
     seeds: tuple[int, ...] = each_int((11, 77, 42), non_empty=True)
-    n_train: int = positive_int(600)  # digit-row repair trains on 600 prompts in the paper
+    # the paper trains digit-row repair on 600 prompts; 400 keeps the default run (3 seeds x 4 tasks, every control)
+    # within 20 minutes on 2 CPU cores (docs/results/counting-readout.md)
+    n_train: int = positive_int(400)
     n_test: int = positive_int(200)  # held out: never used for training, alpha or layer choice
     n_lora_train: int = positive_int(400)  # the paper's LoRA pool (a subset of the train prompts)
     layers: Sequence[int] | None = None  # probe layers (hidden-state indices 0..L); None = all
@@ -119,10 +121,13 @@ class CountingConfig(NotebookConfig):
     n_layer_permutations: int = positive_int(199)  # best-layer R2 against the max over layers (p floor 1/200)
     n_null: int = positive_int(50)  # norm-matched random directions per steering null
     n_shuffles: int = positive_int(5)  # shuffled-label refits of the probe control
+    n_steer_prompts: int = positive_int(64)  # held-out prompts of the steering controls (each null draw runs them)
+    logistic_probes: bool = False  # also a logistic probe per layer (about a minute per task and seed on 2 cores)
     logistic_C: float = 1.0  # fixed (on standardised features): a per-layer C search would dominate the run time
     probes_root: str | None = "."  # best-layer probes go to <probes_root>/probes/<model>/<task>/ (None: not saved)
     # a subset skips the others (LoRA is ~half of the run time)
-    interventions: tuple[str, ...] = each_in(INTERVENTIONS, INTERVENTIONS)
+    # the default run leaves LoRA out (half of the run time); it is a cell of notebooks/studies.yaml
+    interventions: tuple[str, ...] = each_in(("digit_rows", "steering"), INTERVENTIONS)
     smoke: bool = False
 
     @classmethod
@@ -250,8 +255,10 @@ def unit_probes(model: Model, variants: dict, counts: np.ndarray, tr_idx: np.nda
     for variant, fts in variants.items():
         lw = layerwise_ridge(fts, counts.astype(float), tr_idx, te_idx, seed=seed, device=model.device, groups=groups,
                              ci=True)
-        table = lw.table.merge(layerwise_logistic(fts, counts, tr_idx, te_idx, C=cfg.logistic_C,
-                                                  device=model.device), on="layer")
+        table = lw.table
+        if cfg.logistic_probes:
+            table = table.merge(layerwise_logistic(fts, counts, tr_idx, te_idx, C=cfg.logistic_C,
+                                                   device=model.device), on="layer")
         tables.append(table.assign(variant=variant)[["variant", *table.columns]])
         if variant == "last_token":
             main = lw
@@ -507,11 +514,10 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
             extra_rows += [key | {"key": "steer_alpha_rel", "value": alpha},
                            key | {"key": "steer_alpha_abs", "value": alpha * scale}]
             extra_rows += [key | {"key": f"steer_train_acc@{a}", "value": v} for a, v in curve.items()]
-            evaluate("steering", edits={site: steering_edit(best_probe.direction_raw, alpha * scale)})
             with phases("steering_controls"):
                 steer, steer_facts = steering_controls(
-                    model, test, test_cache, digit_ids, feats, counts, tr_idx, best, best_probe, alpha * scale, seed,
-                    n_null=cfg.n_null, batch_size=cfg.batch_size)
+                    model, test, digit_ids, feats, counts, tr_idx, best, best_probe, alpha * scale, seed,
+                    n_null=cfg.n_null, n_prompts=cfg.n_steer_prompts, batch_size=cfg.batch_size)
             steer_rows.append(_rank_rows(steer, **key))
             extra_rows += [key | {"key": k, "value": v} for k, v in steer_facts.items()]
         if ckpt is not None:
