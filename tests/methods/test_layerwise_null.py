@@ -44,3 +44,28 @@ def test_grouped_validation_split_keeps_prompts_together():
     assert (lw.table.n_test_units == 30).all()
     with pytest.raises(ValueError, match="one key per row"):
         layerwise_ridge(feats, y, np.arange(90), np.arange(90, 120), groups=groups[:5])
+
+
+def test_matrix_bootstrap_equals_the_loop_over_resamples():
+    """The per-layer intervals' matrix form gives, resample by resample, the R² and accuracy that concatenating the
+    drawn units' items gives."""
+    from workbench.methods.probes.base import probe_round_accuracy, r2_score
+    from workbench.methods.probes.layerwise import _intervals
+    from workbench.methods.stats import percentile_interval, resample_weights
+
+    rng = np.random.default_rng(3)
+    t = rng.integers(1, 10, 60).astype(float)
+    p = t + rng.normal(scale=1.0, size=60)
+    groups = [f"u{i % 25}" for i in range(60)]
+    t = np.array([t[int(g[1:])] for g in groups])  # a unit's items share a label, as identical prompts do
+    codes, W = resample_weights(groups, 60, n_resamples=200, seed=1)
+    members = [np.flatnonzero(codes == u) for u in range(W.shape[1])]
+    r2, acc = [], []
+    for w in W:
+        idx = np.concatenate([np.tile(members[u], int(c)) for u, c in enumerate(w) if c])
+        r2.append(r2_score(p[idx], t[idx]))
+        acc.append(probe_round_accuracy(p[idx], t[idx]))
+    got = _intervals(p, t, codes, W)
+    assert (got["r2_lo"], got["r2_hi"]) == pytest.approx(percentile_interval(r2))
+    assert (got["round_acc_lo"], got["round_acc_hi"]) == pytest.approx(percentile_interval(acc))
+    assert got["n_test_units"] == 25 and W.sum(1).tolist() == [25] * 200

@@ -13,6 +13,9 @@ statsmodels; this module only fixes the conventions:
 - :func:`max_null_p`: the p-value of a winner picked from N candidates against the max over the N nulls of each
   permutation (the family-wise correction for "best layer" claims), and :func:`permutation_p`.
 - :func:`sign_flip_null`: the sign-flip null of per-item effects (no effect: each unit's sign is a coin flip).
+- :func:`resample_weights` / :func:`percentile_interval`: the grouped bootstrap in matrix form (how often each
+  distinct unit is drawn in each resample), for statistics computed from per-unit sums over many candidates at once
+  (e.g. the held-out R² of every layer's probe); the percentile interval of its draws.
 - :func:`group_codes`: distinct-unit codes of any key sequence.
 
 Every interval is a small :class:`Interval` (estimate, lo, hi, n units, confidence, method) with ``to_dict``.
@@ -277,3 +280,28 @@ def sign_flip_null(effects, groups=None, *, n_permutations: int = 999, seed: int
     n_permutations = _positive_int("n_permutations", n_permutations)
     signs = np.random.default_rng(seed).choice(np.array([-1.0, 1.0]), size=(n_permutations, int(codes.max()) + 1))
     return signs[:, codes] @ x / len(x)
+
+
+def resample_weights(groups, n_items: int, *, n_resamples: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(codes [n_items], W [n_resamples, k]): the distinct-unit code of each item, and for each bootstrap resample
+    how many times each of the k units is drawn (k draws with replacement). A statistic that is a function of
+    per-unit sums is then evaluated on every resample at once: ``W @ np.bincount(codes, x)``."""
+    codes = np.arange(n_items) if groups is None else group_codes(groups)
+    if len(codes) != n_items:
+        raise ValueError(f"groups has {len(codes)} keys for {n_items} items; give one key per item")
+    n_resamples = _positive_int("n_resamples", n_resamples, 2)
+    k = int(codes.max()) + 1
+    draws = np.random.default_rng(seed).integers(0, k, (n_resamples, k))
+    W = np.zeros((n_resamples, k))
+    np.add.at(W, (np.repeat(np.arange(n_resamples), k), draws.ravel()), 1.0)
+    return codes, W
+
+
+def percentile_interval(draws, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The percentile interval of bootstrap ``draws``; NaN when any draw is undefined (NaN)."""
+    d = np.asarray(draws, dtype=np.float64).reshape(-1)
+    if not np.isfinite(d).all():
+        return math.nan, math.nan
+    a = (1 - _confidence(confidence)) / 2
+    lo, hi = np.quantile(d, [a, 1 - a])
+    return float(lo), float(hi)

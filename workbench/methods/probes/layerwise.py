@@ -24,7 +24,7 @@ from workbench.methods.probes.base import (
     val_split,
 )
 from workbench.methods.probes.linear import ALPHAS, LogisticProbe, RidgeProbe, fit_softmax_regression
-from workbench.methods.stats import MaxNull, bootstrap_ci, max_null_p, permute_within_units
+from workbench.methods.stats import MaxNull, max_null_p, percentile_interval, permute_within_units, resample_weights
 
 
 # -- per-layer probing -----------------------------------------------------------------------------------------
@@ -149,6 +149,7 @@ def layerwise_ridge(
     fitted = _fit_ridge_stack(X[:, torch.from_numpy(tr).to(dev)], y_t[tr].to(dev), alphas, val_fraction, seed,
                               None if keys is None else keys[tr].tolist())
     rows, probes = [], {}
+    weights = resample_weights(None if keys is None else keys[te].tolist(), len(te)) if ci else None
     for layer, probe in zip(layers, fitted, strict=True):
         Xl = feats[layer]
         pred = probe.predict(Xl[te])
@@ -165,23 +166,26 @@ def layerwise_ridge(
             "d": Xl.shape[1],
         })
         if ci:
-            p, t = pred.double().numpy(), y_t[te].double().numpy()
-            g = None if keys is None else keys[te].tolist()
-            r2 = _interval(r2_score, p, t, g)
-            acc = _interval(probe_round_accuracy, p, t, g)
-            rows[-1] |= {"r2_lo": r2[0], "r2_hi": r2[1], "round_acc_lo": acc[0], "round_acc_hi": acc[1],
-                         "n_test_units": len(set(g)) if g is not None else len(t)}
+            rows[-1] |= _intervals(pred.double().numpy(), y_t[te].double().numpy(), *weights)
     return LayerwiseProbes(table=pd.DataFrame(rows), probes=probes)
 
 
-def _interval(statistic, p: np.ndarray, t: np.ndarray, groups) -> tuple[float, float]:
-    """95 % percentile bootstrap interval over distinct units (1,000 resamples); NaN where a resample leaves the
-    statistic undefined (e.g. one count only: no R²)."""
-    try:
-        ci = bootstrap_ci(statistic, p, t, groups=groups, method="percentile", n_resamples=1000)
-    except ValueError:
-        return float("nan"), float("nan")
-    return ci.lo, ci.hi
+def _intervals(p: np.ndarray, t: np.ndarray, codes: np.ndarray, W: np.ndarray) -> dict:
+    """95 % percentile bootstrap intervals of the held-out R² and probe-round accuracy over distinct units: the
+    resamples ``W`` (:func:`workbench.methods.stats.resample_weights`) applied to per-unit sums, every resample at
+    once. NaN where a resample leaves R² undefined (one count only)."""
+    n = W @ np.bincount(codes, minlength=W.shape[1])
+    sy, syy = W @ np.bincount(codes, t, W.shape[1]), W @ np.bincount(codes, t * t, W.shape[1])
+    ss_res = W @ np.bincount(codes, (p - t) ** 2, W.shape[1])
+    ss_tot = syy - sy * sy / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2 = np.where(ss_tot > 1e-12 * np.maximum(syy, 1), 1 - ss_res / ss_tot, np.nan)
+    right = (np.clip(np.rint(p), 1, 9) == t).astype(np.float64)
+    acc = (W @ np.bincount(codes, right, W.shape[1])) / n
+    r2_lo, r2_hi = percentile_interval(r2)
+    acc_lo, acc_hi = percentile_interval(acc)
+    return {"r2_lo": r2_lo, "r2_hi": r2_hi, "round_acc_lo": acc_lo, "round_acc_hi": acc_hi,
+            "n_test_units": W.shape[1]}
 
 
 def layerwise_max_null(

@@ -38,7 +38,6 @@ from workbench.methods.probes.features import residual_features_many
 from workbench.methods.probes.layerwise import layerwise_max_null, layerwise_ridge
 from workbench.methods.readout import readout_covectors, residual_covariance
 from workbench.methods.stats import accuracy_ci, mean_ci
-from workbench.studies.counting_readout.evaluation import evaluate_answers
 from workbench.studies.counting_readout.geometry import geometry_table, permutation_test
 from workbench.studies.counting_readout.interventions import steering_edit
 
@@ -166,20 +165,24 @@ def steering_controls(model: Model, test, digit_ids: Sequence[int], feats: dict,
     sub = test.subset(np.arange(min(n_prompts, len(test))))
     cache = PrefixCache.build(model, sub.prompts, batch_size=batch_size)
     groups = sub.prompts
+    ids = torch.tensor(list(digit_ids), dtype=torch.long)
+    gold = np.asarray(sub.counts)
 
-    def items_with(edits=None) -> pd.DataFrame:
-        return evaluate_answers(model, sub.prompts, sub.counts, digit_ids, edits=edits, generate=False, lens=False,
-                                cache=cache, batch_size=batch_size).items
+    def predict(edits=None) -> np.ndarray:
+        """The digit-restricted answer (1..9) of every prompt: the model's last-token logits recomputed under
+        ``edits`` (a dict, or a callable of the batch's prompt indices) on the prefix cache."""
+        out = np.zeros(len(sub), dtype=np.int64)
+        for batch in cache.batches:
+            e = edits(batch.index) if callable(edits) else edits
+            logits = cache.step(batch, edits=e).logits if e else batch.logits
+            out[batch.index] = logits.float().cpu()[:, ids].argmax(-1).numpy() + 1
+        return out
 
-    base = items_with()
-    base_correct = base.digit_correct.to_numpy(float)
+    base_correct = (predict() == gold).astype(np.float64)
     facts = {"steer_baseline_acc": float(base_correct.mean()), "steer_n_prompts": len(sub)}
 
-    def change(items) -> float:
-        return float(items.digit_correct.mean()) - float(base_correct.mean())
-
     def steer_score(u) -> float:
-        return change(items_with({site: steering_edit(u, alpha_abs)}))
+        return float((predict({site: steering_edit(u, alpha_abs)}) == gold).mean() - base_correct.mean())
 
     X = feats[best][tr].double()
     directions = {"probe": probe.direction_raw.double(), "class_mean": class_mean_direction(X, counts[tr])}
@@ -187,32 +190,29 @@ def steering_controls(model: Model, test, digit_ids: Sequence[int], feats: dict,
     null = direction_null(steer_score, units["probe"], n=n_null, seed=seed, progress=progress)
     rows = []
     for name, unit in units.items():
-        items = items_with({site: steering_edit(unit, alpha_abs)})
-        ci = mean_ci(items.digit_correct.to_numpy(float) - base_correct, groups=groups)
-        res = NullResult.of(change(items), null.null)
+        correct = (predict({site: steering_edit(unit, alpha_abs)}) == gold).astype(np.float64)
+        ci = mean_ci(correct - base_correct, groups=groups)
+        res = NullResult.of(ci.estimate, null.null)
         rows.append({"edit": f"steer_{name}", "alpha_abs": alpha_abs, "score": "accuracy_change",
                      "value": ci.estimate, "value_lo": ci.lo, "value_hi": ci.hi, "n_units": ci.n,
-                     "acc": float(items.digit_correct.mean())} | res.to_dict("null_"))
+                     "acc": float(correct.mean())} | res.to_dict("null_"))
     facts["class_mean_cos_probe"] = float(units["class_mean"] @ units["probe"])
     # the count-dependent edit: targets are other counts, drawn per prompt
     rng = np.random.default_rng(seed)
-    gold = np.asarray(sub.counts)
     targets = ((gold - 1 + rng.integers(1, 9, len(gold))) % 9) + 1
     w, b = _probe_readout(probe)
     H = cache.last_token([best])[best].double().cpu()
     shift = ((torch.from_numpy(targets).double() - (H @ w + b)) / w.norm()).abs()  # each prompt's displacement
 
-    def follow(items) -> float:
-        return float((items.digit_pred.to_numpy() == targets).mean())
-
     def null_score(u) -> float:
-        return follow(items_with(lambda index: {site: scaled_edit(u.float(), shift[index].float())}))
+        return float((predict(lambda index: {site: scaled_edit(u.float(), shift[index].float())}) == targets).mean())
 
-    items = items_with(lambda index: {site: probe_target_edit(w.float(), b, torch.from_numpy(targets[index]).float())})
+    pred = predict(lambda index: {site: probe_target_edit(w.float(), b, torch.from_numpy(targets[index]).float())})
     edit_null = direction_null(null_score, w / w.norm(), n=n_null, seed=seed + 1, progress=progress)
-    res = NullResult.of(follow(items), edit_null.null)
-    ci = accuracy_ci((items.digit_pred.to_numpy() == targets).astype(int), groups=groups)
+    follows = (pred == targets).astype(int)
+    res = NullResult.of(float(follows.mean()), edit_null.null)
+    ci = accuracy_ci(follows, groups=groups)
     rows.append({"edit": "count_edit", "alpha_abs": float(shift.mean()), "score": "follows_target",
                  "value": ci.estimate, "value_lo": ci.lo, "value_hi": ci.hi, "n_units": ci.n,
-                 "acc": float(items.digit_correct.mean())} | res.to_dict("null_"))
+                 "acc": float((pred == gold).mean())} | res.to_dict("null_"))
     return pd.DataFrame(rows), facts
