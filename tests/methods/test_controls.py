@@ -184,7 +184,7 @@ def test_direction_null_covers_zero_and_flags_the_planted_direction():
     assert 0.4 < np.mean([o.p_greater for o in others]) < 0.6
     row = res.to_dict("steer_")
     assert set(row) == {"steer_observed", "steer_p_greater", "steer_p_less", "steer_null_lo", "steer_null_hi",
-                        "steer_null_mean", "steer_null_sd", "steer_n"}
+                        "steer_null_mean", "steer_null_sd", "steer_n_null"}
     # seeded: the same null again; every null direction has the direction's norm
     assert np.array_equal(direction_null(score, planted * 3, seed=0).null, res.null)
     norms = []

@@ -222,7 +222,7 @@ def test_study_smoke_on_a_tiny_model(tmp_path):
                                        "nuisance_baseline", "residual_probe"}
     assert set(r.controls.variant) == {"plain", "decoupled"}
     assert set(r.steering.edit) == {"steer_probe", "steer_class_mean", "count_edit"}
-    assert (r.steering.null_n == cfg.n_null).all()
+    assert (r.steering.n_null == cfg.n_null).all() and {"null_lo", "null_hi", "p_greater"} <= set(r.steering.columns)
     assert set(r.geometry.basis) == {"raw", "gain", "gain_whitened"}
     ex = r.extras.set_index(["task", "key"]).value
     assert r.extras.key.str.startswith("decoupled_test_operand_").any()  # addition's held-out first operands

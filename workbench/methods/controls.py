@@ -250,7 +250,7 @@ class NullResult:
     def to_dict(self, prefix: str = "") -> dict:
         d = {"observed": self.observed, "p_greater": self.p_greater, "p_less": self.p_less,
              "null_lo": self.null_lo, "null_hi": self.null_hi, "null_mean": float(self.null.mean()),
-             "null_sd": float(self.null.std(ddof=1)) if self.n > 1 else math.nan, "n": self.n}
+             "null_sd": float(self.null.std(ddof=1)) if self.n > 1 else math.nan, "n_null": self.n}
         return {f"{prefix}{k}": v for k, v in d.items()}
 
 

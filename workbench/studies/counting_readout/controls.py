@@ -142,6 +142,12 @@ def readout_geometry(model: Model, feats: dict, probes: dict, counts: np.ndarray
     return geo, facts
 
 
+def _null_columns(res: NullResult) -> dict:
+    """The null's columns of a steering row: null_lo / null_hi (its 95 % range), null_mean, null_sd, p_greater,
+    p_less (the observed value against it, floor 1 / (1 + n_null)), n_null."""
+    return {k: v for k, v in res.to_dict().items() if k != "observed"}
+
+
 def _probe_readout(probe) -> tuple[torch.Tensor, float]:
     """(w, b) with the probe's prediction = w · h + b in raw residual coordinates."""
     w = probe.coef_std.double() / probe.std.double()
@@ -195,7 +201,7 @@ def steering_controls(model: Model, test, digit_ids: Sequence[int], feats: dict,
         res = NullResult.of(ci.estimate, null.null)
         rows.append({"edit": f"steer_{name}", "alpha_abs": alpha_abs, "score": "accuracy_change",
                      "value": ci.estimate, "value_lo": ci.lo, "value_hi": ci.hi, "n_units": ci.n,
-                     "acc": float(correct.mean())} | res.to_dict("null_"))
+                     "acc": float(correct.mean())} | _null_columns(res))
     facts["class_mean_cos_probe"] = float(units["class_mean"] @ units["probe"])
     # the count-dependent edit: targets are other counts, drawn per prompt
     rng = np.random.default_rng(seed)
@@ -214,5 +220,5 @@ def steering_controls(model: Model, test, digit_ids: Sequence[int], feats: dict,
     ci = accuracy_ci(follows, groups=groups)
     rows.append({"edit": "count_edit", "alpha_abs": float(shift.mean()), "score": "follows_target",
                  "value": ci.estimate, "value_lo": ci.lo, "value_hi": ci.hi, "n_units": ci.n,
-                 "acc": float((pred == gold).mean())} | res.to_dict("null_"))
+                 "acc": float((pred == gold).mean())} | _null_columns(res))
     return pd.DataFrame(rows), facts
