@@ -86,7 +86,7 @@ class ProbeData:
             p = self._saved["probes"]
             p = p[(p.task == task) & (p.seed == seed) & (p.get("variant", "last_token") == "last_token")]
             g = self._saved["geometry"]
-            g = g[(g.task == task) & (g.seed == seed)]
+            g = g[(g.task == task) & (g.seed == seed) & (g.get("basis", "raw") == "raw")]  # the live view's basis
         else:
             tp = self.live(task, seed)
             p, g = tp.table, tp.geometry
