@@ -170,3 +170,17 @@ def test_permutation_groups_keep_identical_prompts_identical():
     y = torch.arange(20, dtype=torch.float64).repeat(3)
     res = permutation_test(X, y, W, [1, 2], n_perm=50, seed=0, groups=[i % 20 for i in range(60)])
     assert res.null.shape == (50,)
+
+
+def test_whitened_permutation_test_matches_covector_cosines():
+    """With sigma, the observed statistic is the mean whitened |cos| of the real probe's direction."""
+    W = _rand(20, 8, seed=2)
+    X = _rand(60, 8, seed=4)
+    y = X[:, 0] * 2 + 0.1 * _rand(60, seed=5)
+    A = _rand(8, 8, seed=3)
+    S = A @ A.T + 0.1 * torch.eye(8, dtype=torch.float64)
+    res = permutation_test(X, y, W, [1, 2, 3], n_perm=30, seed=0, sigma=S)
+    probe = RidgeProbe(seed=0).fit(X, y)
+    assert res.alpha == probe.alpha
+    want = float(covector_cosines(probe.direction_raw, W[[1, 2, 3]], S).mean())
+    assert res.observed == pytest.approx(want, rel=1e-6)

@@ -135,7 +135,12 @@ def readout_geometry(model: Model, feats: dict, probes: dict, counts: np.ndarray
                            groups=g_tr)
     gain = permutation_test(feats[best][tr], y_tr, cov[best], list(range(len(digit_ids))), n_perm=n_permutations,
                             seed=seed, alpha=alpha, groups=g_tr)
-    facts = {"permutation_p": raw.p_value, "permutation_p_less": raw.p_less, "permutation_observed_cos": raw.observed,
+    white = permutation_test(feats[best][tr], y_tr, cov[best], list(range(len(digit_ids))), n_perm=n_permutations,
+                             seed=seed, alpha=alpha, groups=g_tr, sigma=sig[best])
+    facts = {"whitened_permutation_p": white.p_value, "whitened_permutation_p_less": white.p_less,
+             "whitened_permutation_observed_cos": white.observed,
+             "whitened_permutation_null_mean_cos": float(white.null.double().mean()),
+             "permutation_p": raw.p_value, "permutation_p_less": raw.p_less, "permutation_observed_cos": raw.observed,
              "permutation_null_mean_cos": float(raw.null.double().mean()),
              "gain_permutation_p": gain.p_value, "gain_permutation_p_less": gain.p_less,
              "gain_permutation_observed_cos": gain.observed, "n_permutations": n_permutations}

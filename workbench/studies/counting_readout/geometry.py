@@ -130,6 +130,7 @@ def permutation_test(
     *,
     alphas: Sequence[float] = ALPHAS,
     groups: Sequence | None = None,
+    sigma: Float[torch.Tensor, "d d"] | None = None,
 ) -> PermutationResult:
     """Is the ridge probe's mean |cos| with the digit rows larger than what shuffled counts give?
 
@@ -138,8 +139,10 @@ def permutation_test(
     so the null differs from the real fit only in the labels). One SVD serves all ``n_perm`` permutations.
     ``W_U`` may be any matrix of readout rows (e.g. the covectors through the final norm, with ``digit_ids``
     ``range(k)``). ``groups``: identical prompts keep identical labels under every permutation (the labels are
-    shuffled among distinct units). The p-value's floor is 1 / (1 + n_perm): use enough permutations to resolve
-    the p-values you report.
+    shuffled among distinct units). ``sigma``: compare in the whitened coordinates of this residual covariance
+    (:func:`workbench.methods.readout.covector_cosines`), so that the shuffled-count probes are the null of the
+    whitened |cos| too. The p-value's floor is 1 / (1 + n_perm): use enough permutations to resolve the p-values
+    you report.
     """
     Xt = as_features(X)
     yt = as_target(y, Xt.shape[0])
@@ -164,7 +167,14 @@ def permutation_test(
     Yc = Y - Y.mean(0)
     coef = Vh.T @ ((S / (S**2 + alpha))[:, None] * (U.T @ Yc))  # [d, 1 + n_perm]
     dirs = (coef / std[:, None]).T  # raw coordinates
-    stats = _abs_cos(dirs, _rows(W_U, ids)).mean(1)
+    rows = _rows(W_U, ids)
+    if sigma is None:
+        stats = _abs_cos(dirs, rows).mean(1)
+    else:
+        G = torch.as_tensor(sigma).detach().to("cpu", torch.float64)
+        num = (dirs @ G @ rows.T).abs()
+        stats = (num / torch.sqrt(torch.einsum("nd,de,ne->n", dirs, G, dirs)[:, None]
+                                  * torch.einsum("kd,de,ke->k", rows, G, rows)[None, :])).mean(1)
     observed, null = float(stats[0]), stats[1:].clone()
     p = (1 + int((null >= observed).sum())) / (1 + n_perm)
     p_less = (1 + int((null <= observed).sum())) / (1 + n_perm)
