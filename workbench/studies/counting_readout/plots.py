@@ -74,8 +74,7 @@ def probe_controls_by_layer(probes: pd.DataFrame, *, title: str | None = None) -
     return apply_theme(fig)
 
 
-BASES = (("raw", "raw head rows"), ("gain", "through the final norm"),
-         ("gain_whitened", "through the final norm, whitened"))
+BASES = (("raw", "raw head rows"), ("gain", "final-norm gain"), ("gain_whitened", "gain, whitened"))
 
 
 def cos_by_layer(geometry: pd.DataFrame, *, title: str | None = None) -> go.Figure:
