@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -323,7 +324,7 @@ def task_probes(model: Model, task: str, seed: int, cfg: CountingConfig, layers:
     tr_idx, te_idx = np.arange(len(train)), np.arange(len(train), len(prompts))
     feats = residual_features_many(model, prompts, layers, {"last_token": "last"},
                                    batch_size=cfg.batch_size)["last_token"]
-    lw = layerwise_ridge(feats, counts, tr_idx, te_idx, seed=seed, device=model.device)
+    lw = layerwise_ridge(feats, counts, tr_idx, te_idx, seed=seed, device=model.device, groups=prompts)
     geo = geometry_table(lw.probes, model.W_U.detach(), digit_ids, seed=seed)
     preds = {layer: lw.probes[layer].predict(feats[layer][te_idx]).numpy() for layer in layers}
     return TaskProbes(task=task, seed=seed, table=lw.table, geometry=geo, y_test=counts[te_idx], predictions=preds)
@@ -525,10 +526,18 @@ def run_counting_study(cfg: CountingConfig | None = None, *, model: Model | None
 
     # Principal angles between the span of the count directions (all tasks, best layers) and the digit rows.
     digit_rows = W_U[digit_ids_any].detach().double().T.cpu()  # [d, 9]
+    # A task whose best layer has constant features (e.g. the embedding of a shared last token) has a zero
+    # direction: it spans nothing, so it is left out of the span, loudly, and the row names the tasks used.
     for seed, dirs in directions_by_seed.items():
-        A = torch.stack([d.double() for d in dirs.values()], dim=1)  # [d, n_tasks]
+        live = {t: d for t, d in dirs.items() if float(d.norm()) > 0}
+        if len(live) < len(dirs):
+            warnings.warn(f"seed {seed}: the count direction of {sorted(set(dirs) - set(live))} is zero (constant "
+                          "features at its best layer); it is left out of the principal angles", stacklevel=2)
+        if not live:
+            continue
+        A = torch.stack([d.double() for d in live.values()], dim=1)  # [d, n_tasks]
         for i, deg in enumerate(principal_angles(A, digit_rows).tolist()):
-            angle_rows.append({"seed": seed, "angle_index": i, "degrees": deg, "tasks": ",".join(dirs)})
+            angle_rows.append({"seed": seed, "angle_index": i, "degrees": deg, "tasks": ",".join(live)})
     pct = row_norm_percentiles(W_U, digit_ids_any)
     norm_rows = [{"digit": k + 1, "token": model.tokenizer.convert_ids_to_tokens(t), "percentile": float(p)}
                  for k, (t, p) in enumerate(zip(digit_ids_any, pct.tolist()))]
