@@ -349,6 +349,7 @@ def test_14_an_interrupted_counting_study_resumes_per_unit(tmp_path, monkeypatch
     cfg = CountingConfig.smoke_config(tasks=("entity", "addition"), n_train=27, n_test=18, seeds=(11, 42),
                                       interventions=("digit_rows",))
     full = run_counting_study(cfg, model=m, progress=False)
+    checkpoint_dir_now = counting_study.checkpoint_dir(m, cfg, [1])
     real, calls = counting_study.residual_features_many, []
 
     def interrupted(*a, **k):
@@ -371,6 +372,14 @@ def test_14_an_interrupted_counting_study_resumes_per_unit(tmp_path, monkeypatch
     other = CountingConfig.smoke_config(tasks=("entity",), seeds=(11,), interventions=())
     with pytest.raises(ValueError, match="belongs to another study"):
         run_counting_study(other, model=m, progress=False, checkpoint=tmp_path / "ckpt")
+    # the same config from changed code: its units were computed differently, so nothing is resumed into the result
+    import workbench.io.checkpoint as checkpoint_module
+
+    monkeypatch.setattr(checkpoint_module, "code_fingerprint", lambda: "0" * 64)
+    with pytest.raises(ValueError, match="other workbench code"):
+        run_counting_study(cfg, model=m, progress=False, checkpoint=tmp_path / "ckpt")
+    monkeypatch.setattr(counting_study, "code_fingerprint", lambda: "0" * 64)  # the default folder moves with it
+    assert counting_study.checkpoint_dir(m, cfg, [1]) != checkpoint_dir_now
 
 
 # 15 ------------------------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@
     unit = store.load("pair-00003")          # None when that unit has not finished (or its file is damaged)
     store.save("pair-00003", {"scores": [...]})
 
-``spec`` (anything JSON can hold) is written once as ``spec.json``; opening the folder again with another spec raises,
-so a resume can only ever continue the same run. Units are JSON files written atomically; the folder is marked as
+``spec`` (anything JSON can hold) is written once as ``spec.json``, with the fingerprint of the workbench code that
+wrote it (:func:`~workbench.io.provenance.code_fingerprint`); opening the folder again with another spec, or from
+other code, raises, so a resume can only ever continue the same run of the same code. Units are JSON files written atomically; the folder is marked as
 owned (``kind``), so a checkpoint is never opened inside a folder the workbench did not create.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from workbench.io.atomic import atomic_write_json
 from workbench.io.owned import FolderOwnershipError, claim_folder, folder_kind, mark_owned
 from workbench.io.paths import safe_segment
-from workbench.io.provenance import json_roundtrip
+from workbench.io.provenance import code_fingerprint, json_roundtrip
 
 SPEC_FILE = "spec.json"
 
@@ -27,14 +28,18 @@ class UnitCheckpoint:
 
     def __init__(self, folder: str | Path, spec: dict, *, kind: str):
         self.folder, self.kind = Path(folder), kind
-        self.spec = json_roundtrip(spec, strict=False)
+        self.spec = json_roundtrip({"spec": spec, "code_sha256": code_fingerprint()}, strict=False)
         spec_file = self.folder / SPEC_FILE
         if spec_file.is_file():
             if folder_kind(self.folder) != kind:
                 raise FolderOwnershipError(f"{self.folder} is not a workbench {kind}")
-            if json.loads(spec_file.read_text()) != self.spec:
-                raise ValueError(f"the checkpoint in {self.folder} belongs to another study or another run (other "
-                                 "config, inputs or weights); choose another checkpoint folder or delete this one")
+            saved = json.loads(spec_file.read_text())
+            if saved != self.spec:
+                what = ("other workbench code: its units would mix two versions of the computation"
+                        if isinstance(saved, dict) and saved.get("spec") == self.spec["spec"]
+                        else "other config, inputs or weights")
+                raise ValueError(f"the checkpoint in {self.folder} belongs to another study or another run ({what}); choose another "
+                                 "checkpoint folder or delete this one")
         else:
             claim_folder(self.folder, kind, overwrite=False)
             self.folder.mkdir(parents=True, exist_ok=True)

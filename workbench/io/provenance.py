@@ -4,6 +4,8 @@ checkout, the clock, and the one JSON cleaner every card, manifest and record go
 from __future__ import annotations
 
 import datetime as _dt
+import functools
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -31,6 +33,17 @@ def package_versions(extra: Iterable[str] = ()) -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """sha256 over the workbench package's Python sources (relative path and bytes, sorted): what a resumable run
+    records, so that units written by other code are never resumed into a result."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def now() -> str:

@@ -49,7 +49,7 @@ from workbench.io.atomic import atomic_write_bytes, sha256_file
 from workbench.io.checkpoint import UnitCheckpoint
 from workbench.io.figures import write_result_tables
 from workbench.io.paths import cache_root, model_key, safe_segment
-from workbench.io.provenance import jsonable
+from workbench.io.provenance import code_fingerprint, jsonable
 from workbench.methods.activations import PrefixCache
 from workbench.methods.probes.base import probe_dir, save_probe
 from workbench.methods.probes.features import residual_features_many
@@ -331,10 +331,10 @@ def task_probes(model: Model, task: str, seed: int, cfg: CountingConfig, layers:
 
 
 def checkpoint_dir(model: Model, cfg: CountingConfig, layers: Sequence[int]) -> Path:
-    """The default checkpoint folder of a study: in the user cache, keyed by the model's weights and the
-    canonical config, so a resume can only ever continue the same study."""
-    spec = json.dumps(jsonable({"config": asdict(cfg), "layers": list(layers), "weights": model.weights_hash}),
-                      sort_keys=True)
+    """The default checkpoint folder of a study: in the user cache, keyed by the model's weights, the canonical
+    config and the workbench code, so a resume can only ever continue the same study run by the same code."""
+    spec = json.dumps(jsonable({"config": asdict(cfg), "layers": list(layers), "weights": model.weights_hash,
+                                "code": code_fingerprint()}), sort_keys=True)
     return cache_root() / "checkpoints" / "counting" / f"{model_key(model)}-{hashlib.sha256(spec.encode()).hexdigest()[:16]}"
 
 
