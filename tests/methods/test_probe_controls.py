@@ -173,3 +173,30 @@ def test_default_types_skip_a_constant_nuisance(planted):
     one = probe_controls(X, count, nu[["n_words"]], tr, te, seed=0, **FAST)
     assert np.isnan(one["control_task"]["r2"]) and np.isnan(one["selectivity"]["round_acc"])
     assert one["nuisance_baseline"]["r2"] <= 0.0 and one["residual_probe"]["r2"] > 0.8
+
+
+def test_the_probe_row_is_the_layerwise_probe_with_repeated_prompts():
+    """Same rows, split, groups and seed: the controls' probe is the study's probe (alpha chosen on a grouped
+    validation split in both). With every prompt repeated four times, an ungrouped validation split lets a prompt
+    choose its own alpha, and the two disagree."""
+    from workbench.methods.probes.linear import RidgeProbe
+    from workbench.methods.probes.layerwise import layerwise_ridge
+
+    rng = np.random.default_rng(3)
+    n_units = 90
+    y_u = rng.integers(1, 10, n_units)
+    X_u = np.outer(y_u, rng.normal(size=D)) + 3.0 * rng.normal(size=(n_units, D))
+    rows = np.repeat(np.arange(n_units), 4)
+    X = torch.from_numpy(X_u[rows] + 0.05 * rng.normal(size=(len(rows), D))).float()
+    y, groups = y_u[rows], [f"p{u}" for u in rows]
+    tr, te = np.flatnonzero(rows < 60), np.flatnonzero(rows >= 60)
+    res = probe_controls(X, y, pd.DataFrame({"n_words": rows % 5}), tr, te, groups=groups, seed=4, **FAST)
+    lw = layerwise_ridge({0: X}, y.astype(float), tr, te, seed=4, groups=groups)
+    assert res.alpha["probe"] == lw.probes[0].alpha
+    assert res["probe"]["r2"] == pytest.approx(float(lw.table.r2_test.iloc[0]), abs=1e-6)
+    g_tr = [groups[i] for i in tr]
+    grouped = RidgeProbe(seed=4).fit(X[tr], y[tr], groups=g_tr)
+    leaky = RidgeProbe(seed=4).fit(X[tr], y[tr])
+    assert grouped.alpha == lw.probes[0].alpha and leaky.alpha < grouped.alpha  # duplicates favour a weak penalty
+    with pytest.raises(ValueError, match="one key per row"):
+        RidgeProbe(seed=4).fit(X[tr], y[tr], groups=g_tr[:-1])

@@ -308,7 +308,7 @@ def probe_controls(
     alpha: dict[str, Any] = {}
 
     def fit_predict(key: str, F: torch.Tensor, target: np.ndarray, fit_seed: int = seed) -> np.ndarray:
-        probe = RidgeProbe(alphas=grid, seed=fit_seed).fit(F[tr], target[tr])
+        probe = RidgeProbe(alphas=grid, seed=fit_seed).fit(F[tr], target[tr], groups=units[tr])
         alpha[key] = probe.alpha if key != "shuffled_labels" else [*alpha.get(key, []), probe.alpha]
         return probe.predict(F[te]).numpy()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 
@@ -45,6 +46,15 @@ def _ridge_path(
     Uty = U.T @ yc
     a = torch.tensor(alphas, dtype=torch.float64)[:, None]
     return ((S / (S**2 + a)) * Uty) @ Vh  # [a, d]
+
+
+def _check_groups(groups, n: int):
+    if groups is None:
+        return None
+    keys = groups.tolist() if isinstance(groups, np.ndarray) else list(groups)
+    if len(keys) != n:
+        raise ValueError(f"groups has {len(keys)} keys for {n} rows of X; give one key per row")
+    return keys
 
 
 # -- ridge -----------------------------------------------------------------------------------------------------
@@ -87,7 +97,9 @@ class RidgeProbe(Probe):
         return f"RidgeProbe(d={self.coef_std.shape[0]}, alpha={self.alpha:g}, n_train={self.n_train})"
 
     # -- fitting ---------------------------------------------------------------------------------------------
-    def fit(self, X: Float[Array, "n d"], y: Float[Array, " n"]) -> RidgeProbe:
+    def fit(self, X: Float[Array, "n d"], y: Float[Array, " n"], groups=None) -> RidgeProbe:
+        """Fit; alpha on a validation split of these rows that keeps rows with the same ``groups`` key (e.g. the
+        prompt text) on one side, so a repeated prompt cannot choose its own alpha."""
         X = as_features(X)
         y = as_target(y, X.shape[0])
         if float(y.std()) == 0.0:
@@ -96,7 +108,7 @@ class RidgeProbe(Probe):
             chosen = self.fixed_alpha
             self.alpha_scores = {}
         else:
-            fit_idx, val_idx = val_split(X.shape[0], self.val_fraction, self.seed)
+            fit_idx, val_idx = val_split(X.shape[0], self.val_fraction, self.seed, _check_groups(groups, X.shape[0]))
             mean, std = standardise_stats(X[fit_idx])
             y_fit = y[fit_idx]
             W = _ridge_path((X[fit_idx] - mean) / std, y_fit - y_fit.mean(), self.alphas)
@@ -282,7 +294,8 @@ class LogisticProbe(Probe):
         coef, icpt = fit_softmax_regression(Xs[None], target, len(classes), C, max_iter=self.max_iter)
         return classes, coef[0], icpt[0]
 
-    def fit(self, X: Float[Array, "n d"], y: Int[Array, " n"]) -> LogisticProbe:
+    def fit(self, X: Float[Array, "n d"], y: Int[Array, " n"], groups=None) -> LogisticProbe:
+        """Fit; C on a validation split that keeps rows with the same ``groups`` key on one side."""
         X = as_features(X)
         y = self._labels(y, X.shape[0])
         classes = torch.unique(y)
@@ -292,7 +305,7 @@ class LogisticProbe(Probe):
             chosen = self.fixed_C
             self.C_scores = {}
         else:
-            fit_idx, val_idx = val_split(X.shape[0], self.val_fraction, self.seed)
+            fit_idx, val_idx = val_split(X.shape[0], self.val_fraction, self.seed, _check_groups(groups, X.shape[0]))
             if len(torch.unique(y[fit_idx])) < 2:
                 raise ValueError("the training part of the validation split has a single class; give more data")
             mean, std = standardise_stats(X[fit_idx])

@@ -155,7 +155,7 @@ def permutation_test(
     if float(yt.std()) == 0.0:
         raise ValueError("y is constant; a probe direction is undefined")
     if alpha is None:
-        alpha = RidgeProbe(alphas=alphas, seed=seed).fit(Xt, yt).alpha
+        alpha = RidgeProbe(alphas=alphas, seed=seed).fit(Xt, yt, groups=groups).alpha
     elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
         raise ValueError(f"alpha must be a positive number or None, got {alpha!r}")
     mean, std = standardise_stats(Xt)
