@@ -355,3 +355,33 @@ def test_cli_grid_bad_input_is_status_2(no_kernel, capsys, tmp_path):
     assert "not valid YAML" in capsys.readouterr().err
     assert main(["run", "01", "--grid", str(grid)]) == 2
     assert "drop the names" in capsys.readouterr().err
+
+
+def test_a_full_run_that_succeeded_is_stored_without_outputs(tmp_path):
+    """The executed copy of a full run is committed under figures/: no outputs, no execution counts; a failed (or
+    smoke) run keeps them, and the papermill metadata points at the final name either way."""
+    def executed_copy(name: str) -> Path:
+        nb = nbformat.v4.new_notebook()
+        cell = nbformat.v4.new_code_cell("print(1)", execution_count=3,
+                                         outputs=[nbformat.v4.new_output("stream", name="stdout", text="1\n")])
+        nb.cells = [nbformat.v4.new_markdown_cell("# t"), cell]
+        tmp = tmp_path / f".{name}.tmp.ipynb"
+        nbformat.write(nb, tmp)
+        return tmp
+
+    nbs._finalise_executed(executed_copy("ok"), tmp_path / "ok.ipynb", strip=True)
+    nbs._finalise_executed(executed_copy("failed"), tmp_path / "failed.ipynb", strip=False)
+    ok, failed = (nbformat.read(tmp_path / f"{n}.ipynb", as_version=4) for n in ("ok", "failed"))
+    assert ok.cells[1].outputs == [] and ok.cells[1].execution_count is None and ok.cells[1].source == "print(1)"
+    assert failed.cells[1].outputs[0]["text"] == "1\n" and failed.cells[1].execution_count == 3
+    assert ok.metadata["papermill"]["output_path"].endswith("ok.ipynb")
+    assert not list(tmp_path.glob(".*.tmp.ipynb"))
+
+
+def test_committed_executed_notebooks_carry_no_outputs():
+    for path in sorted((ROOT / "figures").rglob("*.ipynb")):
+        if "_smoke" in path.parts or path.name.startswith("."):
+            continue
+        nb = nbformat.read(path, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert not any(c.outputs or c.execution_count is not None for c in code), f"{path} has outputs"

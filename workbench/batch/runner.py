@@ -26,7 +26,8 @@ Kernel and imports
     (``HF_HUB_DISABLE_PROGRESS_BARS=1``) so executed notebooks stay readable.
 
 A failing notebook does not stop the others: its :class:`Result` carries the error, and its executed copy (with
-the failing cell's traceback) is still written.
+the failing cell's traceback) is still written. The executed copy of a full run that succeeded is stored without
+outputs and execution counts (it is committed; the results are the figures and tables beside it).
 """
 
 from __future__ import annotations
@@ -372,15 +373,19 @@ def _describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-def _finalise_executed(tmp: Path, final: Path) -> None:
-    """Move papermill's output into place, pointing its recorded output path at the final name."""
-
-
+def _finalise_executed(tmp: Path, final: Path, *, strip: bool = False) -> None:
+    """Move papermill's output into place, pointing its recorded output path at the final name. ``strip``: drop the
+    cells' outputs and execution counts (a full run that succeeded: its results are the figures and tables beside
+    it, and the executed copy is committed); a failed or smoke run keeps them (the traceback, the explorers)."""
     if not tmp.exists():
         return
     try:
         nb = nbformat.read(tmp, as_version=4)
         nb.metadata.setdefault("papermill", {})["output_path"] = relative_to_root(final)
+        if strip:
+            for cell in nb.cells:
+                if cell.cell_type == "code":
+                    cell.outputs, cell.execution_count = [], None
         atomic_write_text(final, nbformat.writes(nb))
         os.chmod(final, 0o644)
     finally:
@@ -477,7 +482,7 @@ def run_notebooks(
             result.error = _describe_error(e)
         finally:
             result.wall_time_s = time.perf_counter() - t0
-            _finalise_executed(tmp, executed)
+            _finalise_executed(tmp, executed, strip=result.ok and not smoke)
             write_run_record(result)
         with contextlib.suppress(Exception):
             records = read_manifest(out_dir)["records"]
