@@ -61,12 +61,14 @@ def test_committed_notebook_is_clean_and_parameterised(stem):
 TINY = {
     "01_logit_lens": {"model": "tiny-smollm2"},
     "02_counting_readout": {"model": "tiny-smollm2"},
-    "03_visual_ignorance": {"model": "tiny-vlm", "donor": "tiny-vlm-balanced", "base_lm": "tiny-smollm2"},
+    "03_visual_ignorance": {"model": "tiny-vlm", "donor": "tiny-vlm-balanced", "base_lm": "tiny-smollm2",
+                            "same_prior_donor": "tiny-vlm-s1", "seed_models": ["tiny-vlm-s1", "tiny-vlm-balanced-s1"]},
     "04_latent_drift": {"model": "tiny-smollm2"},
     "05_sae_features": {"model": "tiny-smollm2", "site": "blocks.2.hook_resid_post", "sae": "train",
                         "bench_architectures": ["topk"], "bench_testbed": "tiny-vlm-balanced"},
     "06_tuned_lens_patching": {"model": "tiny-smollm2"},
-    "07_encoded_expressed": {"model": "tiny-smollm2", "vlms": ["tiny-vlm", "tiny-vlm-balanced"]},
+    "07_encoded_expressed": {"model": "tiny-smollm2", "vlms": ["tiny-vlm", "tiny-vlm-balanced"],
+                             "vip_vlms": ["tiny-vlm", "tiny-vlm-balanced", "tiny-vlm-s1", "tiny-vlm-balanced-s1"]},
 }
 
 

@@ -5,6 +5,7 @@ import copy
 import random
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -14,7 +15,15 @@ from workbench.methods.answering import answer_items, blank_image, candidate_tok
 from workbench.methods.blur import KERNELS, blur_decay, check_kernels, gaussian_blur, gaussian_kernel_1d, opencv_sigma
 from workbench.methods.probes.base import load_probe, save_probe
 from workbench.methods.probes.mlp import MLPProbe, layerwise_mlp
-from workbench.methods.routing import image_patching, layer_replacement, replacement_windows, swap_layers
+from workbench.methods.routing import (
+    image_patching,
+    layer_replacement,
+    random_layer_control,
+    random_layer_sets,
+    replacement_windows,
+    swap_layer_set,
+    swap_layers,
+)
 from workbench.testing.tiny import tiny_vlm
 
 # Byte tokenizer: candidates need distinct first bytes.
@@ -217,6 +226,83 @@ def test_layer_replacement_scan(vlm, donor):
             pass
     with pytest.raises(ValueError, match="window 9"):
         replacement_windows(3, window=9)
+
+
+def test_random_layer_control_swaps_random_sets_and_restores(vlm, donor):
+    sets = random_layer_sets(30, 10, 10, seed=0)
+    assert len(set(sets)) == 10 and all(len(x) == 10 and list(x) == sorted(x) for x in sets)
+    assert sets == random_layer_sets(30, 10, 10, seed=0) and all(max(x) - min(x) > 9 for x in sets[:3])
+    with pytest.raises(ValueError, match="size"):
+        random_layer_sets(3, 3, 1)
+    with pytest.raises(ValueError, match="distinct sets"):
+        random_layer_sets(3, 1, 5)  # only 3 sets of 1 layer exist
+    items = _items(4)
+    before = answer_items(vlm, items, candidates=CANDS)
+    with swap_layer_set(vlm, donor, [0, 2]):
+        swapped = answer_items(vlm, items, candidates=CANDS)
+    with swap_layers(vlm, donor, 0, 0), swap_layer_set(vlm, donor, [2]):
+        nested = answer_items(vlm, items, candidates=CANDS)
+    np.testing.assert_allclose(swapped.p_gold, nested.p_gold, rtol=1e-5)  # the same layers, swapped two ways
+    np.testing.assert_array_equal(answer_items(vlm, items, candidates=CANDS).p_gold, before.p_gold)  # restored
+    df = random_layer_control(vlm, vlm, items, 1, 2, candidates=CANDS)  # donor = itself: nothing changes
+    assert list(df.scheme) == ["random", "random"] and (df.flip_rate == 0).all() and df.n_swapped.eq(1).all()
+    assert {"prior_rate_lo", "accuracy_hi", "layers"} <= set(df.columns)
+
+
+def _replacement(window_rate, same_rate, random_rates, n=100):
+    from workbench.methods.stats import wilson_ci
+
+    def row(pair, control, scheme, s, e, rate, n_swapped=None):
+        iv = wilson_ci(int(round(rate * n)), n)
+        return {"pair": pair, "control": control, "scheme": scheme, "start": s, "end": e,
+                "n_swapped": n_swapped if n_swapped is not None else (0 if s < 0 else e - s + 1),
+                "prior_rate": iv.estimate, "prior_rate_lo": iv.lo, "prior_rate_hi": iv.hi}
+    rows = [row("m <- d", "", "none", -1, -1, 0.73), row("m <- d", "", "window", 5, 14, window_rate),
+            row("m <- s", "same-prior donor", "window", 5, 14, same_rate)]
+    rows += [row("m <- d", "random layers", "random", 0, 29, r, 10) for r in random_rates]
+    return pd.DataFrame(rows)
+
+
+def _visual_result(replacement):
+    import workbench.studies.visual_ignorance.study as vs
+
+    empty = pd.DataFrame()
+    return vs.VisualResult(config={"donor": "d"}, model="m", weights_hash="", accuracy=empty, replacement=replacement,
+                           patching=empty, probes=empty, decay=empty, decay_summary=empty, decay_items=empty,
+                           items=empty)
+
+
+def test_replacement_controls_separate_the_prior_from_disruption():
+    located = _visual_result(_replacement(0.31, 0.75, [0.7, 0.65, 0.72, 0.8, 0.6, 0.7, 0.74, 0.69, 0.71, 0.66] * 2))
+    row = located.replacement_controls().iloc[0]
+    assert row.verdict.startswith("the prior's location") and row.random_le == 0 and row.p_random == 1 / 21
+    same = _visual_result(_replacement(0.31, 0.30, [0.7] * 20)).replacement_controls().iloc[0]
+    assert same.verdict.startswith("disruption: the same-prior donor")
+    rand = _visual_result(_replacement(0.31, 0.75, [0.2, 0.3, 0.25] + [0.7] * 17))
+    assert rand.replacement_controls().iloc[0].verdict.startswith("disruption: random donor layers")
+    few = _visual_result(_replacement(0.31, 0.75, [0.7] * 10)).replacement_controls().iloc[0]
+    assert few.verdict.startswith("disruption: random")  # 10 draws: p >= 1/11, never below 0.05
+    none = _visual_result(_replacement(0.70, 0.75, [0.7] * 20)).replacement_controls().iloc[0]
+    assert none.verdict.startswith("no cut")
+
+
+def test_blur_comparison_only_where_the_model_is_above_chance():
+    import workbench.studies.visual_ignorance.study as vs
+    from workbench.methods.blur import DecayResult
+
+    items = [vqa.VQAItem(Image.new("RGB", (8, 8)), "is there a circle?", "yes" if k % 2 else "no", "yesno")
+             for k in range(40)]
+    answers = pd.Series([it.answer for it in items])
+
+    def result(n_right):
+        pred = answers.where(np.arange(40) < n_right, answers.map({"yes": "no", "no": "yes"}))
+        table = pd.DataFrame({"answer": answers, "answer_k1": pred, "answerable_without_seeing": [True] * 40})
+        return DecayResult(pd.DataFrame({"kernel": [1], "accuracy": [n_right / 40]}), table, 1.0, 1.0, 40, (1,))
+
+    chance = vs.above_chance(result(22), items)  # 0.55 of a balanced yes/no split: not above 0.5
+    assert chance["chance"] == 0.5 and not chance["above_chance"] and np.isnan(chance["answerable_without_seeing_valid"])
+    good = vs.above_chance(result(38), items)
+    assert good["above_chance"] and good["answerable_without_seeing_valid"] == 1.0 and good["accuracy_unblurred_lo"] > 0.5
 
 
 def test_swap_refuses_an_incompatible_donor(vlm):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
@@ -27,6 +28,7 @@ from workbench.core.vlm import image_token_mask
 from workbench.data.checks import check_range
 from workbench.data.vqa import ANSWERS, VQAItem
 from workbench.methods.answering import answer_items, vqa_inputs
+from workbench.methods.stats import wilson_ci
 
 
 def _decoder_layers(model) -> torch.nn.ModuleList:
@@ -60,13 +62,56 @@ def check_compatible(model, donor) -> None:
 @contextlib.contextmanager
 def swap_layers(model, donor, start: int, end: int) -> Iterator[None]:
     """While the block runs, ``model``'s decoder layers start..end (inclusive) are ``donor``'s."""
-    check_compatible(model, donor)
     start, end = check_range("layers", (start, end), 0, model.n_layers - 1)
-    donor_layers = _decoder_layers(donor)
-    repl = {model.arch.layer_path(i): donor_layers[i] for i in range(start, end + 1)}
-
-    with swap_modules(model, repl):
+    with swap_layer_set(model, donor, range(start, end + 1)):
         yield
+
+
+@contextlib.contextmanager
+def swap_layer_set(model, donor, layers: Sequence[int]) -> Iterator[None]:
+    """While the block runs, ``model``'s decoder layers ``layers`` (any set, each in 0..n_layers-1) are ``donor``'s,
+    each at its own index."""
+    check_compatible(model, donor)
+    layers = sorted({int(i) for i in layers})
+    bad = [i for i in layers if not 0 <= i < model.n_layers]
+    if bad or not layers:
+        raise ValueError(f"layers {bad or '(none)'} not allowed: give decoder layers in 0..{model.n_layers - 1}")
+    donor_layers = _decoder_layers(donor)
+    with swap_modules(model, {model.arch.layer_path(i): donor_layers[i] for i in layers}):
+        yield
+
+
+def random_layer_sets(n_layers: int, size: int, n_draws: int, *, seed: int = 0) -> list[tuple[int, ...]]:
+    """``n_draws`` distinct sets of ``size`` decoder layers drawn at random (not contiguous), sorted: the control
+    for a contiguous window of the same size (does any replacement of that many layers do the same?)."""
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size < n_layers:
+        raise ValueError(f"size {size!r} is not allowed: 1..{n_layers - 1}")
+    if isinstance(n_draws, bool) or not isinstance(n_draws, int) or n_draws < 1:
+        raise ValueError(f"n_draws must be a positive int, got {n_draws!r}")
+    rng = np.random.default_rng(seed)
+    out: list[tuple[int, ...]] = []
+    for _ in range(100 * n_draws):
+        s = tuple(sorted(int(i) for i in rng.choice(n_layers, size, replace=False)))
+        if s not in out:
+            out.append(s)
+        if len(out) == n_draws:
+            return out
+    raise ValueError(f"only {len(out)} distinct sets of {size} of {n_layers} layers found; ask for fewer draws")
+
+
+def random_layer_control(model, donor, items: Sequence[VQAItem], size: int, n_draws: int, *, seed: int = 0,
+                         candidates: Sequence[str] = ANSWERS, batch_size: int = 32) -> pd.DataFrame:
+    """Answers of ``model`` with random sets of ``size`` layers taken from ``donor`` (:func:`random_layer_sets`):
+    one row per draw (scheme "random", ``layers`` lists them), the same columns as :func:`layer_replacement`."""
+    check_compatible(model, donor)
+    base = answer_items(model, items, candidates=candidates, batch_size=batch_size)
+    rows = []
+    for layers in random_layer_sets(model.n_layers, size, n_draws, seed=seed):
+        with swap_layer_set(model, donor, layers):
+            df = answer_items(model, items, candidates=candidates, batch_size=batch_size)
+        rows.append(_row("random", min(layers), max(layers), df, base) | {"n_swapped": len(layers),
+                                                                         "layers": ",".join(map(str, layers))})
+    return pd.DataFrame(rows)
 
 
 def replacement_windows(n_layers: int, sizes: Sequence[int] = (), window: int | None = None,
@@ -118,11 +163,17 @@ def layer_replacement(
 
 def _row(scheme: str, s: int, e: int, df: pd.DataFrame, base: pd.DataFrame) -> dict:
     has_prior = df["prior_answer"].notna()
-    return {"scheme": scheme, "start": s, "end": e, "n_swapped": 0 if s < 0 else e - s + 1,
-            "flip_rate": float((df["pred"].values != base["pred"].values).mean()),
-            "accuracy": float(df["correct"].mean()),
-            "prior_rate": float(df.loc[has_prior, "says_prior"].mean()) if has_prior.any() else float("nan"),
-            "p_gold": float(df["p_gold"].mean()), "n": len(df)}
+    acc = wilson_ci(int(df["correct"].sum()), len(df))
+    row = {"scheme": scheme, "start": s, "end": e, "n_swapped": 0 if s < 0 else e - s + 1,
+           "layers": "" if s < 0 else ",".join(map(str, range(s, e + 1))),
+           "flip_rate": float((df["pred"].values != base["pred"].values).mean()),
+           "accuracy": acc.estimate, "accuracy_lo": acc.lo, "accuracy_hi": acc.hi,
+           "prior_rate": float("nan"), "prior_rate_lo": float("nan"), "prior_rate_hi": float("nan"),
+           "p_gold": float(df["p_gold"].mean()), "n": len(df), "n_prior": int(has_prior.sum())}
+    if has_prior.any():
+        pr = wilson_ci(int(df.loc[has_prior, "says_prior"].sum()), int(has_prior.sum()))
+        row |= {"prior_rate": pr.estimate, "prior_rate_lo": pr.lo, "prior_rate_hi": pr.hi}
+    return row
 
 
 # -- activation patching between inputs ---------------------------------------------------------------------------
@@ -211,7 +262,9 @@ def _patch_row(direction: str, pos: str, layer: int, df: pd.DataFrame, src: pd.D
         a, b, m = float(dst[metric].mean()), float(src[metric].mean()), float(df[metric].mean())
         return (m - a) / (b - a) if abs(b - a) >= MIN_RECOVERY_GAP else float("nan")
 
-    return {"direction": direction, "positions": pos, "layer": layer, "accuracy": float(df["correct"].mean()),
-            "p_gold": float(df["p_gold"].mean()),
-            "agree_source": float((df["pred"].values == src["pred"].values).mean()),
+    acc = wilson_ci(int(df["correct"].sum()), len(df))
+    agree = wilson_ci(int((df["pred"].values == src["pred"].values).sum()), len(df))
+    return {"direction": direction, "positions": pos, "layer": layer, "accuracy": acc.estimate,
+            "accuracy_lo": acc.lo, "accuracy_hi": acc.hi, "p_gold": float(df["p_gold"].mean()),
+            "agree_source": agree.estimate, "agree_source_lo": agree.lo, "agree_source_hi": agree.hi,
             "recovery_accuracy": rec("correct"), "recovery_p_gold": rec("p_gold"), "n": len(df)}

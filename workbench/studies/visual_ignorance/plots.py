@@ -12,7 +12,8 @@ from workbench.plotting.theme import PAPER_COLORWAY, apply_theme
 
 
 def vqa_accuracy_bars(accuracy: pd.DataFrame, value: str = "correct", *, title: str | None = None) -> go.Figure:
-    """Accuracy per split: one bar group per split, one bar per (model, condition: image / blank / noise)."""
+    """Accuracy per split: one bar group per split, one bar per (model, condition: image / blank / noise), with the
+    95 % interval where the frame has ``<value>_lo`` / ``_hi``."""
     check_frame(accuracy, ("model", "condition", "split", value), "vqa_accuracy_bars")
     fig = go.Figure()
     i = 0
@@ -21,8 +22,11 @@ def vqa_accuracy_bars(accuracy: pd.DataFrame, value: str = "correct", *, title: 
             sub = accuracy[(accuracy.model == model) & (accuracy.condition == condition)]
             if sub.empty:
                 continue
-            fig.add_trace(go.Bar(x=sub.split, y=sub[value], name=f"{model}, {condition}",
-                                 marker=dict(color=PAPER_COLORWAY[list(dict.fromkeys(accuracy.model)).index(model)],
+            err = ({"type": "data", "symmetric": False, "array": sub[f"{value}_hi"] - sub[value],
+                    "arrayminus": sub[value] - sub[f"{value}_lo"]} if f"{value}_lo" in sub else None)
+            models = list(dict.fromkeys(accuracy.model))
+            fig.add_trace(go.Bar(x=sub.split, y=sub[value], name=f"{model}, {condition}", error_y=err,
+                                 marker=dict(color=PAPER_COLORWAY[models.index(model) % len(PAPER_COLORWAY)],
                                              pattern_shape=pattern, opacity=1.0 if condition == "image" else 0.55)))
             i += 1
     fig.update_layout(title=title or "VQA accuracy with the image and blind baselines", barmode="group",
@@ -52,6 +56,8 @@ def visual_probe_curves(probes: pd.DataFrame, *, title: str | None = None) -> go
 def replacement_heatmap(replacement: pd.DataFrame, value: str = "prior_rate", *, title: str | None = None) -> go.Figure:
     """Counterfactual layer replacement: rows = (model <- donor) pairs, columns = swapped range, colour = value."""
     check_frame(replacement, ("pair", "scheme", "start", "end", value), "replacement_heatmap")
+    if "control" in replacement:  # the random-layer control has no window: its own figure
+        replacement = replacement[replacement.control != "random layers"]
     df = replacement[replacement.scheme != "none"].copy()
     order = {"first": 0, "window": 1, "last": 2}
     df["label"] = [f"{s} {a}-{b}" for s, a, b in zip(df.scheme, df.start, df.end)]
@@ -68,6 +74,35 @@ def replacement_heatmap(replacement: pd.DataFrame, value: str = "prior_rate", *,
                                hovertemplate="%{y}<br>layers %{x}<br>" + value + " %{z:.3f}<extra></extra>"))
     fig.update_layout(title=title or f"Counterfactual layer replacement: {value.replace('_', ' ')}",
                       xaxis_title="decoder layers taken from the donor", height=220 + 60 * len(pairs))
+    return apply_theme(fig)
+
+
+def replacement_controls_figure(controls: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+    """Per window taken from the donor: the prior rate (95 % Wilson interval), the same window from the same-prior
+    donor, and the random-layer control's draws (grey points at the windows of their size), baseline dashed."""
+    check_frame(controls, ("scheme", "start", "end", "prior_rate", "prior_rate_lo", "prior_rate_hi", "baseline"),
+                "replacement_controls_figure")
+    labels = [f"{s} {a}-{b}" for s, a, b in zip(controls.scheme, controls.start, controls.end)]
+    fig = go.Figure()
+    fig.add_scatter(x=labels, y=controls.prior_rate, mode="markers", name="from the donor (other prior)",
+                    error_y={"type": "data", "symmetric": False, "array": controls.prior_rate_hi - controls.prior_rate,
+                             "arrayminus": controls.prior_rate - controls.prior_rate_lo}, marker={"size": 10})
+    if "same_prior" in controls:
+        fig.add_scatter(x=labels, y=controls.same_prior, mode="markers", name="from the same-prior donor",
+                        error_y={"type": "data", "symmetric": False,
+                                 "array": controls.same_prior_hi - controls.same_prior,
+                                 "arrayminus": controls.same_prior - controls.same_prior_lo},
+                        marker={"size": 10, "symbol": "square"})
+    if "random_mean" in controls:
+        sub = controls.dropna(subset=["random_mean"])
+        fig.add_scatter(x=[f"{s} {a}-{b}" for s, a, b in zip(sub.scheme, sub.start, sub.end)], y=sub.random_min,
+                        mode="markers", name="random donor layers: lowest of the draws",
+                        marker={"color": "#7f7f7f", "symbol": "triangle-down", "size": 9})
+        fig.add_scatter(x=[f"{s} {a}-{b}" for s, a, b in zip(sub.scheme, sub.start, sub.end)], y=sub.random_mean,
+                        mode="markers", name="random donor layers: mean", marker={"color": "#7f7f7f", "size": 9})
+    fig.add_hline(y=float(controls.baseline.iloc[0]), line_dash="dash", annotation_text="no replacement")
+    fig.update_layout(title=title or "Layer replacement with its controls: prior rate on prior-violating items",
+                      xaxis_title="decoder layers replaced", yaxis_title="answers the prior (red)", yaxis_range=[0, 1])
     return apply_theme(fig)
 
 

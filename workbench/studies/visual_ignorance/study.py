@@ -46,13 +46,16 @@ from workbench.methods.answering import answer_items, blank_image, noise_image, 
 from workbench.methods.blur import KERNELS, blur_decay, check_kernels, gaussian_blur
 from workbench.methods.probes.base import probe_dir, save_probe
 from workbench.methods.probes.mlp import layerwise_mlp
-from workbench.methods.routing import image_patching, layer_replacement, replacement_windows
+from workbench.methods.routing import image_patching, layer_replacement, random_layer_control, replacement_windows
+from workbench.methods.stats import wilson_ci
 from workbench.studies.notebook import NotebookConfig, Phases, as_tuple, choice, each_in, each_int, positive_int
 from workbench.studies.visual_ignorance import plots
 
 DEFAULT_VLM = "vlm-testbed"
 DEFAULT_DONOR = "vlm-testbed-balanced"
 DEFAULT_BASE_LM = "smollm2-135m"
+DEFAULT_SAME_PRIOR_DONOR = "vlm-testbed-s1"  # the biased recipe at another training seed: the same prior
+DEFAULT_SEED_MODELS = ("vlm-testbed-s1", "vlm-testbed-balanced-s1")  # a second trained seed of each variant
 DATASETS = ("testbed", "easy-vqa")
 CORRUPTIONS = ("blur", "blank")
 TESTBED_DECAY_SPLITS = ("prior_violating", "prior_consistent", "shape", "count", "easy-vqa-yesno")
@@ -66,13 +69,22 @@ class VisualConfig(NotebookConfig):
                 "n_items": "n_items", "n_decay_items": "n_decay_items", "n_patch_items": "n_patch_items",
                 "patch_split": "patch_split", "blur_levels": "blur_levels", "decay_splits": "decay_splits",
                 "layers": "layers", "patch_layers": "patch_layers", "swap_sizes": "swap_sizes",
-                "swap_window": "swap_window", "corruptions": "corruptions", "save_probes": None}
+                "swap_window": "swap_window", "corruptions": "corruptions", "save_probes": None,
+                "same_prior_donor": "same_prior_donor", "seed_models": "seed_models",
+                "n_random_swaps": "n_random_swaps"}
     SMOKE_SIZED = ("n_items", "n_decay_items", "n_patch_items", "patch_split", "blur_levels", "decay_splits",
-                   "layers", "patch_layers", "swap_sizes", "swap_window", "corruptions")
+                   "layers", "patch_layers", "swap_sizes", "swap_window", "corruptions", "n_random_swaps")
 
     model: str = DEFAULT_VLM
     donor: str | None = DEFAULT_DONOR  # same architecture, different prior reliance; None skips replacement
     base_lm: str | None = DEFAULT_BASE_LM  # the VLM's base language model (layer replacement VLM <- LM)
+    # a second model with the same prior (layer replacement model <- it: a change there is not the prior's removal)
+    same_prior_donor: str | None = DEFAULT_SAME_PRIOR_DONOR
+    # further trained seeds: accuracy with the image (how much of a difference between the variants is the seed)
+    seed_models: tuple[str, ...] = as_tuple(DEFAULT_SEED_MODELS)
+    # the random-layer control: this many random sets of swap_window donor layers (not contiguous); 19 or more let
+    # a window beat them at p <= 0.05
+    n_random_swaps: int = positive_int(19)
     # "testbed": the held-out splits of workbench.data.vqa; "easy-vqa": its test questions
     dataset: str = choice("testbed", DATASETS)
     n_items: int = positive_int(100)  # items per held-out split (accuracy, probes' test items, layer replacement)
@@ -94,7 +106,7 @@ class VisualConfig(NotebookConfig):
     # None: TESTBED_DECAY_SPLITS, or every split of easy-vqa
     decay_splits: tuple[str, ...] | None = as_tuple(None, optional=True)
     corruptions: tuple[str, ...] = each_in(("blank",), CORRUPTIONS, non_empty=True)  # "blur" (strongest level), "blank"
-    generate: bool = True  # also greedy generation with parsing, for the accuracy table
+    generate: bool = True  # also greedy generation with parsing, for the model's accuracy row
     seed: int = 0
     batch_size: int = positive_int(32)
     smoke: bool = False
@@ -109,7 +121,7 @@ class VisualConfig(NotebookConfig):
         base = dict(n_items=8, n_probe_train=48, n_decay_items=6, n_patch_items=6, layers=None, patch_layers=None,
                     swap_sizes=None, swap_window=None, blur_levels=(1, 17, 61),
                     decay_splits=("prior_violating", "easy-vqa-yesno"), corruptions=("blank",), generate=False,
-                    smoke=True)
+                    n_random_swaps=2, smoke=True)
         return cls(**(base | overrides))
 
 
@@ -129,6 +141,36 @@ class VisualResult:
     timings: dict = field(default_factory=dict)
     probe_objects: dict = field(default_factory=dict, repr=False)  # (model, target, layer) -> MLPProbe
 
+    def replacement_controls(self) -> pd.DataFrame:
+        """Per window of the main replacement (model <- donor): its prior rate with the interval, the same window
+        taken from the same-prior donor, the random-layer null (``random_le``: how many of the random sets of
+        donor layers cut the prior as far, of ``n_random``, and ``p_random``) and a verdict. A window whose cut the
+        same-prior donor also gives, or that random layers match, is disruption, not the prior's location."""
+        r = self.replacement
+        if r.empty or "control" not in r:
+            return pd.DataFrame()
+        main = r[(r.control == "") & (r.pair == f"{self.model} <- {self.config.get('donor')}")]
+        same = r[r.control == "same-prior donor"]
+        rand = r[r.control == "random layers"]
+        base = main[main.scheme == "none"]
+        rows = []
+        for _, w in main[main.scheme != "none"].iterrows():
+            row = {"scheme": w.scheme, "start": w.start, "end": w.end, "n_swapped": w.n_swapped,
+                   "prior_rate": w.prior_rate, "prior_rate_lo": w.prior_rate_lo, "prior_rate_hi": w.prior_rate_hi,
+                   "baseline": float(base.prior_rate.iloc[0]) if len(base) else np.nan}
+            sp = same[(same.scheme == w.scheme) & (same.start == w.start) & (same.end == w.end)]
+            if len(sp):
+                row |= {"same_prior": float(sp.prior_rate.iloc[0]), "same_prior_lo": float(sp.prior_rate_lo.iloc[0]),
+                        "same_prior_hi": float(sp.prior_rate_hi.iloc[0])}
+            if len(rand) and w.n_swapped == int(rand.n_swapped.iloc[0]):
+                le = int((rand.prior_rate <= w.prior_rate).sum())
+                row |= {"n_random": len(rand), "random_mean": float(rand.prior_rate.mean()),
+                        "random_min": float(rand.prior_rate.min()), "random_le": le,
+                        "p_random": (1 + le) / (1 + len(rand))}
+            row["verdict"] = _replacement_verdict(row)
+            rows.append(row)
+        return pd.DataFrame(rows)
+
     def summary(self) -> pd.DataFrame:
         """Accuracy by model and condition (rows) and held-out split (columns)."""
         return self.accuracy.pivot_table(index=["model", "condition"], columns="split", values="correct")
@@ -136,7 +178,8 @@ class VisualResult:
     def tables(self) -> dict[str, pd.DataFrame]:
         """The tables a notebook records in its manifest (all tables go to CSV by ``save_visual_result``)."""
         return {"accuracy_table": self.accuracy, "decay_summary_table": self.decay_summary,
-                "replacement_table": self.replacement, "probes_table": self.probes}
+                "replacement_table": self.replacement, "replacement_controls_table": self.replacement_controls(),
+                "probes_table": self.probes}
 
     def figures(self) -> dict[str, go.Figure]:
         """Accuracy, probe curves, blur decay; layer replacement and patching where they ran."""
@@ -148,6 +191,9 @@ class VisualResult:
         if not self.replacement.empty:
             figures["replacement_prior_rate"] = plots.replacement_heatmap(self.replacement, "prior_rate")
             figures["replacement_accuracy"] = plots.replacement_heatmap(self.replacement, "accuracy")
+            controls = self.replacement_controls()
+            if not controls.empty:
+                figures["replacement_controls"] = plots.replacement_controls_figure(controls)
         if not self.patching.empty:
             figures["patching_curves"] = plots.patching_curves(self.patching)
         return figures
@@ -155,6 +201,20 @@ class VisualResult:
     def save(self, out_dir: str | Path, model=None) -> dict[str, Path]:
         """Every table as CSV plus ``study.json`` (:func:`save_visual_result`; ``model`` is not needed)."""
         return save_visual_result(self, out_dir)
+
+
+def _replacement_verdict(row: dict) -> str:
+    cut = row["prior_rate_hi"] < row["baseline"]
+    if not cut:
+        return "no cut: the prior rate stays within its interval of the baseline"
+    same = row.get("same_prior_hi")
+    if same is not None and same < row["baseline"]:
+        return "disruption: the same-prior donor's layers cut the prior too"
+    if "p_random" in row and row["p_random"] > 0.05:
+        return "disruption: random donor layers cut the prior as far"
+    if same is None or "p_random" not in row:
+        return "cut, without its controls"
+    return "the prior's location: the same-prior donor keeps it and random layers do not cut it as far"
 
 
 def _eval_splits(cfg: VisualConfig) -> dict[str, list[VQAItem]]:
@@ -181,40 +241,58 @@ def easy_vqa_test_items(n: int, kind: str, seed: int = 0) -> list[VQAItem]:
 
 
 def _accuracy_phase(models: dict, splits: dict, cfg: VisualConfig) -> tuple[list[dict], list[pd.DataFrame]]:
-    """Phase ``accuracy``: every model on every split, with the image and the blank- and noise-image baselines."""
+    """Phase ``accuracy``: every model on every split with the image; the model also with the blank- and noise-image
+    baselines (and generated answers), the donor with the blank image. Every rate has its Wilson interval over the
+    items. (The further seeds and the donor's noise baseline are left out to keep the default run within 20 min.)"""
     acc_rows, item_frames = [], []
     for role, m in models.items():
-        for condition in ("image", "blank", "noise"):
+        conditions = {"model": ("image", "blank", "noise"), "donor": ("image", "blank")}.get(role, ("image",))
+        for condition in conditions:
             for split, items in splits.items():
                 images = None if condition == "image" else [
                     blank_image(it.image.width) if condition == "blank" else noise_image(it.image.width, seed=k)
                     for k, it in enumerate(items)]
                 df = answer_items(m, items, images=images, batch_size=cfg.batch_size,
-                                  generate=cfg.generate and condition == "image")
+                                  generate=cfg.generate and condition == "image" and role == "model")
                 df = df.assign(model=m.name, role=role, condition=condition, split=split)
                 item_frames.append(df)
                 row = {"model": m.name, "role": role, "condition": condition, "split": split, "n": len(df)}
                 for col in ("correct", "full_correct", "gen_correct", "says_prior", "p_gold"):
                     if col in df:
                         row[col] = float(df[col].mean())
+                for col in ("correct", "says_prior"):
+                    x = df[col].dropna() if col in df else pd.Series([], dtype=float)
+                    if len(x):
+                        iv = wilson_ci(int(x.astype(bool).sum()), len(x))
+                        row |= {f"{col}_lo": iv.lo, f"{col}_hi": iv.hi}
                 acc_rows.append(row)
     return acc_rows, item_frames
 
 
-def _replacement_phase(model, donor, base_lm, splits: dict, cfg: VisualConfig, swap_sizes, swap_window
+def _replacement_phase(model, donor, base_lm, same_prior, splits: dict, cfg: VisualConfig, swap_sizes, swap_window
                        ) -> list[pd.DataFrame]:
-    """Phase ``replacement``: counterfactual layer replacement on the prior-violating items."""
+    """Phase ``replacement``: counterfactual layer replacement on the prior-violating items, with its two controls:
+    the same windows from a donor with the same prior (``control`` "same-prior donor"), and random sets of
+    ``swap_window`` donor layers (``control`` "random layers")."""
     repl = []
     swap_items = splits.get("prior_violating", [])
     if swap_items:
         windows = replacement_windows(model.n_layers, swap_sizes, swap_window, max(1, swap_window // 2))
         pairs = []
         if donor is not None:
-            pairs += [(f"{model.name} <- {donor.name}", model, donor), (f"{donor.name} <- {model.name}", donor, model)]
+            pairs += [(f"{model.name} <- {donor.name}", model, donor, ""),
+                      (f"{donor.name} <- {model.name}", donor, model, "")]
+        if same_prior is not None:
+            pairs += [(f"{model.name} <- {same_prior.name}", model, same_prior, "same-prior donor")]
         if base_lm is not None:
-            pairs += [(f"{model.name} <- {base_lm.name}", model, base_lm)]
-        for label, m, d in pairs:
-            repl.append(layer_replacement(m, d, swap_items, windows, batch_size=cfg.batch_size).assign(pair=label))
+            pairs += [(f"{model.name} <- {base_lm.name}", model, base_lm, "")]
+        for label, m, d, control in pairs:
+            repl.append(layer_replacement(m, d, swap_items, windows, batch_size=cfg.batch_size)
+                        .assign(pair=label, control=control))
+        if donor is not None and cfg.n_random_swaps:
+            repl.append(random_layer_control(model, donor, swap_items, swap_window, cfg.n_random_swaps, seed=cfg.seed,
+                                             batch_size=cfg.batch_size)
+                        .assign(pair=f"{model.name} <- {donor.name}", control="random layers"))
     return repl
 
 
@@ -283,9 +361,25 @@ def _decay_phase(models: dict, splits: dict, decay_names, cfg: VisualConfig
         for split, items in decay_splits.items():
             res = blur_decay(m, items, cfg.blur_levels, batch_size=cfg.batch_size)
             decay.append(res.levels.assign(model=m.name, role=role, split=split))
-            decay_summary.append({"model": m.name, "role": role, "split": split, **res.summary()})
+            decay_summary.append({"model": m.name, "role": role, "split": split, **res.summary(),
+                                  **above_chance(res, items)})
             decay_items.append(res.items.assign(model=m.name, role=role, split=split))
     return decay, decay_summary, decay_items
+
+
+def above_chance(res, items: list[VQAItem]) -> dict:
+    """Is the model above chance on this split with the unblurred image? ``chance`` is the majority answer's share
+    among the items (what answering from the question alone can reach on a balanced split: 0.5 for yes/no); the
+    unblurred accuracy's Wilson interval must lie above it. Where it does not, "answerable without seeing" reads
+    answers that are no better than guessing, and ``answerable_without_seeing_valid`` is NaN."""
+    answers = pd.Series([it.answer for it in items])
+    chance = float(answers.value_counts(normalize=True).iloc[0])
+    right = res.items[f"answer_k{res.kernels[0]}"].to_numpy() == res.items["answer"].to_numpy()
+    iv = wilson_ci(int(right.sum()), len(right))
+    above = iv.lo > chance
+    return {"chance": chance, "accuracy_unblurred_lo": iv.lo, "accuracy_unblurred_hi": iv.hi, "above_chance": above,
+            "answerable_without_seeing_valid": float(res.items["answerable_without_seeing"].mean()) if above
+            else float("nan")}
 
 
 def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None, base_lm=None,
@@ -307,7 +401,16 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
         donor = load_model(cfg.donor)
     if base_lm is None and cfg.base_lm:
         base_lm = load_model(cfg.base_lm)
+    loaded = {}
+    for name in dict.fromkeys([*cfg.seed_models, *([cfg.same_prior_donor] if cfg.same_prior_donor else [])]):
+        if name in (model.name, getattr(donor, "name", None)):
+            raise ValueError(f"{name!r} is the model or the donor; seed_models and same_prior_donor must be others")
+        loaded[name] = load_model(name)
+        if not getattr(loaded[name].arch, "is_vlm", False):
+            raise ValueError(f"{name!r} is not a vision-language model")
+    same_prior = loaded.get(cfg.same_prior_donor) if cfg.same_prior_donor else None
     models = {"model": model} | ({"donor": donor} if donor is not None else {})
+    seeds = {f"seed:{name}": loaded[name] for name in cfg.seed_models}
     splits = _eval_splits(cfg)
     prior_items = [it for name in ("prior_violating", "prior_consistent") for it in splits.get(name, [])]
     known = set(splits) | ({"easy-vqa-yesno"} if cfg.dataset == "testbed" else set())
@@ -327,8 +430,9 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
         bar.update()
         return out
 
-    acc_rows, item_frames = phase("accuracy", _accuracy_phase, models, splits, cfg)
-    repl = phase("replacement", _replacement_phase, model, donor, base_lm, splits, cfg, swap_sizes, swap_window)
+    acc_rows, item_frames = phase("accuracy", _accuracy_phase, models | seeds, splits, cfg)
+    repl = phase("replacement", _replacement_phase, model, donor, base_lm, same_prior, splits, cfg, swap_sizes,
+                 swap_window)
     # on the prior-violating items (or all items of the first split)
     patch = phase("patching", _patching_phase, models, splits[patch_split][: cfg.n_patch_items], cfg, patch_layers)
     test_items = list(prior_items) + list(splits.get("colour", []))
@@ -346,7 +450,7 @@ def run_visual_study(cfg: VisualConfig | None = None, *, model=None, donor=None,
     return VisualResult(
         config=asdict(cfg), model=model.name, weights_hash=model.weights_hash,
         accuracy=pd.DataFrame(acc_rows),
-        replacement=cat(repl, ("pair", "scheme", "start", "end")),
+        replacement=cat(repl, ("pair", "control", "scheme", "start", "end")),
         patching=cat(patch, ("model", "role", "corruption", "direction", "positions", "layer")),
         probes=pd.DataFrame(probe_rows),
         decay=cat(decay, ("model", "role", "split", "kernel")),
@@ -363,7 +467,8 @@ TABLES = ("accuracy", "replacement", "patching", "probes", "decay", "decay_summa
 def save_visual_result(result: VisualResult, out_dir: str | Path) -> dict[str, Path]:
     """Every table as CSV plus ``study.json`` (model, weights hash, config, timings) in ``out_dir``."""
 
-    return write_result_tables(out_dir, {name: getattr(result, name) for name in TABLES}, {
+    tables = {name: getattr(result, name) for name in TABLES} | {"replacement_controls": result.replacement_controls()}
+    return write_result_tables(out_dir, tables, {
         "model": result.model, "weights_hash": result.weights_hash, "config": result.config,
         "timings": result.timings})
 
