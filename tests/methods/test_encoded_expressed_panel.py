@@ -91,6 +91,25 @@ def test_probe_reads_a_planted_class_and_cosines_follow_the_rows(m):
     assert panel.probe_acc.iloc[1] == 1.0 and panel.probe_acc.iloc[0] < 0.7
     assert panel.probe_cos.iloc[1] > 5 * panel.cos_random.iloc[1]
     assert panel.cos_random.iloc[0] == pytest.approx(math.sqrt(2 / (math.pi * d)))
+    # intervals over the 30 held-out rows; the best slice is tested against the max over both slices
+    assert panel.n_test.eq(30).all() and panel.probe_acc_lo.iloc[1] > 0.85 and panel.probe_acc_hi.iloc[1] == 1.0
+    assert panel.probe_max_p.iloc[0] < 0.01 and (panel.probe_acc_lo <= panel.probe_acc).all()
+    noise = gap_panel(m, GapTask(name="noise", features=torch.randn(4, n, d), labels=labels, classes=["a", "b", "c"],
+                                 candidate_ids=ids, train_idx=np.arange(60), test_idx=np.arange(60, 90)))
+    assert noise.probe_max_p.iloc[0] > 0.05 and noise.probe_max_threshold.iloc[0] > 1 / 3  # the max of 4 is higher
+    # identical rows are one unit: with every held-out row repeated, the interval is the grouped bootstrap
+    grouped = gap_panel(m, GapTask(name="planted", features=X, labels=labels, classes=["a", "b", "c"],
+                                   candidate_ids=ids, train_idx=np.arange(60), test_idx=np.arange(60, 90),
+                                   axis_values=[0, m.n_layers], groups=[(i // 6, i % 3) for i in range(n)]))
+    assert grouped.n_units.iloc[0] == 15 and grouped.n_test.iloc[0] == 30
+    # the ordinal reading: a count written along one direction is read by a ridge regression rounded to a class
+    ordinal = torch.randn(2, n, d) * 0.1
+    ordinal[1] += torch.as_tensor(labels, dtype=torch.float32)[:, None] * torch.randn(d) / d ** 0.5
+    op = gap_panel(m, GapTask(name="ordinal", features=ordinal, labels=labels, classes=["1", "2", "3"],
+                              candidate_ids=ids, train_idx=np.arange(60), test_idx=np.arange(60, 90),
+                              axis_values=[0, m.n_layers]), ridge_round=True)
+    assert op.ridge_round_acc.iloc[1] > 0.9 and op.ridge_round_acc.iloc[0] < 0.7
+    assert "ridge_round_acc" not in panel
     # contrasts: adding one vector to every class changes nothing
     shift = torch.randn(d, dtype=torch.float64)
     torch.testing.assert_close(class_cosines(rows * 2 + shift, rows), torch.ones(3, dtype=torch.float64))

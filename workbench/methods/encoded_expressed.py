@@ -11,6 +11,11 @@ measurements that answer it side by side, for any task with a known answer among
 - ``probe_cos``: |cos| between each class's probe direction and the class's unembedding row, both as contrasts
   (minus their mean over the classes, which is what decides an argmax among them), averaged over the classes;
   ``cos_random`` is the expected |cos| of a random direction, sqrt(2 / (pi d));
+- ``probe_acc_lo`` / ``_hi``, ``lens_acc_lo`` / ``_hi``: 95 % intervals over the held-out rows (Wilson, or the
+  bootstrap over distinct units when ``GapTask.groups`` repeats a key), with ``n_test`` rows of ``n_units``
+  distinct units; ``probe_max_p``: the best slice's probe against the maximum over all slices of the same
+  probes scored on permuted held-out labels (the p of "the best layer reads the answer above chance", corrected for
+  picking it among the slices), and ``probe_max_threshold``, the accuracy a best slice must beat;
 - ``patch_recovery``: how much of the answer comes back when that layer's residual at the readout position is
   patched from a run where the model answers right (:func:`workbench.methods.patching.residual_patching`;
   ``patch_method`` "exact"), or its first-order estimate where no such run exists (``"atp"``). Computed by the
@@ -34,7 +39,8 @@ from tqdm.auto import tqdm
 
 from workbench.core.models import Model
 from workbench.methods.probes.base import standardise_stats
-from workbench.methods.probes.linear import fit_softmax_regression
+from workbench.methods.probes.linear import RidgeProbe, fit_softmax_regression
+from workbench.methods.stats import accuracy_ci, max_null_p, permute_within_units
 from workbench.methods.tuned_lens import TunedLens
 
 AXES = ("layer", "step")
@@ -78,6 +84,7 @@ class GapTask:
     read_layers: list[int] | None = None
     patching: pd.DataFrame | None = None
     labels_extra: dict = field(default_factory=dict)
+    groups: Sequence | None = None  # one unit key per row (e.g. the prompt): identical rows are one unit in intervals
 
     def __post_init__(self):
         if self.axis not in AXES:
@@ -113,6 +120,10 @@ class GapTask:
         self.read_layers = [int(v) for v in self.read_layers]
         if len(self.read_layers) != S:
             raise ValueError(f"read_layers has {len(self.read_layers)} entries for {S} feature slices")
+        if self.groups is not None:
+            self.groups = list(self.groups)
+            if len(self.groups) != n:
+                raise ValueError(f"groups has {len(self.groups)} keys for {n} rows; give one key per row")
         if self.patching is not None:
             missing = {"index", "patch_recovery", "patch_method", "n_pairs"} - set(self.patching.columns)
             if missing:
@@ -147,12 +158,18 @@ def lens_answers(model: Model, H: torch.Tensor, layer: int, candidate_ids: Seque
 
 
 def gap_panel(model: Model, task: GapTask, *, tuned_lens: TunedLens | None = None, C: float = 1.0,
-              tol: float = 1e-4, progress: bool = False) -> pd.DataFrame:
+              tol: float = 1e-4, progress: bool = False, n_permutations: int = 999, seed: int = 0,
+              ridge_round: bool = False) -> pd.DataFrame:
     """One row per slice of ``task`` (see the module docstring for the columns).
 
     The probes are :class:`~workbench.methods.probes.linear.LogisticProbe`'s objective (multinomial, L2 with inverse
     strength ``C`` on features standardised over the train rows), solved slice by slice, each warm-started from the
-    previous slice's solution, to ``tol`` (scikit-learn's default, as :func:`layerwise_logistic`)."""
+    previous slice's solution, to ``tol`` (scikit-learn's default, as :func:`layerwise_logistic`).
+
+    ridge_round: for ordered classes (counts): also ``ridge_round_acc``, the held-out accuracy of a ridge regression
+    of the class index (:class:`~workbench.methods.probes.linear.RidgeProbe`, alpha on a grouped validation split)
+    rounded to the nearest class, the counting study's "probe-round" reading on the same rows. A single ordinal
+    direction needs far fewer examples than a k-way classifier, so the two can differ widely."""
     if not isinstance(task, GapTask):
         raise ValueError(f"task must be a GapTask, got {type(task).__name__}")
     S, n, d = task.features.shape
@@ -175,16 +192,25 @@ def gap_panel(model: Model, task: GapTask, *, tuned_lens: TunedLens | None = Non
     if len(present) < 2:
         raise ValueError(f"the train rows hold a single class {present.tolist()}; a probe needs at least two")
     y_te = torch.as_tensor(y[te])
-    rows, prev = [], None
+    groups_te = None if task.groups is None else [task.groups[i] for i in te]
+    rows, prev, preds, lens_right = [], None, [], []
     for s in tqdm(range(S), desc=f"gap panel {task.name}", disable=not progress):
         X = task.features[s].detach().to("cpu", torch.float64)
         mean, std = standardise_stats(X[tr])
         prev = fit_softmax_regression(((X[tr] - mean) / std)[None], target, len(present), C, tol=tol, init=prev)
         coef, icpt = prev[0][0], prev[1][0]
         pred = present[(((X[te] - mean) / std) @ coef.T + icpt).argmax(-1)]
+        preds.append(pred.numpy())
+        if ridge_round:
+            groups_tr = None if task.groups is None else [task.groups[i] for i in tr]
+            rp = RidgeProbe().fit(X[tr].numpy(), y[tr].astype(np.float64), groups=groups_tr)
+            guess = np.clip(np.rint(np.asarray(rp.predict(X[te].numpy()), dtype=np.float64)), 0, len(task.classes) - 1)
+            ridge_row = {"ridge_round_acc": float((guess == y[te]).mean())}
+        else:
+            ridge_row = {}
         row = {"task": task.name, "axis": task.axis, "index": task.axis_values[s], "read_layer": task.read_layers[s],
                "depth": task.read_layers[s] / model.n_layers if task.axis == "layer" else math.nan,
-               "probe_acc": float((pred == y_te).double().mean()), "chance": chance}
+               "probe_acc": float((pred == y_te).double().mean()), "chance": chance} | ridge_row
         # the weights on raw residual coordinates, against the unembedding rows of the classes the probe knows
         row["probe_cos"] = float(class_cosines(coef / std, W_U[ids[present]]).mean())
         row["cos_random"] = random_baseline(d)
@@ -194,14 +220,37 @@ def gap_panel(model: Model, task: GapTask, *, tuned_lens: TunedLens | None = Non
                 cls, tok = lens_answers(model, H, task.read_layers[s], task.candidate_ids, tuned_lens=lens)
                 row[f"{prefix}_acc"] = float((cls == gold_te).double().mean())
                 row[f"{prefix}_top1"] = float((tok == ids[gold_te]).double().mean())
+                if prefix == "lens":
+                    lens_right.append((cls == gold_te).numpy())
         rows.append(row)
     frame = pd.DataFrame(rows)
+    frame = frame.join(pd.DataFrame(_interval_columns(preds, lens_right, y[te], groups_te, n_permutations, seed)))
     if task.patching is not None:
         frame = frame.merge(task.patching[["index", "patch_recovery", "patch_method", "n_pairs"]], on="index",
                             how="left")
     for k, v in reversed(list(task.labels_extra.items())):
         frame.insert(0, k, v)
     return frame
+
+
+def _interval_columns(preds, lens_right, y_te, groups, n_permutations: int, seed: int) -> list[dict]:
+    """Per slice: intervals of the probe and lens accuracies; for every slice the max-over-slices permutation p of
+    the best probe (the same permuted labels score every slice, so their dependence is kept)."""
+    P = np.stack(preds)  # [S, n_te]
+    right = P == y_te[None]
+    out = []
+    for s in range(len(P)):
+        pi = accuracy_ci(right[s].astype(int), groups=groups, seed=seed)
+        li = accuracy_ci(lens_right[s].astype(int), groups=groups, seed=seed)
+        out.append({"n_test": len(y_te), "n_units": len(set(groups)) if groups is not None else len(y_te),
+                    "probe_acc_lo": pi.lo, "probe_acc_hi": pi.hi, "lens_acc_lo": li.lo, "lens_acc_hi": li.hi})
+    if n_permutations:
+        null = np.stack([(P == permute_within_units(y_te, groups, seed=seed + 1 + i)[None]).mean(1)
+                         for i in range(n_permutations)])  # [n_perm, S]
+        mx = max_null_p(right.mean(1), null)
+        for row in out:
+            row |= {"probe_max_p": mx.p, "probe_max_threshold": mx.threshold}
+    return out
 
 
 # -- patching the readout position ---------------------------------------------------------------------------------

@@ -22,18 +22,23 @@ def panel_figure(panel: pd.DataFrame, thread: str, *, title: str | None = None) 
 
 
 def suppression_figure(suppression: pd.DataFrame, *, title: str | None = None) -> go.Figure:
-    """Digit-restricted accuracy per task with the last 1-3 MLPs zero- or mean-ablated (0 = no ablation)."""
-    check_frame(suppression, ("task", "ablation", "n_last", "digit_acc"), "suppression_figure")
-    fig = go.Figure()
-    base = suppression[suppression.ablation == "none"]
-    fig.add_bar(x=base.task, y=base.digit_acc, name="no ablation", marker_color="#7f7f7f")
-    for i, (mode, k) in enumerate(sorted({(a, int(n)) for a, n in zip(suppression.ablation, suppression.n_last)
-                                          if a != "none"})):
-        sub = suppression[(suppression.ablation == mode) & (suppression.n_last == k)]
-        fig.add_bar(x=sub.task, y=sub.digit_acc, name=f"{mode}-ablate last {k}",
-                    marker_color=PAPER_COLORWAY[i % len(PAPER_COLORWAY)])
-    fig.update_layout(barmode="group", yaxis_title="digit-restricted accuracy (held-out)",
-                      title=title or "Late suppression: ablating the last MLPs")
+    """Per task and ablation (the pooled rows over seeds): the accuracy change and the gold log-prob gain beyond
+    flattening (the flattening control), each with its 95 % interval."""
+    check_frame(suppression, ("task", "ablation", "n_last", "acc_change", "excess_gain", "seed"), "suppression_figure")
+    pooled = suppression[suppression.seed == "all"]
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
+                        subplot_titles=["accuracy change (digit-restricted)",
+                                        "gold log-prob gain beyond flattening (nats)"])
+    for i, (mode, k) in enumerate(sorted({(a, int(n)) for a, n in zip(pooled.ablation, pooled.n_last)})):
+        sub = pooled[(pooled.ablation == mode) & (pooled.n_last == k)]
+        color = PAPER_COLORWAY[i % len(PAPER_COLORWAY)]
+        for c, col in enumerate(("acc_change", "excess_gain"), start=1):
+            fig.add_bar(x=sub.task, y=sub[col], name=f"{mode}-ablate last {k}", legendgroup=f"{mode}{k}",
+                        showlegend=c == 1, marker_color=color,
+                        error_y={"type": "data", "symmetric": False, "array": sub[f"{col}_hi"] - sub[col],
+                                 "arrayminus": sub[col] - sub[f"{col}_lo"]}, row=1, col=c)
+    fig.update_layout(barmode="group", width=1200,
+                      title=title or "Late suppression: ablating the last MLPs (pooled over seeds, 95 % intervals)")
     return apply_theme(fig)
 
 
@@ -48,6 +53,8 @@ def delimiter_figure(panel: pd.DataFrame, curves: pd.DataFrame, sweeps: pd.DataF
     fig = make_subplots(rows=1, cols=3, horizontal_spacing=0.08,
                         subplot_titles=["count probe: held-out accuracy", "lens: gold log-prob (digits)",
                                         "one MLP zero-ablated: Δ gold log-prob"])
+    if "seed" in sweeps:
+        sweeps = sweeps[sweeps.seed == "all"]  # the pooled sweep the winner was picked from
     for i, delim in enumerate(dict.fromkeys(curves.delimiter)):
         color = PAPER_COLORWAY[i % len(PAPER_COLORWAY)]
         c, s = curves[curves.delimiter == delim], sweeps[sweeps.delimiter == delim]
@@ -93,20 +100,22 @@ def soft_threads_figure(steps: pd.DataFrame, summary: pd.DataFrame, *, title: st
 
 
 def integration_figure(curves: pd.DataFrame, summary: pd.DataFrame, *, title: str | None = None) -> go.Figure:
-    """Cosine distance per layer between the hidden states with and without the image (text positions), one line
-    per (model, split), the VIP marked."""
-    check_frame(curves, ("model", "split", "layer", "dist_text"), "integration_figure")
+    """Per model: the gap per layer between the last-token distances of vision-dependent and vision-independent
+    items (the paper's contrast), its threshold tau (dotted) and the VIP (diamond)."""
+    check_frame(curves, ("model", "layer", "gap", "tau"), "integration_figure")
     fig = go.Figure()
-    keys = list(dict.fromkeys(zip(curves.model, curves.split)))
-    for i, (m, split) in enumerate(keys):
-        sub = curves[(curves.model == m) & (curves.split == split)]
+    for i, m in enumerate(dict.fromkeys(curves.model)):
+        sub = curves[curves.model == m]
         color = PAPER_COLORWAY[i % len(PAPER_COLORWAY)]
-        fig.add_scatter(x=sub.layer, y=sub.dist_text, name=f"{m} · {split}", line={"color": color})
-        row = summary[(summary.model == m) & (summary.split == split)]
+        fig.add_scatter(x=sub.layer, y=sub.gap, name=m, legendgroup=m, line={"color": color})
+        fig.add_scatter(x=sub.layer, y=sub.tau, name=f"{m}: tau", legendgroup=m, showlegend=False,
+                        line={"color": color, "dash": "dot"})
+        row = summary[summary.model == m]
         if not row.empty and pd.notna(row.vip.iloc[0]):
             v = int(row.vip.iloc[0])
-            fig.add_scatter(x=[v], y=sub[sub.layer == v].dist_text, mode="markers", showlegend=False,
+            fig.add_scatter(x=[v], y=sub[sub.layer == v].gap, mode="markers", showlegend=False, legendgroup=m,
                             marker={"color": color, "size": 11, "symbol": "diamond"})
-    fig.update_layout(title=title or "Visual integration: distance with vs without the image (◆ = VIP)",
-                      xaxis_title="hidden-state layer", yaxis_title="1 - cos (text positions, mean)")
+    fig.update_layout(title=title or "Visual integration point: D(vision-dependent) - D(vision-independent), last "
+                      "token (◆ = VIP, dotted = tau)", xaxis_title="hidden-state layer",
+                      yaxis_title="gap in 1 - cos (last token)")
     return apply_theme(fig)

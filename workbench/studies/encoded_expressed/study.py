@@ -31,14 +31,19 @@ from workbench.methods.encoded_expressed import gap_panel
 from workbench.methods.latent import MAX_STEPS, LatentConfig
 from workbench.methods.tuned_lens import TunedLens, load_tuned_lens, tuned_lens_dir
 from workbench.studies.encoded_expressed import plots
+from workbench.data.vqa import COLOURS, PRIOR, evaluation_set
+from workbench.methods.stats import accuracy_ci
 from workbench.studies.encoded_expressed.replications import (
     DELIMITERS,
+    across_models,
     delimiter_sweep,
+    held_out_split,
     late_suppression,
+    pool_suppression,
     soft_thinking_threads,
     visual_integration,
 )
-from workbench.studies.encoded_expressed.tasks import counting_task, latent_task, visual_task
+from workbench.studies.encoded_expressed.tasks import VISUAL_SPLITS, counting_task, latent_task, visual_task
 from workbench.studies.notebook import (
     NotebookConfig,
     Phases,
@@ -57,7 +62,10 @@ from workbench.studies.notebook import (
 THREADS = ("counting", "latent", "visual")
 LATENT_MODES = ("coconut", "soft", "cot")
 TUNED_LENS = ("auto", "none")
-TESTBEDS = ("vlm-testbed", "vlm-testbed-balanced")
+TESTBEDS = ("vlm-testbed", "vlm-testbed-balanced")  # the panel's VLMs
+# the visual integration point runs on every testbed the workbench can load: both variants and a second trained seed
+# of each (a user's real VLM is added with ``vip_vlms``)
+VIP_TESTBEDS = (*TESTBEDS, "vlm-testbed-s1", "vlm-testbed-balanced-s1")
 
 
 @dataclass
@@ -66,17 +74,20 @@ class EncodedExpressedConfig(NotebookConfig):
     NOTEBOOK = {"model": "model", "tasks": "tasks", "vlms": "vlms", "latent_modes": "latent_modes",
                 "n_prompts": "n_prompts", "n_train": "n_train", "n_vlm_items": "n_vlm_items",
                 "n_latent_items": "n_latent_items", "n_steps": "n_steps", "gumbel_taus": "gumbel_taus",
-                "delimiters": "delimiters", "layers": "layers", "tuned_lens": "tuned_lens", "seed": "seed"}
+                "delimiters": "delimiters", "layers": "layers", "tuned_lens": "tuned_lens", "seed": "seed",
+                "vip_vlms": "vip_vlms", "extra_seeds": "extra_seeds", "seeded_delimiters": "seeded_delimiters"}
     SMOKE_SIZED = ("tasks", "layers", "n_prompts", "n_train", "n_vlm_items", "n_latent_items", "n_steps", "gumbel_taus",
-                   "delimiters")
+                   "delimiters", "extra_seeds")
     RELATIONS = (less_than("n_train", "n_prompts", "held-out rows to score on"),
                  less_than("n_latent_train", "n_latent_items", "held-out rows to score on"),
                  less_than("n_delimiter_train", "n_delimiter", "held-out rows to score on"))
 
     model: str = DEFAULT_MODEL  # the text model: counting, delimiter sweep, latent loops
     tasks: tuple[str, ...] = each_in(tuple(TASKS), TASKS)  # counting tasks of the panel and of late suppression
-    # the VLM part runs on these (empty: skipped; the grid's other models skip it)
+    # the VLM panel runs on these (empty: skipped; the grid's other models skip it)
     vlms: tuple[str, ...] = as_tuple(TESTBEDS)
+    # the visual integration point (arXiv 2509.23050) runs on these (empty: skipped)
+    vip_vlms: tuple[str, ...] = as_tuple(VIP_TESTBEDS)
     latent_modes: tuple[str, ...] = each_in(("coconut", "soft"), LATENT_MODES)  # the per-step panel's modes
     # hidden-state layers of the layer panels (None: all); the MLP sweep of the delimiter replication then ablates
     # only the blocks ending at these layers
@@ -104,6 +115,13 @@ class EncodedExpressedConfig(NotebookConfig):
     # "auto": the shipped lens under probes/<model>/tuned-lens when there is one
     tuned_lens: str = choice("auto", TUNED_LENS)
     seed: int = 0
+    # further prompt draws (seeds) for late suppression and the delimiter sweep's MLP ablations, beyond ``seed``
+    extra_seeds: tuple[int, ...] = each_int((1, 2), lo=0)
+    # the delimiters whose MLP sweep runs on every draw (the paper's: space); the others on ``seed`` alone, which
+    # keeps the default run within 20 minutes (every draw of every delimiter: 20.5)
+    seeded_delimiters: tuple[str, ...] = constrained((" ",), convert=as_tuple_value,
+                                                     check=lambda v: all(isinstance(d, str) and d for d in v),
+                                                     allowed="a list of non-empty strs")
     batch_size: int = positive_int(32)
     smoke: bool = False
 
@@ -113,7 +131,8 @@ class EncodedExpressedConfig(NotebookConfig):
         # layers None: four spread over the model's depth at run time
         base = dict(tasks=("list_length",), layers=None, n_prompts=54, n_train=36, n_pairs=4, min_pairs=2,
                     n_vlm_train=48, n_vlm_items=4, n_latent_items=30, n_latent_train=18, n_steps=2, gumbel_taus=(0.5,),
-                    delimiters=(", ", " "), n_delimiter=45, n_delimiter_train=27, smoke=True)
+                    delimiters=(", ", " "), n_delimiter=45, n_delimiter_train=27, extra_seeds=(1,),
+                    smoke=True)
         return cls(**(base | overrides))
 
 
@@ -137,9 +156,31 @@ class EncodedExpressedResult:
     delimiter_summary: pd.DataFrame  # delimiter, overwrite layers and depths, the paper's depth
     soft_steps: pd.DataFrame  # gumbel_tau, step, top_share, collapsed, entropy, max_cos
     soft_summary: pd.DataFrame  # gumbel_tau, accuracy, top_share, collapsed, entropy, max_cos
-    vip_curves: pd.DataFrame  # model, split, layer, dist_text, dist_last
-    vip_summary: pd.DataFrame  # model, split, vip, vip_depth, tvi, ... (text positions and last token)
+    vip_curves: pd.DataFrame  # model, layer, dist_dependent, dist_independent, gap, tau, dist_last, dist_text
+    vip_summary: pd.DataFrame  # model, n_dependent, n_independent, vip, vip_depth, tau, tvi [lo, hi], rho, prior_rate
+    vip_items: pd.DataFrame = field(default_factory=pd.DataFrame)  # model, split, item, answers, changes, correct, tvi
     timings: dict = field(default_factory=dict)
+
+    def suppression_verdicts(self) -> pd.DataFrame:
+        """The pooled late-suppression rows (over every seed) with their verdicts, the paper's condition first."""
+        if self.suppression.empty:
+            return pd.DataFrame()
+        pooled = self.suppression[self.suppression.seed == "all"]
+        cols = ["model", "task", "ablation", "n_last", "paper_condition", "n", "n_distinct", "n_seeds", "base_acc",
+                "base_acc_lo", "base_acc_hi", "digit_acc", "digit_acc_lo", "digit_acc_hi", "acc_change",
+                "acc_change_lo", "acc_change_hi", "logprob_change", "logprob_change_lo", "logprob_change_hi",
+                "flattening_gain", "excess_gain", "excess_gain_lo", "excess_gain_hi", "seeds_up", "base_rank",
+                "gold_rank", "rank_change", "rank_change_lo", "rank_change_hi", "base_logprob", "uniform_logp",
+                "verdict"]
+        return pooled.sort_values(["task", "paper_condition"], ascending=[True, False], kind="stable")[cols]
+
+    def vip_correlation(self) -> pd.DataFrame:
+        """Across the VLMs: Pearson r of TVI against the prior rate and against the share of answers the image does
+        not change, with n (a handful of models cannot test an across-model correlation; the interval says so)."""
+        if self.vip_summary.empty:
+            return pd.DataFrame()
+        return pd.DataFrame([across_models(self.vip_summary, x, y) for x in ("tvi", "tvi_fixed")
+                             for y in ("prior_rate", "blind_agreement")])
 
     def summary(self) -> pd.DataFrame:
         """Per (thread, model, task): the best held-out probe accuracy and where, the lens's best and its final
@@ -148,21 +189,25 @@ class EncodedExpressedResult:
         for (thread, model, task), g in self.panel.groupby(["thread", "model", "task"], sort=False):
             best = g.loc[g.probe_acc.idxmax()]
             row = {"thread": thread, "model": model, "task": task, "axis": g.axis.iloc[0],
-                   "probe_best": best.probe_acc, "probe_best_at": int(best["index"]), "chance": g.chance.iloc[0],
+                   "probe_best": best.probe_acc, "probe_best_lo": best.get("probe_acc_lo", np.nan),
+                   "probe_best_hi": best.get("probe_acc_hi", np.nan), "probe_best_at": int(best["index"]),
+                   "probe_max_p": best.get("probe_max_p", np.nan), "n_test": best.get("n_test", np.nan),
+                   "n_units": best.get("n_units", np.nan), "chance": g.chance.iloc[0],
                    "lens_best": g.lens_acc.max(), "lens_final": g.lens_acc.iloc[-1],
                    "gap": best.probe_acc - g.lens_acc.iloc[-1]}
             if "patch_recovery" in g and g.patch_recovery.notna().any():
                 half = g[g.patch_recovery >= 0.5]
                 row["patch_half_at"] = int(half["index"].iloc[0]) if len(half) else np.nan
                 row["patch_method"] = g.patch_method.dropna().iloc[0]
+                row["n_pairs"] = int(g.n_pairs.dropna().iloc[0])
             rows.append(row)
         return pd.DataFrame(rows)
 
     def tables(self) -> dict[str, pd.DataFrame]:
         """The tables a notebook records in its manifest (every table goes to CSV by ``save_encoded_expressed_result``)."""
-        return {"summary_table": self.summary(), "suppression_table": self.suppression,
+        return {"summary_table": self.summary(), "suppression_table": self.suppression_verdicts(),
                 "delimiter_table": self.delimiter_summary, "soft_table": self.soft_summary,
-                "vip_table": self.vip_summary}
+                "vip_table": self.vip_summary, "vip_correlation": self.vip_correlation()}
 
     def figures(self) -> dict[str, go.Figure]:
         """The panel of each thread that ran, and each replication that ran."""
@@ -175,7 +220,7 @@ class EncodedExpressedResult:
                                                                 self.delimiter_sweeps, self.delimiter_summary)
         if not self.soft_steps.empty:
             figures["soft_single_threaded"] = plots.soft_threads_figure(self.soft_steps, self.soft_summary)
-        if not self.vip_curves.empty:
+        if not self.vip_curves.empty and "gap" in self.vip_curves:
             figures["visual_integration"] = plots.integration_figure(self.vip_curves, self.vip_summary)
         return figures
 
@@ -196,15 +241,34 @@ def shipped_tuned_lens(model: Model, setting: str = "auto") -> TunedLens | None:
 
 
 def counting_phase(model: Model, cfg: EncodedExpressedConfig, task: str, layers, tuned: TunedLens | None) -> dict:
-    """Phase ``counting_<task>``: the counting task's panel and late suppression."""
+    """Phase ``counting_<task>``: the counting task's panel, and late suppression on the held-out prompts of ``seed``
+    and of every extra seed (each with its own disjoint reference set: that draw's training prompts)."""
     gt, extra = counting_task(model, task, n=cfg.n_prompts, n_train=cfg.n_train, seed=cfg.seed, layers=layers,
                               n_pairs=cfg.n_pairs, min_pairs=cfg.min_pairs, batch_size=cfg.batch_size)
-    panel = gap_panel(model, gt, tuned_lens=tuned).assign(thread="counting", model=model.name)
-    te = extra["test_idx"]
-    sup = late_suppression(model, [extra["prompts"][i] for i in te], (extra["counts"] - 1)[te],
-                           extra["digit_ids"], last=cfg.ablate_last, batch_size=cfg.batch_size)
-    return {"panel": panel, "suppression": sup.assign(model=model.name, task=task),
-            "accuracy": [{"thread": "counting", "model": model.name, "task": task, "accuracy": extra["accuracy"]}]}
+    panel = (gap_panel(model, gt, tuned_lens=tuned, seed=cfg.seed, ridge_round=True)
+             .assign(thread="counting", model=model.name))
+    te, tr = extra["test_idx"], extra["train_idx"]
+    draws = {cfg.seed: ([extra["prompts"][i] for i in te], (extra["counts"] - 1)[te],
+                        [extra["prompts"][i] for i in tr])}
+    for s in cfg.extra_seeds:
+        prompts, labels, reference, _ = held_out_split(model, task, n=cfg.n_prompts, n_train=cfg.n_train, seed=s)
+        draws[s] = (prompts, labels, reference)
+    rows, per_prompt = [], []
+    for s, (prompts, labels, reference) in draws.items():
+        sup, pp = late_suppression(model, prompts, labels, extra["digit_ids"], reference=reference,
+                                   last=cfg.ablate_last, batch_size=cfg.batch_size, seed=cfg.seed)
+        rows.append(sup.assign(seed=str(s)))
+        per_prompt.append(pp.assign(seed=s))
+    per_prompt = pd.concat(per_prompt, ignore_index=True).assign(model=model.name, task=task)
+    suppression = pd.concat([*rows, pool_suppression(per_prompt, seed=cfg.seed)], ignore_index=True)
+    return {"panel": panel, "suppression": suppression.assign(model=model.name, task=task),
+            "accuracy": [{"thread": "counting", "model": model.name, "task": task, "accuracy": extra["accuracy"]}
+                         | _acc_interval(extra["right"][te], [extra["prompts"][i] for i in te], cfg.seed)]}
+
+
+def _acc_interval(right, groups, seed: int) -> dict:
+    iv = accuracy_ci(np.asarray(right).astype(int), groups=groups, seed=seed)
+    return {"accuracy_lo": iv.lo, "accuracy_hi": iv.hi, "n": len(right), "n_units": iv.n}
 
 
 def latent_phase(model: Model, cfg: EncodedExpressedConfig, rs, mode: str, tuned: TunedLens | None) -> dict:
@@ -218,17 +282,23 @@ def latent_phase(model: Model, cfg: EncodedExpressedConfig, rs, mode: str, tuned
 
 
 def visual_phase(vlm: Model, cfg: EncodedExpressedConfig) -> dict:
-    """Phase ``visual_<vlm>``: the VLM's colour-question panel and its visual integration."""
+    """Phase ``visual_<vlm>``: the VLM's colour-question panel."""
     vlm_layers = check_layers(_layers(cfg, vlm), vlm.n_layers)
     gt, extra = visual_task(vlm, n_train=cfg.n_vlm_train, n_items=cfg.n_vlm_items, seed=cfg.seed, layers=vlm_layers,
                             n_pairs=cfg.n_pairs, min_pairs=cfg.min_pairs, batch_size=cfg.batch_size)
-    panel = (gap_panel(vlm, gt, tuned_lens=shipped_tuned_lens(vlm, cfg.tuned_lens))
+    panel = (gap_panel(vlm, gt, tuned_lens=shipped_tuned_lens(vlm, cfg.tuned_lens), seed=cfg.seed)
              .assign(thread="visual", model=vlm.name))
     accuracy = [{"thread": "visual", "model": vlm.name, "task": f"colour/{split}", "accuracy": acc}
                 for split, acc in extra["accuracy"].items()]
-    curves, summary = visual_integration(vlm, extra["splits"], batch_size=cfg.batch_size)
-    return {"panel": panel, "accuracy": accuracy, "vip_curves": curves.assign(model=vlm.name),
-            "vip_summary": summary.assign(model=vlm.name, says_red_violating=extra["says_red_violating"])}
+    return {"panel": panel, "accuracy": accuracy}
+
+
+def vip_phase(vlm: Model, cfg: EncodedExpressedConfig) -> dict:
+    """Phase ``vip_<vlm>``: the paper's visual integration point and TVI on the held-out colour items."""
+    splits = evaluation_set(cfg.n_vlm_items, seed=cfg.seed)
+    out = visual_integration(vlm, {name: splits[name] for name in VISUAL_SPLITS}, COLOURS,
+                             batch_size=cfg.batch_size, seed=cfg.seed, prior_answer=PRIOR.colour)
+    return {k: v.assign(model=vlm.name) for k, v in out.items()}
 
 
 def run_encoded_expressed_study(cfg: EncodedExpressedConfig | None = None, *, model: Model | None = None,
@@ -243,10 +313,15 @@ def run_encoded_expressed_study(cfg: EncodedExpressedConfig | None = None, *, mo
     bad = [k for k in cfg.ablate_last if k > model.n_layers]
     if bad:
         raise ValueError(f"ablate_last {bad} exceeds the {model.n_layers} blocks of {model.name}")
+    stray = [d for d in cfg.seeded_delimiters if d not in cfg.delimiters]
+    if stray:
+        raise ValueError(f"seeded_delimiters {stray} are not among the delimiters {list(cfg.delimiters)}")
+    if cfg.seed in cfg.extra_seeds or len(set(cfg.extra_seeds)) != len(cfg.extra_seeds):
+        raise ValueError(f"extra_seeds {list(cfg.extra_seeds)} must be distinct and must not repeat seed {cfg.seed}")
     layers = check_layers(_layers(cfg, model), model.n_layers)  # checked before any forward
     tuned = shipped_tuned_lens(model, cfg.tuned_lens)
     vlm_models = dict(vlm_models or {})
-    for name in cfg.vlms:  # every VLM is loaded and checked before the first forward
+    for name in dict.fromkeys((*cfg.vlms, *cfg.vip_vlms)):  # every VLM is loaded and checked before the first forward
         vlm = vlm_models.get(name) or load_model(name)
         if not getattr(vlm.arch, "is_vlm", False):
             raise ValueError(f"vlms: {name!r} is not a vision-language model; the visual part needs one "
@@ -254,7 +329,7 @@ def run_encoded_expressed_study(cfg: EncodedExpressedConfig | None = None, *, mo
         check_layers(_layers(cfg, vlm), vlm.n_layers, name="layers (for the VLMs)")
         vlm_models[name] = vlm
     panels, accuracy, suppression = [], [], []
-    parts = len(cfg.tasks) + 2 + len(cfg.latent_modes) + len(cfg.vlms)
+    parts = len(cfg.tasks) + 2 + len(cfg.latent_modes) + len(cfg.vlms) + len(cfg.vip_vlms)
     bar = tqdm(total=parts, desc=f"encoded vs expressed {model.name}", unit="part", disable=not progress)
 
     def phase(name: str, label: str, fn, *args):
@@ -273,7 +348,8 @@ def run_encoded_expressed_study(cfg: EncodedExpressedConfig | None = None, *, mo
     d_panel, d_curves, d_sweeps, d_summary = phase(
         "delimiter_sweep", "delimiter sweep", lambda: delimiter_sweep(
             model, delimiters=cfg.delimiters, n=cfg.n_delimiter, n_train=cfg.n_delimiter_train,
-            seed=cfg.seed, layers=layers, batch_size=cfg.batch_size,
+            seed=cfg.seed, seeds=[cfg.seed, *cfg.extra_seeds], seeded=cfg.seeded_delimiters, layers=layers,
+            batch_size=cfg.batch_size,
             blocks=None if _layers(cfg, model) is None else [v - 1 for v in layers if v > 0]))
 
     rs = make_reasoning_task(cfg.latent_task, cfg.n_latent_items, n_hops=cfg.n_hops, seed=cfg.seed)
@@ -287,13 +363,15 @@ def run_encoded_expressed_study(cfg: EncodedExpressedConfig | None = None, *, mo
         "soft_threads", "soft thinking threads", lambda: soft_thinking_threads(
             model, rs, n_steps=cfg.n_steps, taus=cfg.gumbel_taus, seed=cfg.seed, plain=runs.get("soft")))
 
-    vip_curves, vip_summary = [], []
-    for name in cfg.vlms:  # 4. VLMs: panel + visual integration
+    for name in cfg.vlms:  # 4. VLMs: panel
         out = phase(f"visual_{name}", name, visual_phase, vlm_models[name], cfg)
         panels.append(out["panel"])
         accuracy += out["accuracy"]
-        vip_curves.append(out["vip_curves"])
-        vip_summary.append(out["vip_summary"])
+    vip = {"items": [], "curves": [], "summary": []}
+    for name in cfg.vip_vlms:  # 5. VLMs: visual integration point
+        out = phase(f"vip_{name}", f"VIP {name}", vip_phase, vlm_models[name], cfg)
+        for k in vip:
+            vip[k].append(out[k])
     bar.close()
     timings = phases.finish(digits=1)
 
@@ -311,17 +389,20 @@ def run_encoded_expressed_study(cfg: EncodedExpressedConfig | None = None, *, mo
         suppression=cat(suppression, ("model", "task")),
         delimiter_panel=d_panel, delimiter_curves=d_curves, delimiter_sweeps=d_sweeps, delimiter_summary=d_summary,
         soft_steps=soft_steps, soft_summary=soft_summary,
-        vip_curves=cat(vip_curves, ("model", "split")), vip_summary=cat(vip_summary, ("model", "split")),
+        vip_curves=cat(vip["curves"], ("model",)), vip_summary=cat(vip["summary"], ("model",)),
+        vip_items=cat(vip["items"], ("model", "split")),
         timings=timings,
     )
 
 
 TABLES = ("panel", "accuracy", "suppression", "delimiter_panel", "delimiter_curves", "delimiter_sweeps",
-          "delimiter_summary", "soft_steps", "soft_summary", "vip_curves", "vip_summary")
+          "delimiter_summary", "soft_steps", "soft_summary", "vip_curves", "vip_summary", "vip_items")
 
 
 def save_encoded_expressed_result(result: EncodedExpressedResult, out_dir: str | Path) -> dict[str, Path]:
     """Every table as CSV plus ``study.json`` (model, weights hash, config, timings) in ``out_dir``."""
-    return write_result_tables(out_dir, {name: getattr(result, name) for name in TABLES}, {
+    tables = {name: getattr(result, name) for name in TABLES}
+    tables |= {"suppression_verdicts": result.suppression_verdicts(), "vip_correlation": result.vip_correlation()}
+    return write_result_tables(out_dir, tables, {
         "model": result.model, "weights_hash": result.weights_hash, "config": result.config,
         "timings": result.timings})

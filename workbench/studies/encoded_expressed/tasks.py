@@ -77,9 +77,9 @@ def counting_task(model: Model, task: str, *, n: int, n_train: int, seed: int = 
                                      model.encode, layers=layer_list, method=method, batch_size=batch_size)
     gt = GapTask(name=name or task, features=_stack(feats, layer_list), labels=labels,
                  classes=[str(c) for c in range(1, 10)], candidate_ids=digit_ids, train_idx=tr, test_idx=te,
-                 axis_values=layer_list, patching=patching)
+                 axis_values=layer_list, patching=patching, groups=prompts)
     extra = {"prompts": prompts, "counts": counts, "digit_ids": digit_ids, "train_idx": tr, "test_idx": te,
-             "accuracy": float(right[te].mean()), "layers": layer_list}
+             "accuracy": float(right[te].mean()), "right": right, "layers": layer_list}
     return gt, extra
 
 
