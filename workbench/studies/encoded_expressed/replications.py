@@ -47,7 +47,7 @@ from workbench.methods.encoded_expressed import gap_panel
 from workbench.methods.latent import LatentConfig, LatentRun, run_latent
 from workbench.methods.manifold import manifold_metrics
 from workbench.methods.patching import site_of
-from workbench.methods.stats import accuracy_ci, bootstrap_ci, mean_ci, permutation_p
+from workbench.methods.stats import accuracy_ci, bootstrap_ci, mean_ci, permutation_p, resample_weights
 from workbench.studies.encoded_expressed.tasks import counting_task
 
 PAPER_OVERWRITE_DEPTH = (0.88, 0.93)  # arXiv 2605.09239: the MLP that overwrites the count sits at 88-93 % of depth
@@ -285,17 +285,14 @@ def best_block_test(per_prompt: pd.DataFrame, value: str = "gain_ablation", *, n
     X = wide.to_numpy(np.float64)
     blocks = wide.columns.to_numpy()
     depth = per_prompt.drop_duplicates("block").set_index("block").depth.reindex(blocks).to_numpy()
-    codes = pd.factorize(pd.Series(groups))[0]
-    k = int(codes.max()) + 1
+    codes, W = resample_weights(groups, len(X), n_resamples=n_boot, seed=seed)
+    k = W.shape[1]
     if k < 2:
         raise ValueError("the test needs at least 2 distinct prompts")
     sums = np.zeros((k, X.shape[1]))
     np.add.at(sums, codes, X)
     cnt = np.bincount(codes, minlength=k).astype(np.float64)
     obs = X.mean(0)
-    draws = np.random.default_rng(seed).integers(0, k, (n_boot, k))
-    W = np.zeros((n_boot, k))
-    np.add.at(W, (np.repeat(np.arange(n_boot), k), draws.ravel()), 1.0)
     boot = (W @ sums) / (W @ cnt)[:, None]  # [n_boot, blocks]: resampled means
     se = boot.std(0, ddof=1)
     se = np.where(se > 0, se, np.inf)
