@@ -26,13 +26,13 @@ from workbench.core.models import DEFAULT_MODEL, Model, load_model
 from workbench.core.sites import check_layers, spread_layers
 from workbench.data.reasoning import MAX_HOPS, REASONING_TASKS, make_reasoning_task
 from workbench.data.tasks import TASKS
+from workbench.data.vqa import COLOURS, PRIOR, evaluation_set
 from workbench.io.figures import write_result_tables
 from workbench.methods.encoded_expressed import gap_panel
 from workbench.methods.latent import MAX_STEPS, LatentConfig
+from workbench.methods.stats import accuracy_ci
 from workbench.methods.tuned_lens import TunedLens, load_tuned_lens, tuned_lens_dir
 from workbench.studies.encoded_expressed import plots
-from workbench.data.vqa import COLOURS, PRIOR, evaluation_set
-from workbench.methods.stats import accuracy_ci
 from workbench.studies.encoded_expressed.replications import (
     DELIMITERS,
     across_models,
