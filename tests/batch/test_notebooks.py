@@ -72,6 +72,19 @@ TINY = {
 }
 
 
+TRAINED = ("04_latent_drift", "07_encoded_expressed")  # notebooks with parts on the latent thread's trained models
+
+
+@pytest.fixture(scope="module")
+def tiny_adapters(tmp_path_factory):
+    """CoT, Coconut and direct adapters of tiny-smollm2 (workbench train-reasoner's smoke recipe) in a probes/ root."""
+    from workbench.studies.latent_drift.training import suite_config, train_suite
+
+    root = tmp_path_factory.mktemp("adapters")
+    train_suite(suite_config("smoke", model="tiny-smollm2", root=str(root)), progress=False)
+    return root
+
+
 def _check_smoke_run(stem: str, result, figures_dir: Path, parameters: dict) -> None:
     assert result.ok, result.error
     out = nbs.output_dir_for(stem, figures_dir, smoke=True, parameters=parameters)
@@ -107,10 +120,13 @@ def test_every_notebook_has_a_tiny_smoke_setting():
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("stem", NOTEBOOKS)
-def test_notebook_runs_at_smoke_size_on_tiny_models(stem, tmp_path, monkeypatch):
+def test_notebook_runs_at_smoke_size_on_tiny_models(stem, tmp_path, monkeypatch, request):
     monkeypatch.setenv(STATIC_EXPORT_ENV, "0")  # HTML only: the browser export has its own tests (tests/io)
-    (result,) = nbs.run_notebooks([stem], smoke=True, figures_dir=tmp_path, parameters=TINY[stem])
-    _check_smoke_run(stem, result, tmp_path, TINY[stem])
+    params = dict(TINY[stem])
+    if stem in TRAINED:  # the trained-model parts run on adapters trained for the tiny model (smoke recipe)
+        params["adapters_root"] = str(request.getfixturevalue("tiny_adapters"))
+    (result,) = nbs.run_notebooks([stem], smoke=True, figures_dir=tmp_path, parameters=params)
+    _check_smoke_run(stem, result, tmp_path, params)
     records = read_manifest(result.output_dir)["records"]
     assert all(r["params"]["model"] == TINY[stem]["model"] for r in records.values() if "model" in r["params"])
 

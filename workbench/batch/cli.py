@@ -12,6 +12,9 @@
                                                 the shipped tuned lens, probes/<model>/tuned-lens
     workbench train-sae harvest                 the default model's SAE training store (user cache, resumable)
     workbench train-sae train KEY...            SAEs of workbench.studies.sae_features.study.SPECS into saes/ or the cache
+    workbench train-reasoner [--model M] [--recipe cpu|gpu|smoke] [--modes cot coconut direct] [--seeds 0 1 2]
+                             [--device D] [--root DIR] [--overwrite]
+                                                the latent thread's adapters, probes/<model>/reasoning
     workbench build-testbed [--variant biased|balanced|both] [--n-train N] [--seed S] [--out DIR]
                                                 retrain the VLM testbed's projector + LoRA parts
 
@@ -54,6 +57,8 @@ from workbench.data.vqa import VARIANTS
 from workbench.io.owned import FolderOwnershipError
 from workbench.studies.tuned_lens_patching.study import RECIPES
 from workbench.studies.tuned_lens_patching.train import build_tuned_lens, lens_summary
+from workbench.studies.latent_drift.training import RECIPES as REASONER_RECIPES
+from workbench.studies.latent_drift.training import check_suite, suite_config, train_suite
 from workbench.studies.sae_features.study import SPECS, build_saes, harvest_training_store
 from workbench.testbed.model import TestbedConfig, build_testbed
 
@@ -145,6 +150,16 @@ def _parser() -> argparse.ArgumentParser:
     sae_train.add_argument("keys", nargs="+", choices=sorted(SPECS), metavar="KEY",
                            help=f"one or more of: {', '.join(sorted(SPECS))}")
 
+    reasoner = sub.add_parser("train-reasoner", help="train the latent thread's CoT, Coconut and direct adapters "
+                              "(resumable) into probes/<model>/reasoning")
+    reasoner.add_argument("--model", type=_model_name, default=None, help="base model (default: the default model)")
+    reasoner.add_argument("--recipe", choices=sorted(REASONER_RECIPES), default="cpu")
+    reasoner.add_argument("--modes", nargs="+", choices=["cot", "coconut", "direct"], default=None)
+    reasoner.add_argument("--seeds", nargs="+", type=int, default=None)
+    reasoner.add_argument("--device", type=_device, default=None)
+    reasoner.add_argument("--root", default=None, help="folder holding probes/ (default: the checkout)")
+    reasoner.add_argument("--overwrite", action="store_true", help="replace adapters already there")
+
     testbed = sub.add_parser("build-testbed", help="train the VLM testbed's projector + LoRA and write its parts")
     testbed.add_argument("--variant", choices=[*VARIANTS, "both"], default="both")
     testbed.add_argument("--n-train", type=_positive_int, default=TestbedConfig.n_train,
@@ -170,6 +185,19 @@ def main(argv: list[str] | None = None) -> int:
         records = [harvest_training_store()] if args.sae_command == "harvest" else build_saes(args.keys)
         for record in records:
             print(json.dumps(record))
+        return 0
+    if args.command == "train-reasoner":
+        try:
+            cfg = suite_config(args.recipe, model=args.model, modes=args.modes and tuple(args.modes),
+                               seeds=args.seeds and tuple(args.seeds), device=args.device, root=args.root,
+                               overwrite=args.overwrite or None)
+            check_suite(cfg)  # a folder that may not be replaced, a Coconut run without its CoT adapter
+        except (ValueError, FileExistsError) as e:
+            print(f"workbench train-reasoner: error: {e}", file=sys.stderr)
+            return 2
+        result = train_suite(cfg)
+        print(result.accuracy.to_string(index=False))
+        print(result.timings.to_string(index=False))
         return 0
     if args.command == "build-testbed":
         for result, folder in build_testbed(args.variant, n_train=args.n_train, seed=args.seed, out=args.out):

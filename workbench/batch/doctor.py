@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import workbench.methods.probes.base  # noqa: F401 - importing a kind's module registers it with io.artifact
+import workbench.methods.reasoner  # noqa: F401
 import workbench.methods.sae.handle  # noqa: F401
 import workbench.methods.tuned_lens  # noqa: F401
 from workbench.core.store import FORMAT as STORE_FORMAT

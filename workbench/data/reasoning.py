@@ -61,6 +61,15 @@ class ReasoningSet:
     def correct(self, i: int, text: str) -> bool:
         return self.parse(i, text) == self.answers[i]
 
+    def step_texts(self, i: int) -> list[str]:
+        """Item ``i``'s reasoning written out, one string per step (what a chain-of-thought model is taught to write):
+        arithmetic ``[" b=7.", " c=9."]`` (each step names its variable and value: four tokens for the registry's
+        tokenizers), graph ``[" Max is a yumpus.", ...]`` (the individual and the concept reached)."""
+        if self.task == "arithmetic":
+            return [f" {_VARS[h + 1]}={v}." for h, v in enumerate(self.steps[i])]
+        who = self.prompts[i].split(" is a ", 1)[0]
+        return [f" {who} is a {c}." for c in self.steps[i]]
+
     def subset(self, idx: Sequence[int]) -> ReasoningSet:
         idx = list(idx)
         return ReasoningSet(self.task, [self.prompts[i] for i in idx], [self.answers[i] for i in idx],
@@ -125,6 +134,24 @@ def graph_reachability(n: int, *, n_hops: int = 3, n_distractors: int = 3, seed:
         cands.append(options)
     return ReasoningSet("graph", prompts, answers, steps, cands,
                         {"n": n, "n_hops": n_hops, "n_distractors": n_distractors, "seed": seed})
+
+
+def arithmetic_operands(rs: ReasoningSet) -> tuple[list[int], list[list[str]], list[list[int]]]:
+    """What each arithmetic prompt writes: (start values, operators per hop ("+", "-", "*"), constants per hop).
+    The computed intermediates are functions of these alone; the fact-retention control probes them."""
+    if rs.task != "arithmetic":
+        raise ValueError(f"operands are defined for task 'arithmetic', got {rs.task!r}")
+    starts, ops, consts = [], [], []
+    for prompt in rs.prompts:
+        parts = prompt.split("; ")
+        m = re.fullmatch(r"a=(\d)", parts[0])
+        hops = [re.fullmatch(r"[a-z]=[a-z]([+*-])(\d)", p) for p in parts[1:-1]]
+        if m is None or any(h is None for h in hops):
+            raise ValueError(f"not an arithmetic chain of this package: {prompt!r}")
+        starts.append(int(m.group(1)))
+        ops.append([h.group(1) for h in hops])
+        consts.append([int(h.group(2)) for h in hops])
+    return starts, ops, consts
 
 
 def make_reasoning_task(task: str, n: int, *, n_hops: int = 3, seed: int = 0, **options) -> ReasoningSet:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 import torch
@@ -56,6 +56,8 @@ class LatentConfig:
     bot: str = " <bot>"  # markers around the latent span (plain text: untrained models have no special tokens)
     eot: str = " <eot>"
     answer_tokens: int = 10  # room for "The answer is 7" style continuations
+    text_tokens: int = 0  # latent modes: greedy text tokens after ``eot`` before the answer cue (a Coconut model at
+    # curriculum stage k writes the remaining steps as text); 0: the answer cue follows ``eot`` at once
     seed: int = 0
     batch_size: int = 50  # decoding is bound by reading the weights: big batches cut the number of passes
 
@@ -76,6 +78,10 @@ class LatentConfig:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
         if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p < 1:
             raise ValueError(f"min_p must lie in [0, 1), got {self.min_p!r}")
+        if isinstance(self.text_tokens, bool) or not isinstance(self.text_tokens, int) or self.text_tokens < 0:
+            raise ValueError(f"text_tokens must be an int >= 0, got {self.text_tokens!r}")
+        if self.text_tokens and self.mode not in ("coconut", "soft"):
+            raise ValueError(f"text_tokens is for the latent modes (coconut, soft), not {self.mode!r}")
         for name in ("top_k", "keep_top_n", "answer_tokens", "batch_size", "cold_stop_patience"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -98,6 +104,7 @@ class LatentRun:
     mixture_entropy: Float[torch.Tensor, "n steps"]  # soft: entropy of the fed weights (nats); NaN otherwise
     top_weight: Float[torch.Tensor, "n steps"]  # soft: the largest fed weight (the top token's share); NaN otherwise
     tokens: Int[torch.Tensor, "n steps"]  # cot: the greedy token; soft: the top-weighted token; coconut: -1
+    reliance: pd.DataFrame = field(default_factory=pd.DataFrame)  # soft with ``reliance=``: see run_latent
 
     @property
     def accuracy(self) -> float:
@@ -154,15 +161,27 @@ def _entropy(w: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def run_latent(model: Model, rs: ReasoningSet, cfg: LatentConfig | None = None, *,
-               patch: Mapping[int, torch.Tensor] | None = None) -> LatentRun:
+               patch: Mapping[int, torch.Tensor] | None = None, reliance: Sequence[str] = ()) -> LatentRun:
     """Run ``cfg.mode`` for ``cfg.n_steps`` on every item of ``rs``; see the module docstring.
 
     patch: ``{step index k (0-based): [len(rs), d] inputs}``: at step k every item is fed its row instead of what the
     loop computed (activation patching along the latent axis; later steps follow from the patched input). The
     step's record (``tokens``, ``mixture_entropy``, ``top_weight``) stays the loop's own, from before the patch;
     ``inputs`` holds what was fed.
+
+    reliance (mode ``soft``): variants of :func:`reliance_weights` (``"top1"``, ``"top3"``, ``"drop1"``,
+    ``"gumbel0.5"``, ...). At every step each variant's input is fed on a copy of the loop's history (the KV cache
+    is cropped back afterwards, so the loop itself is unchanged) and its next-step distribution is compared with the
+    loop's: ``LatentRun.reliance`` gets one row per (item, step, variant) with the KL divergence (loop || variant,
+    nats), whether the argmax agrees, and ``defined`` (False where the variant leaves no weight, e.g. ``drop1`` on
+    a one-token mixture; KL is then NaN).
     """
     cfg = cfg or LatentConfig()
+    reliance = list(reliance)
+    for v in reliance:
+        parse_reliance_variant(v)
+    if reliance and cfg.mode != "soft":
+        raise ValueError(f"the reliance test perturbs Soft Thinking's mixture: mode must be 'soft', got {cfg.mode!r}")
     if len(rs) == 0:
         raise ValueError("the reasoning set is empty")
     patch = dict(patch or {})
@@ -178,6 +197,8 @@ def run_latent(model: Model, rs: ReasoningSet, cfg: LatentConfig | None = None, 
                          f"(e.g. {rs.answers[bad[0]]!r}); fix the task before running")
     batch = 1 if (cfg.mode == "soft" and cfg.cold_stop_entropy is not None) else cfg.batch_size
     generator = torch.Generator().manual_seed(cfg.seed)
+    alt_generator = torch.Generator().manual_seed(cfg.seed + 1)  # the variants' noise: the loop's stays its own
+    reliance_rows = []
     L, S, d = model.n_layers, cfg.n_steps, model.d_model
     n = len(rs)
     inputs = torch.full((n, S, d), math.nan)
@@ -190,6 +211,9 @@ def run_latent(model: Model, rs: ReasoningSet, cfg: LatentConfig | None = None, 
     marker = {"coconut": cfg.bot, "soft": cfg.bot, "cot": rs.cot_cue, "direct": ""}[cfg.mode]
     closing = (cfg.eot if cfg.mode in ("coconut", "soft") else "") + rs.answer_cue
     suffix_ids = model.tokenizer(closing, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    eot_text = cfg.eot if cfg.mode in ("coconut", "soft") else ""
+    eot_ids = model.tokenizer(eot_text, add_special_tokens=False, return_tensors="pt")["input_ids"].long()
+    cue_ids = model.tokenizer(rs.answer_cue, add_special_tokens=False, return_tensors="pt")["input_ids"]
     sites = [layer_site(layer) for layer in range(L + 1)]
     rows = []
     for start in range(0, n, batch):
@@ -208,7 +232,20 @@ def run_latent(model: Model, rs: ReasoningSet, cfg: LatentConfig | None = None, 
         for k in range(S):
             if not alive.any():
                 break
-            x, tok, ent, top = _next_input(model, cfg, h, logits, generator, scale)
+            x, tok, ent, top, mix = _next_input(model, cfg, h, logits, generator, scale)
+            alt_logp = {}
+            for v in reliance:  # each variant on the loop's history; the cache is cropped back after it
+                w_v, defined = reliance_weights(mix[1], v, alt_generator)
+                x_v = _mixture(model, mix[0], torch.where(defined[:, None], w_v, mix[1]))
+                length = cache.get_seq_length()
+                m_v = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+                o_v = model.hf(inputs_embeds=x_v[:, None].to(model.dtype), attention_mask=m_v,
+                               position_ids=pos[:, -1:] + 1, past_key_values=cache, use_cache=True)
+                cache.crop(-1)  # back to the loop's history (transformers 5: a negative count removes tokens)
+                if cache.get_seq_length() != length:
+                    raise RuntimeError(f"the KV cache did not return to its {length} positions after a reliance "
+                                       f"variant ({cache.get_seq_length()}): this cache type cannot be cropped")
+                alt_logp[v] = (torch.log_softmax(o_v.logits[:, -1].double(), -1), defined)
             if k in patch:
                 x = patch[k][idx].to(x.device, x.dtype)
             rows_alive = torch.tensor(idx)[alive]
@@ -227,31 +264,53 @@ def run_latent(model: Model, rs: ReasoningSet, cfg: LatentConfig | None = None, 
             cache = out.past_key_values
             h = torch.stack([tr[s] for s in sites], dim=1)
             logits = out.logits[:, -1]
+            if alt_logp:
+                lp = torch.log_softmax(logits.double(), -1)
+                for v, (lq, defined) in alt_logp.items():
+                    kl = (lp.exp() * (lp - lq)).sum(-1)
+                    agree = lp.argmax(-1) == lq.argmax(-1)
+                    for j in torch.nonzero(alive, as_tuple=True)[0].tolist():
+                        ok = bool(defined[j])
+                        reliance_rows.append({"item": idx[j], "step": k + 1, "variant": v, "defined": ok,
+                                              "kl": float(kl[j]) if ok else math.nan,
+                                              "argmax_agree": bool(agree[j]) if ok else None})
             if cfg.mode == "soft" and cfg.cold_stop_entropy is not None:
                 low_streak = torch.where(ent.cpu() < cfg.cold_stop_entropy, low_streak + 1, 0)
                 alive &= low_streak < cfg.cold_stop_patience
-        # closing marker + answer cue, then greedy answer decoding
-        ids = suffix_ids.expand(B, -1).to(model.device)
-        generated = []
-        for t in range(cfg.answer_tokens + 1):
-            T = ids.shape[1]
-            mask = torch.cat([mask, torch.ones(B, T, dtype=mask.dtype, device=mask.device)], dim=1)
-            pos = pos[:, -1:] + 1 + torch.arange(T, device=pos.device)[None]
-            out = model.hf(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            if t == cfg.answer_tokens:
-                break
-            ids = out.logits[:, -1].argmax(-1, keepdim=True)
-            generated.append(ids)
-        texts = model.tokenizer.batch_decode(torch.cat(generated, 1), skip_special_tokens=True)
+        # closing marker + answer cue (or: the marker, text_tokens of greedy text, the cue), then the greedy answer
+        segments = ([(suffix_ids, cfg.answer_tokens)] if not cfg.text_tokens else
+                    [(eot_ids, cfg.text_tokens), (cue_ids, cfg.answer_tokens)])
+        decoded = []
+        for seg_ids, n_new in segments:
+            ids = seg_ids.expand(B, -1).to(model.device)
+            generated = []
+            for t in range(n_new + 1):
+                T = ids.shape[1]
+                if T:
+                    mask = torch.cat([mask, torch.ones(B, T, dtype=mask.dtype, device=mask.device)], dim=1)
+                    pos = pos[:, -1:] + 1 + torch.arange(T, device=pos.device)[None]
+                    out = model.hf(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                   use_cache=True)
+                    cache = out.past_key_values
+                if t == n_new:
+                    break
+                ids = out.logits[:, -1].argmax(-1, keepdim=True)
+                generated.append(ids)
+            decoded.append(torch.cat(generated, 1))
+        texts = model.tokenizer.batch_decode(decoded[-1], skip_special_tokens=True)
+        tails = (model.tokenizer.batch_decode(decoded[0], skip_special_tokens=True) if cfg.text_tokens
+                 else [""] * B)
         for j, i in enumerate(idx):
             thought = (model.tokenizer.decode(tokens[i, : int(n_latent[j])].tolist())
                        if cfg.mode == "cot" else "")
             parsed = rs.parse(i, texts[j])
             rows.append({"item": i, "n_latent": int(n_latent[j]), "answer_text": texts[j], "parsed": parsed,
-                         "gold": rs.answers[i], "correct": parsed == rs.answers[i], "thought_text": thought})
+                         "gold": rs.answers[i], "correct": parsed == rs.answers[i], "thought_text": thought,
+                         "text_after_thoughts": tails[j]})
     return LatentRun(config=asdict(cfg), items=pd.DataFrame(rows), inputs=inputs, states=states, valid=valid,
-                     mixture_entropy=mix_h, top_weight=top_w, tokens=tokens)
+                     mixture_entropy=mix_h, top_weight=top_w, tokens=tokens,
+                     reliance=pd.DataFrame(reliance_rows, columns=["item", "step", "variant", "defined", "kl",
+                                                                   "argmax_agree"]))
 
 
 def _next_input(model: Model, cfg: LatentConfig, h: torch.Tensor, logits: torch.Tensor, generator, scale):
@@ -264,14 +323,59 @@ def _next_input(model: Model, cfg: LatentConfig, h: torch.Tensor, logits: torch.
         x = model.final_norm(last) if cfg.hidden == "post_norm" else last
         if scale is not None:
             x = x * (scale / x.double().norm(dim=-1, keepdim=True).clamp_min(1e-30)).to(x.dtype)
-        return x, torch.full((B,), -1, dtype=torch.long), nan, nan
+        return x, torch.full((B,), -1, dtype=torch.long), nan, nan, None
     if cfg.mode == "cot":
         tok = logits.argmax(-1)
-        return input_embeddings(model, tok), tok, nan, nan
+        return input_embeddings(model, tok), tok, nan, nan, None
     ids, w = soft_weights(logits.float(), cfg, generator)
+    x = _mixture(model, ids, w)
+    return (x, ids.gather(1, w.argmax(-1, keepdim=True).to(ids.device))[:, 0], _entropy(w), w.max(-1).values,
+            (ids, w))
+
+
+def _mixture(model: Model, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_j w_j e(ids_j) in float64, cast to the model's dtype: [B, d]."""
     emb = input_embeddings(model, ids).double()  # [B, n, d]
-    x = (w[..., None].to(emb.device) * emb).sum(1).to(model.dtype)
-    return x, ids.gather(1, w.argmax(-1, keepdim=True).to(ids.device))[:, 0], _entropy(w), w.max(-1).values
+    return (w[..., None].to(emb.device) * emb).sum(1).to(model.dtype)
+
+
+def parse_reliance_variant(variant: str) -> tuple[str, float]:
+    """``"top<j>"`` (keep the top j tokens, renormalised; ``top1`` is the top token's embedding), ``"drop<m>"``
+    (remove the top m, renormalise the rest), ``"gumbel<tau>"`` (Gumbel-softmax noise at temperature tau on the
+    weights) -> (kind, number)."""
+    for kind in ("top", "drop", "gumbel"):
+        if isinstance(variant, str) and variant.startswith(kind):
+            try:
+                value = float(variant[len(kind):])
+            except ValueError:
+                break
+            if value > 0 and (kind == "gumbel" or value == int(value)):
+                return kind, value
+    raise ValueError(f"unknown reliance variant {variant!r}; allowed: 'top<j>', 'drop<m>' (j, m >= 1 ints), "
+                     "'gumbel<tau>' (tau > 0)")
+
+
+def reliance_weights(w: Float[torch.Tensor, "b n"], variant: str, generator: torch.Generator | None = None
+                     ) -> tuple[Float[torch.Tensor, "b n"], Bool[torch.Tensor, " b"]]:
+    """Soft Thinking's weights ``w`` (sorted descending, as :func:`soft_weights` returns them) changed by
+    ``variant`` (:func:`parse_reliance_variant`), and per row whether any weight is left (``drop`` on a mixture of
+    no more than m tokens leaves none: that row's weights are returned unchanged and flagged False)."""
+    kind, value = parse_reliance_variant(variant)
+    w = w.double()
+    if kind == "gumbel":
+        u = torch.rand(w.shape, generator=generator, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+        logw = torch.where(w > 0, w.log(), torch.full_like(w, -math.inf))
+        return torch.softmax((logw - torch.log(-torch.log(u)).to(w.device)) / value, -1), torch.ones(
+            w.shape[0], dtype=torch.bool, device=w.device)
+    out = w.clone()
+    j = int(value)
+    if kind == "top":
+        out[:, j:] = 0
+    else:
+        out[:, :j] = 0
+    total = out.sum(-1, keepdim=True)
+    defined = total[:, 0] > 0
+    return torch.where(defined[:, None], out / total.clamp_min(1e-300), w), defined
 
 
 def run_modes(model: Model, rs: ReasoningSet, modes: Sequence[str], n_steps: int, **overrides) -> dict[str, LatentRun]:

@@ -28,8 +28,11 @@ from workbench.data.reasoning import MAX_HOPS, REASONING_TASKS, make_reasoning_t
 from workbench.data.tasks import TASKS
 from workbench.data.vqa import COLOURS, PRIOR, evaluation_set
 from workbench.io.figures import write_result_tables
+from workbench.io.artifact import read_card
 from workbench.methods.encoded_expressed import gap_panel
 from workbench.methods.latent import MAX_STEPS, LatentConfig
+from workbench.methods.reasoner import CARD_FILE as REASONER_CARD
+from workbench.methods.reasoner import ReasonerConfig, adapter_name, load_reasoner, reasoner_dir
 from workbench.methods.stats import accuracy_ci
 from workbench.methods.tuned_lens import TunedLens, load_tuned_lens, tuned_lens_dir
 from workbench.studies.encoded_expressed import plots
@@ -45,6 +48,7 @@ from workbench.studies.encoded_expressed.replications import (
 )
 from workbench.studies.encoded_expressed.tasks import VISUAL_SPLITS, counting_task, latent_task, visual_task
 from workbench.studies.notebook import (
+    ConfigError,
     NotebookConfig,
     Phases,
     as_tuple,
@@ -60,6 +64,7 @@ from workbench.studies.notebook import (
 )
 
 THREADS = ("counting", "latent", "visual")
+LATENT_ADAPTER = {"coconut": "coconut", "soft": "cot", "cot": "cot"}  # which trained model runs each loop
 LATENT_MODES = ("coconut", "soft", "cot")
 TUNED_LENS = ("auto", "none")
 TESTBEDS = ("vlm-testbed", "vlm-testbed-balanced")  # the panel's VLMs
@@ -75,7 +80,8 @@ class EncodedExpressedConfig(NotebookConfig):
                 "n_prompts": "n_prompts", "n_train": "n_train", "n_vlm_items": "n_vlm_items",
                 "n_latent_items": "n_latent_items", "n_steps": "n_steps", "gumbel_taus": "gumbel_taus",
                 "delimiters": "delimiters", "layers": "layers", "tuned_lens": "tuned_lens", "seed": "seed",
-                "vip_vlms": "vip_vlms", "extra_seeds": "extra_seeds", "seeded_delimiters": "seeded_delimiters"}
+                "vip_vlms": "vip_vlms", "extra_seeds": "extra_seeds", "seeded_delimiters": "seeded_delimiters",
+                "latent_trained": "latent_trained", "adapter_seed": "adapter_seed", "adapters_root": "adapters_root"}
     SMOKE_SIZED = ("tasks", "layers", "n_prompts", "n_train", "n_vlm_items", "n_latent_items", "n_steps", "gumbel_taus",
                    "delimiters", "extra_seeds")
     RELATIONS = (less_than("n_train", "n_prompts", "held-out rows to score on"),
@@ -122,8 +128,25 @@ class EncodedExpressedConfig(NotebookConfig):
     seeded_delimiters: tuple[str, ...] = constrained((" ",), convert=as_tuple_value,
                                                      check=lambda v: all(isinstance(d, str) and d for d in v),
                                                      allowed="a list of non-empty strs")
+    # the latent part on the models trained to reason (workbench train-reasoner; probes/<model>/reasoning/): coconut
+    # on the Coconut-trained adapter at its trained number of thoughts, soft (Soft Thinking) on the CoT-trained one,
+    # fed after its CoT cue for as many steps as the chain's tokens. False (the default): the base model, as before.
+    latent_trained: bool = False
+    adapter_seed: int = int_range(0, 0, 99)
+    adapters_root: str | None = None  # the folder holding probes/ (None: the checkout)
     batch_size: int = positive_int(32)
     smoke: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.latent_trained:  # missing adapters fail here, before any model loads
+            for mode in self.latent_modes:
+                folder = reasoner_dir(self.model, adapter_name(LATENT_ADAPTER[mode], self.adapter_seed),
+                                      self.adapters_root)
+                if not (folder / REASONER_CARD).is_file():
+                    raise ConfigError(f"latent_trained: no {LATENT_ADAPTER[mode]} adapter for {self.model} at "
+                                      f"{folder}; train it with `workbench train-reasoner --model {self.model} --seeds "
+                                      f"{self.adapter_seed}`, or set latent_trained=False", ["latent_trained"])
 
     @classmethod
     def smoke_config(cls, **overrides) -> EncodedExpressedConfig:
@@ -271,9 +294,23 @@ def _acc_interval(right, groups, seed: int) -> dict:
     return {"accuracy_lo": iv.lo, "accuracy_hi": iv.hi, "n": len(right), "n_units": iv.n}
 
 
+def latent_loop(cfg: EncodedExpressedConfig, model: Model, rs, mode: str) -> LatentConfig:
+    """The loop of ``mode``: ``n_steps`` on the base model; on a trained model (``latent_trained``) coconut at its
+    trained number of thoughts, soft / cot after the CoT cue for the chain's tokens."""
+    if not cfg.latent_trained:
+        return LatentConfig(mode=mode, n_steps=cfg.n_steps, seed=cfg.seed)
+    if mode == "coconut":
+        card = read_card(Path(model.source["adapter"]) / REASONER_CARD)
+        return ReasonerConfig(**card["recipe"]).latent_config(seed=cfg.seed)
+    n_tok = max(len(model.tokenizer("".join(rs.step_texts(i)), add_special_tokens=False)["input_ids"])
+                for i in range(len(rs)))
+    extra = dict(bot=rs.cot_cue, eot="") if mode == "soft" else {}
+    return LatentConfig(mode=mode, n_steps=n_tok, seed=cfg.seed, **extra)
+
+
 def latent_phase(model: Model, cfg: EncodedExpressedConfig, rs, mode: str, tuned: TunedLens | None) -> dict:
     """Phase ``latent_<mode>``: the latent loop's per-step panel."""
-    lcfg = LatentConfig(mode=mode, n_steps=cfg.n_steps, seed=cfg.seed)
+    lcfg = latent_loop(cfg, model, rs, mode)
     gt, extra = latent_task(model, rs, lcfg, n_train=cfg.n_latent_train, seed=cfg.seed, n_pairs=cfg.n_pairs,
                             min_pairs=cfg.min_pairs)
     return {"panel": gap_panel(model, gt, tuned_lens=tuned).assign(thread="latent", model=model.name),
@@ -353,15 +390,26 @@ def run_encoded_expressed_study(cfg: EncodedExpressedConfig | None = None, *, mo
             blocks=None if _layers(cfg, model) is None else [v - 1 for v in layers if v > 0]))
 
     rs = make_reasoning_task(cfg.latent_task, cfg.n_latent_items, n_hops=cfg.n_hops, seed=cfg.seed)
-    runs = {}
-    for mode in cfg.latent_modes:  # 3. latent loops, per step
-        out = phase(f"latent_{mode}", f"latent {mode}", latent_phase, model, cfg, rs, mode, tuned)
+    runs, loops = {}, {}
+    for mode in cfg.latent_modes:  # 3. latent loops, per step (on the trained models with latent_trained)
+        lm = model
+        if cfg.latent_trained:  # the base's tuned lens was not trained on these weights: the logit lens only
+            lm = load_reasoner(reasoner_dir(cfg.model, adapter_name(LATENT_ADAPTER[mode], cfg.adapter_seed),
+                                            cfg.adapters_root))
+        loops[mode] = lm
+        out = phase(f"latent_{mode}", f"latent {mode}", latent_phase, lm, cfg, rs, mode,
+                    None if cfg.latent_trained else tuned)
         panels.append(out["panel"])
         accuracy += out["accuracy"]
         runs[mode] = out["run"]
+    soft_model = loops.get("soft") or (load_reasoner(reasoner_dir(cfg.model, adapter_name("cot", cfg.adapter_seed),
+                                                                  cfg.adapters_root))
+                                       if cfg.latent_trained else model)
+    soft_loop = latent_loop(cfg, soft_model, rs, "soft")
     soft_steps, soft_summary = phase(
         "soft_threads", "soft thinking threads", lambda: soft_thinking_threads(
-            model, rs, n_steps=cfg.n_steps, taus=cfg.gumbel_taus, seed=cfg.seed, plain=runs.get("soft")))
+            soft_model, rs, n_steps=soft_loop.n_steps, taus=cfg.gumbel_taus, seed=cfg.seed, plain=runs.get("soft"),
+            bot=soft_loop.bot, eot=soft_loop.eot))
 
     for name in cfg.vlms:  # 4. VLMs: panel
         out = phase(f"visual_{name}", name, visual_phase, vlm_models[name], cfg)
