@@ -205,6 +205,13 @@ def training_set(cfg: ReasonerConfig, stage: int, *, exclude: Sequence[str] = ()
     return merged.subset(order.tolist())
 
 
+def chain_tokens(tokenizer, rs: ReasoningSet, skip: int = 0) -> int:
+    """Tokens of the written-out reasoning steps after the first ``skip`` (the most over items): how many greedy
+    steps a CoT-trained model thinks, or how much text a Coconut stage writes after its thoughts."""
+    return max(len(tokenizer("".join(rs.step_texts(i)[skip:]), add_special_tokens=False)["input_ids"])
+               if len(rs.steps[i]) > skip else 0 for i in range(len(rs)))
+
+
 def evaluation_set(task: str, n: int, n_hops: int, *, seed: int = 0) -> ReasoningSet:
     """``n`` distinct chains of ``n_hops`` hops (fewer when fewer exist), seeded below :data:`TRAIN_SEED_OFFSET`."""
     if not 0 <= seed < TRAIN_SEED_OFFSET:
@@ -540,7 +547,8 @@ def remove_checkpoint(folder: str | Path) -> None:
 __all__ = [
     "ADAPTER_CONFIG_FILE", "ADAPTER_FILE", "CARD_FILE", "LORA_TARGETS", "REASONER_KIND", "TRAIN_MODES", "Example",
     "ReasonerConfig", "ReasonerError", "ReasonerRun", "adapter_name", "build_examples", "checkpoint_dir",
-    "evaluation_set", "example_pieces", "load_reasoner", "load_reasoner_state", "merge_adapter", "reasoner_dir",
+    "chain_tokens", "evaluation_set", "example_pieces", "load_reasoner", "load_reasoner_state", "merge_adapter",
+    "reasoner_dir",
     "remove_checkpoint", "save_reasoner",
     "sequence_loss", "stage_layout", "train_reasoner", "training_set",
 ]

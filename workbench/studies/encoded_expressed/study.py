@@ -32,7 +32,7 @@ from workbench.io.artifact import read_card
 from workbench.methods.encoded_expressed import gap_panel
 from workbench.methods.latent import MAX_STEPS, LatentConfig
 from workbench.methods.reasoner import CARD_FILE as REASONER_CARD
-from workbench.methods.reasoner import ReasonerConfig, adapter_name, load_reasoner, reasoner_dir
+from workbench.methods.reasoner import ReasonerConfig, adapter_name, chain_tokens, load_reasoner, reasoner_dir
 from workbench.methods.stats import accuracy_ci
 from workbench.methods.tuned_lens import TunedLens, load_tuned_lens, tuned_lens_dir
 from workbench.studies.encoded_expressed import plots
@@ -302,8 +302,7 @@ def latent_loop(cfg: EncodedExpressedConfig, model: Model, rs, mode: str) -> Lat
     if mode == "coconut":
         card = read_card(Path(model.source["adapter"]) / REASONER_CARD)
         return ReasonerConfig(**card["recipe"]).latent_config(seed=cfg.seed)
-    n_tok = max(len(model.tokenizer("".join(rs.step_texts(i)), add_special_tokens=False)["input_ids"])
-                for i in range(len(rs)))
+    n_tok = chain_tokens(model.tokenizer, rs)
     extra = dict(bot=rs.cot_cue, eot="") if mode == "soft" else {}
     return LatentConfig(mode=mode, n_steps=n_tok, seed=cfg.seed, **extra)
 

@@ -35,6 +35,7 @@ from workbench.methods.reasoner import (
     REASONER_KIND,
     TRAIN_MODES,
     ReasonerConfig,
+    chain_tokens,
     ReasonerError,
     adapter_name,
     load_reasoner,
@@ -288,7 +289,7 @@ def trained_models(cfg: DriftConfig, rs, layer: int, *, progress: bool = True) -
             out["items"].append(run.items.assign(mode="direct-trained"))
             continue
         if mode == "cot":
-            n_tok = chain_tokens(model, rs)
+            n_tok = chain_tokens(model.tokenizer, rs)
             per_hop = max(1, n_tok // cfg.n_hops)
             res = instrumented_mode(model, rs, cfg, "cot", layer, label="cot-trained", steps_per_hop=per_hop,
                                     loop=_loop_config(cfg, "cot", n_tok))
@@ -337,12 +338,6 @@ def _collect(out: dict[str, list], res: dict) -> None:
     for name in ("steps", "manifold", "lens", "retention", "retention_operands", "items"):
         if name in res:
             out[name].append(res[name])
-
-
-def chain_tokens(model: Model, rs) -> int:
-    """Tokens of the written-out reasoning steps (the most over items): a CoT-trained model's thinking length."""
-    return max(len(model.tokenizer("".join(rs.step_texts(i)), add_special_tokens=False)["input_ids"])
-               for i in range(len(rs)))
 
 
 def reliance_summary(steps: pd.DataFrame, whole: dict[str, dict], mixture: dict) -> pd.DataFrame:

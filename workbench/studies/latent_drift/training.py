@@ -26,6 +26,7 @@ from workbench.methods.reasoner import (
     CARD_FILE,
     ReasonerConfig,
     adapter_name,
+    chain_tokens,
     checkpoint_dir,
     remove_checkpoint,
     evaluation_set,
@@ -100,12 +101,6 @@ def evaluation_sets(task: str, hops: Sequence[int], n: int, *, seed: int = 0) ->
     return {h: evaluation_set(task, n, h, seed=seed + h) for h in hops}
 
 
-def _step_tokens(model: Model, rs: ReasoningSet, skip: int = 0) -> int:
-    """Tokens of the written-out steps after the first ``skip`` (the most over items)."""
-    return max(len(model.tokenizer("".join(rs.step_texts(i)[skip:]), add_special_tokens=False)["input_ids"])
-               if len(rs.steps[i]) > skip else 0 for i in range(len(rs)))
-
-
 def evaluate(model: Model, cfg: ReasonerConfig, sets: dict[int, ReasoningSet], *, stage: int | None = None,
              thoughts: str = "trained", batch_size: int = 50, answer_tokens: int = ANSWER_TOKENS) -> pd.DataFrame:
     """Accuracy of a trained model on every set, with Wilson intervals: one row per hop count.
@@ -117,7 +112,8 @@ def evaluate(model: Model, cfg: ReasonerConfig, sets: dict[int, ReasoningSet], *
     rows = []
     for hops, rs in sets.items():
         if cfg.mode == "cot":
-            lc = LatentConfig(mode="cot", n_steps=_step_tokens(model, rs), answer_tokens=answer_tokens,
+            lc = LatentConfig(mode="cot", n_steps=chain_tokens(model.tokenizer, rs),
+                              answer_tokens=answer_tokens,
                               batch_size=batch_size)
             n_thoughts = 0
         elif cfg.mode == "direct":
@@ -128,7 +124,7 @@ def evaluate(model: Model, cfg: ReasonerConfig, sets: dict[int, ReasoningSet], *
             n_thoughts = (hops if thoughts == "hops" else k) * cfg.thoughts_per_step
             latent_steps = n_thoughts // cfg.thoughts_per_step
             lc = LatentConfig(mode="coconut", n_steps=n_thoughts, answer_tokens=answer_tokens, batch_size=batch_size,
-                              text_tokens=_step_tokens(model, rs, skip=latent_steps))
+                              text_tokens=chain_tokens(model.tokenizer, rs, skip=latent_steps))
         run = run_latent(model, rs, lc)
         k_right, n = int(run.items.correct.sum()), len(rs)
         ci = wilson_ci(k_right, n)
