@@ -69,6 +69,7 @@ TINY = {
     "06_tuned_lens_patching": {"model": "tiny-smollm2"},
     "07_encoded_expressed": {"model": "tiny-smollm2", "vlms": ["tiny-vlm", "tiny-vlm-balanced"],
                              "vip_vlms": ["tiny-vlm", "tiny-vlm-balanced", "tiny-vlm-s1", "tiny-vlm-balanced-s1"]},
+    "08_attribution_graphs": {"model": "tiny-smollm2", "transcoders": "train"},
 }
 
 
@@ -92,7 +93,7 @@ def _check_smoke_run(stem: str, result, figures_dir: Path, parameters: dict) -> 
     executed = nbformat.read(result.executed, as_version=4)
     assert _errors(executed) == []
     for cell in executed.cells:  # explorers render static figures under the runner: a figure, never a widget
-        if cell.cell_type == "code" and re.search(r"^(lens_explorer|probe_explorer|latent_scrubber|blur_explorer|patching_explorer|encoded_expressed_explorer)\(",
+        if cell.cell_type == "code" and re.search(r"^(lens_explorer|probe_explorer|latent_scrubber|blur_explorer|patching_explorer|encoded_expressed_explorer|graph_explorer)\(",
                                                   cell.source, re.M):
             data = {k: v for o in cell.outputs for k, v in o.get("data", {}).items()}
             assert "application/vnd.plotly.v1+json" in data and data["application/vnd.plotly.v1+json"]["data"]

@@ -15,6 +15,8 @@
     workbench train-reasoner [--model M] [--recipe cpu|gpu|smoke] [--modes cot coconut direct] [--seeds 0 1 2]
                              [--device D] [--root DIR] [--overwrite]
                                                 the latent thread's adapters, probes/<model>/reasoning
+    workbench train-transcoders [--model M] [--recipe cpu|gpu|smoke] [--device D] [--out DIR] [--overwrite]
+                                                per-layer transcoders, saes/<model>/transcoders/topk-<E>x-k<k>
     workbench build-testbed [--variant biased|balanced|both] [--n-train N] [--seed S] [--out DIR]
                                                 retrain the VLM testbed's projector + LoRA parts
 
@@ -55,6 +57,9 @@ from workbench.core.models import check_model_name, resolve_device
 from workbench.core.zoo import fetch_models
 from workbench.data.vqa import VARIANTS
 from workbench.io.owned import FolderOwnershipError
+from workbench.methods.circuits.train import RECIPES as TRANSCODER_RECIPES
+from workbench.methods.circuits.train import check_transcoder_destination, recipe, train_transcoder_set, transcoder_folder
+from workbench.methods.circuits.transcoder import TranscoderError
 from workbench.studies.tuned_lens_patching.study import RECIPES
 from workbench.studies.tuned_lens_patching.train import build_tuned_lens, lens_summary
 from workbench.studies.latent_drift.training import RECIPES as REASONER_RECIPES
@@ -160,6 +165,14 @@ def _parser() -> argparse.ArgumentParser:
     reasoner.add_argument("--root", default=None, help="folder holding probes/ (default: the checkout)")
     reasoner.add_argument("--overwrite", action="store_true", help="replace adapters already there")
 
+    tc = sub.add_parser("train-transcoders", help="train per-layer transcoders (resumable) into "
+                        "saes/<model>/transcoders")
+    tc.add_argument("--model", type=_model_name, default="smollm2-135m")
+    tc.add_argument("--recipe", choices=sorted(TRANSCODER_RECIPES), default="cpu")
+    tc.add_argument("--device", type=_device, default=None)
+    tc.add_argument("--out", default=None, help="destination folder (default: saes/<model>/transcoders/...)")
+    tc.add_argument("--overwrite", action="store_true", help="replace a set already there")
+
     testbed = sub.add_parser("build-testbed", help="train the VLM testbed's projector + LoRA and write its parts")
     testbed.add_argument("--variant", choices=[*VARIANTS, "both"], default="both")
     testbed.add_argument("--n-train", type=_positive_int, default=TestbedConfig.n_train,
@@ -198,6 +211,17 @@ def main(argv: list[str] | None = None) -> int:
         result = train_suite(cfg)
         print(result.accuracy.to_string(index=False))
         print(result.timings.to_string(index=False))
+        return 0
+    if args.command == "train-transcoders":
+        try:
+            check_transcoder_destination(transcoder_folder(args.model, recipe(args.recipe), args.out), args.overwrite)
+        except (TranscoderError, FolderOwnershipError) as e:
+            print(f"workbench train-transcoders: error: {e}", file=sys.stderr)
+            return 2
+        tcs, quality, folder = train_transcoder_set(args.model, args.recipe, device=args.device, out=args.out,
+                                                    overwrite=args.overwrite)
+        print(quality.round(4).to_string(index=False))
+        print(f"{len(tcs)} transcoders -> {folder}; {tcs.card['train_seconds'] / 60:.1f} min of training")
         return 0
     if args.command == "build-testbed":
         for result, folder in build_testbed(args.variant, n_train=args.n_train, seed=args.seed, out=args.out):

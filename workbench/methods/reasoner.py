@@ -327,7 +327,8 @@ def _checkpoint(cfg: ReasonerConfig, model: Model, folder: str | Path | None, in
     return UnitCheckpoint(folder, spec, kind="reasoner-checkpoint")
 
 
-def _save_state(store: UnitCheckpoint, name: str, params: dict[str, torch.nn.Parameter], opt, meta: dict) -> None:
+def save_train_state(store: UnitCheckpoint, name: str, params: dict[str, torch.nn.Parameter], opt, meta: dict) -> None:
+    """Parameters and Adam's state as one safetensors file beside the unit ``name``'s JSON (``meta``)."""
     tensors = {f"param.{k}": p.detach().cpu().contiguous() for k, p in params.items()}
     index = {id(p): k for k, p in params.items()}
     for p, st in opt.state.items():
@@ -339,7 +340,8 @@ def _save_state(store: UnitCheckpoint, name: str, params: dict[str, torch.nn.Par
     store.save(name, meta)
 
 
-def _load_state(store: UnitCheckpoint, name: str, params: dict[str, torch.nn.Parameter], opt) -> dict | None:
+def load_train_state(store: UnitCheckpoint, name: str, params: dict[str, torch.nn.Parameter], opt) -> dict | None:
+    """Restore what :func:`save_train_state` wrote into ``params`` and ``opt``; the unit's JSON, or None."""
     meta = store.load(name)
     path = store.path(name, ".safetensors")
     if meta is None or not path.is_file():
@@ -395,7 +397,7 @@ def train_reasoner(model: Model, cfg: ReasonerConfig, *, init: dict[str, torch.T
                 if meta is not None:
                     latest = s
                     break
-            if latest is not None and _load_state(store, f"stage{stage}-step{latest:05d}", params, opt) is not None:
+            if latest is not None and load_train_state(store, f"stage{stage}-step{latest:05d}", params, opt) is not None:
                 first = latest
                 run.resumed_from += latest
                 run.log += [TrainLog(**r) for r in store.load(f"stage{stage}-step{latest:05d}")["log"]]
@@ -423,7 +425,7 @@ def train_reasoner(model: Model, cfg: ReasonerConfig, *, init: dict[str, torch.T
             bar.update()
             bar.set_postfix(stage=stage, loss=f"{run.log[-1].loss:.3f}")
             if store is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps_per_stage):
-                _save_state(store, f"stage{stage}-step{step + 1:05d}", params, opt,
+                save_train_state(store, f"stage{stage}-step{step + 1:05d}", params, opt,
                             {"log": [asdict(r) for r in run.log if r.stage == stage]})
         if on_stage is not None:
             on_stage(stage, wrapped)
@@ -550,5 +552,5 @@ __all__ = [
     "chain_tokens", "evaluation_set", "example_pieces", "load_reasoner", "load_reasoner_state", "merge_adapter",
     "reasoner_dir",
     "remove_checkpoint", "save_reasoner",
-    "sequence_loss", "stage_layout", "train_reasoner", "training_set",
+    "load_train_state", "save_train_state", "sequence_loss", "stage_layout", "train_reasoner", "training_set",
 ]

@@ -8,6 +8,7 @@ notebook's parameters cell.
 
 from __future__ import annotations
 
+from workbench.studies.attribution_graphs.study import GraphsConfig
 from workbench.studies.counting_readout.study import CountingConfig
 from workbench.studies.encoded_expressed.study import EncodedExpressedConfig
 from workbench.studies.latent_drift.study import DriftConfig
@@ -25,6 +26,7 @@ NOTEBOOK_CONFIGS: dict[str, type[NotebookConfig]] = {
     "05_sae_features": SAEStudyConfig,
     "06_tuned_lens_patching": TunedLensPatchingConfig,
     "07_encoded_expressed": EncodedExpressedConfig,
+    "08_attribution_graphs": GraphsConfig,
 }
 
 

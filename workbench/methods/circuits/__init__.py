@@ -1,0 +1,1 @@
+"""Transcoders, attribution graphs on the frozen model, their validation and interchange (circuit-tracer)."""
