@@ -32,3 +32,17 @@ def test_gpu_scale_needs_a_shape_or_a_model():
     bench = _load("gpu_scale")
     with pytest.raises(SystemExit):
         bench.main([])
+
+
+def test_graph_speed_runs_at_tiny_size(tmp_path, capsys):
+    from workbench.core.models import load_model
+    from workbench.methods.circuits.transcoder import save_transcoders
+    from workbench.testing.tiny import random_transcoders
+
+    model = load_model("tiny-smollm2")
+    save_transcoders(random_transcoders(model), tmp_path / "tc")
+    out = _load("graph_speed").main(["--model", "tiny-smollm2", "--transcoders", str(tmp_path / "tc"),
+                                     "--budgets", "4", "8", "16", "--tokens", "12"])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("{")
+    assert [out["rows"][b] for b in (4, 8, 16)] == sorted(out["rows"][b] for b in (4, 8, 16))
+    assert out["seconds_per_row_slope"] == out["seconds_per_row_slope"] and out["backward_per_forward"] > 0

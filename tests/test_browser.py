@@ -37,6 +37,28 @@ from workbench.ui.lens import lens_explorer
 lens_explorer({"tiny-llama": tiny_model("llama"), "tiny-gpt2": tiny_model("gpt2")}, "hello world")
 """
 
+GRAPH_EXPLORER = ".wb-graph-explorer"
+GRAPH_SOURCE = """\
+import torch
+from workbench.testing.tiny import random_transcoders, tiny_model
+from workbench.methods.circuits.attribution import AttributionConfig, attribute
+from workbench.methods.circuits.graph_io import feature_cards, graph_json
+from workbench.ui.circuits import graph_explorer
+
+m = tiny_model("llama")
+tcs = random_transcoders(m)
+g = attribute(m, torch.tensor([[1, 5, 9, 23, 7, 11, 40, 3]]), tcs, cfg=AttributionConfig(max_feature_nodes=20),
+              progress=False)
+data = graph_json(g, "tiny", vocab_size=m.arch.vocab_size)
+feats = [(int(n["layer"]), int(n["node_id"].split("_")[1])) for n in data["nodes"]
+         if n["feature_type"] == "cross layer transcoder"]
+cards = feature_cards(m, tcs, feats, torch.randint(3, 100, (4, 16), generator=torch.Generator().manual_seed(0)),
+                      progress=False)
+ex = graph_explorer(data, cards, display="widget")
+ex
+"""
+READBACK_SOURCE = "print('QPARAMS', ex.qparams())"
+
 pytestmark = pytest.mark.browser
 
 
@@ -80,9 +102,19 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture
 def lab(tmp_path):
     """(base url, token, notebook name) of a JupyterLab serving a temporary folder holding the test notebook."""
+    yield from _serve(tmp_path, [NOTEBOOK_SOURCE])
+
+
+@pytest.fixture
+def graph_lab(tmp_path):
+    """The same, with the attribution-graph explorer's notebook (the explorer, then a cell reading it back)."""
+    yield from _serve(tmp_path, [GRAPH_SOURCE, READBACK_SOURCE])
+
+
+def _serve(tmp_path, sources):
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                            "language": "python"}})
-    nb.cells = [nbformat.v4.new_code_cell(NOTEBOOK_SOURCE)]
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in sources]
     nbformat.write(nb, tmp_path / "explorer.ipynb")
     port, token = _free_port(), uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if k != "WORKBENCH_HEADLESS"}  # a real front end: widgets
@@ -190,6 +222,63 @@ def test_lens_explorer_in_jupyterlab(lab):
             assert "layer 1, input token a" in text and "top-1 token" in text, text
         except BaseException:
             page.screenshot(path=str(shots / "failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+
+
+def test_graph_explorer_in_jupyterlab(graph_lab):
+    """The attribution-graph explorer (anywidget, inline JavaScript, nothing fetched): click a feature for its card,
+    shift-click to pin, group the pinned nodes, and read the groups back in Python."""
+    if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
+        pytest.fail(f"{CHROMIUM} is missing: the browser test needs Debian's chromium (`bash .ci/install-chromium.sh`, "
+                    "or `apt-get install -y chromium`)")
+    from playwright.sync_api import sync_playwright
+
+    base, token, name = graph_lab
+    shots = _artifacts()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        external = []
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("request", lambda r: external.append(r.url) if not r.url.startswith(base) and
+                    not r.url.startswith(("data:", "blob:")) else None)
+            page.goto(f"{base}/lab/tree/{name}?token={token}", wait_until="domcontentloaded", timeout=120_000)
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+            _run_first_cell(page)
+            page.wait_for_selector(f"{GRAPH_EXPLORER} circle.wb-node", timeout=180_000)
+            page.screenshot(path=str(shots / "graph-1-opened.png"), full_page=True)
+            nodes = page.locator(f"{GRAPH_EXPLORER} circle.wb-node")
+            kinds = nodes.evaluate_all("els => els.map(e => e.getAttribute('data-type'))")
+            assert {"embedding", "logit", "cross layer transcoder"} <= set(kinds)
+            features = page.locator(f"{GRAPH_EXPLORER} circle.wb-node[data-type='cross layer transcoder']")
+            first_id = features.first.get_attribute("data-id")
+            features.first.click()
+            page.wait_for_function("(sel) => document.querySelector(sel + ' .wb-panel').textContent.includes("
+                                   "'top logits')", arg=GRAPH_EXPLORER, timeout=30_000)
+            panel = page.locator(f"{GRAPH_EXPLORER} .wb-panel").text_content()
+            assert first_id in panel and "Top activations" in panel, panel
+            page.screenshot(path=str(shots / "graph-2-card.png"), full_page=True)
+            features.nth(0).click(modifiers=["Shift"])
+            features.nth(1).click(modifiers=["Shift"])
+            page.wait_for_function("(sel) => document.querySelectorAll(sel + ' circle.wb-pinned').length === 2",
+                                   arg=GRAPH_EXPLORER, timeout=30_000)
+            page.locator(f"{GRAPH_EXPLORER} .wb-group-btn").click()
+            page.wait_for_function("(sel) => document.querySelectorAll(sel + ' circle.wb-grouped').length === 2",
+                                   arg=GRAPH_EXPLORER, timeout=30_000)
+            assert "group 1" in page.locator(f"{GRAPH_EXPLORER} .wb-groups").text_content()
+            page.screenshot(path=str(shots / "graph-3-grouped.png"), full_page=True)
+            cells = page.locator(".jp-Notebook .jp-Cell")
+            cells.nth(1).locator(".jp-InputArea-editor").click()
+            page.keyboard.press("Shift+Enter")
+            page.wait_for_function("() => Array.from(document.querySelectorAll('.jp-OutputArea-output')).some("
+                                   "e => e.textContent.includes('QPARAMS'))", timeout=60_000)
+            out = [t for t in page.locator(".jp-OutputArea-output").all_text_contents() if "QPARAMS" in t][0]
+            assert "'group 1'" in out and first_id in out, out
+            assert external == [], f"the explorer fetched from outside the server: {external}"
+        except BaseException:
+            page.screenshot(path=str(shots / "graph-failure.png"), full_page=True)
             raise
         finally:
             browser.close()

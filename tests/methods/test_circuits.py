@@ -49,25 +49,14 @@ from workbench.methods.circuits.transcoder import (
     save_transcoders,
 )
 from workbench.methods.circuits.validate import ablation_check, mlp_effects, pruned_share, validate_graph
-from workbench.testing.tiny import tiny_model
+from workbench.testing.tiny import random_transcoders, tiny_model
 
 IDS = torch.tensor([[1, 5, 9, 23, 7, 11, 40, 3, 17, 29]])
 CORPUS = [f"the quick brown fox number {i} jumps over {i % 7} lazy dogs and {i % 3} cats" for i in range(400)]
 
 
 def random_set(model, *, k=6, layers=None, seed=1, skip=True):
-    g = torch.Generator().manual_seed(seed)
-    d = model.d_model
-    tcs = {}
-    for i in (range(model.n_layers) if layers is None else layers):
-        tc = Transcoder(d, 4 * d, k=k, skip=skip)
-        with torch.no_grad():
-            for p in tc.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        tcs[i] = tc
-    out = TranscoderSet(tcs, model_name=model.name)
-    out.requires_grad_(False)
-    return out
+    return random_transcoders(model, k=k, layers=layers, seed=seed, skip=skip)
 
 
 # -- transcoders ------------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import workbench.methods.probes.base  # noqa: F401 - importing a kind's module registers it with io.artifact
+import workbench.methods.circuits.transcoder  # noqa: F401 - importing a kind's module registers it with io.artifact
+import workbench.methods.probes.base  # noqa: F401
 import workbench.methods.reasoner  # noqa: F401
 import workbench.methods.sae.handle  # noqa: F401
 import workbench.methods.tuned_lens  # noqa: F401

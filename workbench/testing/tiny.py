@@ -23,6 +23,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from workbench.core.arch import SUPPORTED_FAMILIES, SUPPORTED_VLM_FAMILIES
 from workbench.core.models import Model, from_hf
+from workbench.methods.circuits.transcoder import Transcoder, TranscoderSet
 
 N_LAYERS = 3
 D_MODEL = 64
@@ -340,4 +341,21 @@ def tiny_vlm_inputs(model, batch: int = 2, seed: int = 0) -> dict[str, torch.Ten
     if family == "gemma3":
         out["token_type_ids"] = (ids == IMAGE).long()
     out["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return out
+
+
+def random_transcoders(model: Model, *, k: int = 6, layers=None, seed: int = 1, skip: bool = True, width: int = 4):
+    """A :class:`~workbench.methods.circuits.transcoder.TranscoderSet` of seeded random TopK transcoders for every
+    layer of ``model`` (or ``layers``): a graph on a tiny model without training."""
+    g = torch.Generator().manual_seed(seed)
+    d = model.d_model
+    tcs = {}
+    for i in (range(model.n_layers) if layers is None else layers):
+        tc = Transcoder(d, width * d, k=k, skip=skip)
+        with torch.no_grad():
+            for p in tc.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        tcs[i] = tc
+    out = TranscoderSet(tcs, model_name=model.name)
+    out.requires_grad_(False)
     return out

@@ -526,6 +526,8 @@ def attribute(model: Model, prompt: str | Tensor, tcs: TranscoderSet, *, targets
     cfg.validate()
     start = time.perf_counter()
     tcs.check_fits(model)
+    if not model.is_dispatched:
+        tcs.to(model.device)
     if isinstance(prompt, str):
         if not prompt:
             raise AttributionError("the prompt is empty")
