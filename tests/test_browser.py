@@ -175,11 +175,24 @@ def _run_first_cell(page) -> None:
     page.keyboard.press("Shift+Enter")
 
 
-def test_lens_explorer_in_jupyterlab(lab):
+def _playwright():
+    """playwright's ``sync_playwright``, after checking that Debian's chromium is there (CI must run these)."""
     if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
         pytest.fail(f"{CHROMIUM} is missing: the browser test needs Debian's chromium (`bash .ci/install-chromium.sh`, "
                     "or `apt-get install -y chromium`)")
     from playwright.sync_api import sync_playwright
+
+    return sync_playwright
+
+
+def _open(page, base: str, token: str, name: str) -> None:
+    page.goto(f"{base}/lab/tree/{name}?token={token}", wait_until="domcontentloaded", timeout=120_000)
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+    _run_first_cell(page)
+
+
+def test_lens_explorer_in_jupyterlab(lab):
+    sync_playwright = _playwright()
 
     base, token, name = lab
     shots = _artifacts()
@@ -187,9 +200,7 @@ def test_lens_explorer_in_jupyterlab(lab):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"{base}/lab/tree/{name}?token={token}", wait_until="domcontentloaded", timeout=120_000)
-            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
-            _run_first_cell(page)
+            _open(page, base, token, name)
             page.wait_for_selector(f"{EXPLORER} .js-plotly-plot .gtitle", timeout=180_000)
             first = _wait_until(page, lambda s: "hello world" in s["title"], "the first prompt")
             page.screenshot(path=str(shots / "1-opened.png"), full_page=True)
@@ -230,10 +241,7 @@ def test_lens_explorer_in_jupyterlab(lab):
 def test_graph_explorer_in_jupyterlab(graph_lab):
     """The attribution-graph explorer (anywidget, inline JavaScript, nothing fetched): click a feature for its card,
     shift-click to pin, group the pinned nodes, and read the groups back in Python."""
-    if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
-        pytest.fail(f"{CHROMIUM} is missing: the browser test needs Debian's chromium (`bash .ci/install-chromium.sh`, "
-                    "or `apt-get install -y chromium`)")
-    from playwright.sync_api import sync_playwright
+    sync_playwright = _playwright()
 
     base, token, name = graph_lab
     shots = _artifacts()
@@ -244,9 +252,7 @@ def test_graph_explorer_in_jupyterlab(graph_lab):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.on("request", lambda r: external.append(r.url) if not r.url.startswith(base) and
                     not r.url.startswith(("data:", "blob:")) else None)
-            page.goto(f"{base}/lab/tree/{name}?token={token}", wait_until="domcontentloaded", timeout=120_000)
-            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
-            _run_first_cell(page)
+            _open(page, base, token, name)
             page.wait_for_selector(f"{GRAPH_EXPLORER} circle.wb-node", timeout=180_000)
             page.screenshot(path=str(shots / "graph-1-opened.png"), full_page=True)
             nodes = page.locator(f"{GRAPH_EXPLORER} circle.wb-node")

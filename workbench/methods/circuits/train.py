@@ -82,6 +82,7 @@ class TranscoderTrainConfig:
     auxk_k: int = 64  # latents the AuxK loss uses per token
     dead_tokens: int = 40_000  # a latent that has not fired for this many training tokens is dead for AuxK
     heldout_windows: int = 64  # the first windows of the stream: never trained on, evaluated on
+    massive: float = 30.0  # leave out sink tokens: MLP output norm > massive x the layer's median (sink_tokens)
     shuffle_windows: int = 256
     checkpoint_every: int = 50
     seed: int = 0
@@ -165,15 +166,33 @@ def _mlp_sites(model: Model, layers: Sequence[int]) -> tuple[list[str], list[str
     return ([f"{model.arch.mlp_path(i)}:input" for i in layers], [f"blocks.{i}.hook_mlp_out" for i in layers])
 
 
-def mlp_io(model: Model, ids: Tensor, layers: Sequence[int]) -> tuple[list[Tensor], list[Tensor]]:
+def mlp_io(model: Model, ids: Tensor, layers: Sequence[int], *, massive: float | None = None
+           ) -> tuple[list[Tensor], list[Tensor]]:
     """Every layer's MLP input and output on ``ids`` (one forward, no grad), position 0 left out, flattened to
-    ``[n_tokens, d_model]`` float32."""
+    ``[n_tokens, d_model]`` float32. ``massive``: also leave out the tokens whose MLP output, at any of ``layers``,
+    has a norm above ``massive`` times that layer's median (see :func:`sink_tokens`)."""
     ins, outs = _mlp_sites(model, layers)
     dev = model.device
     with torch.no_grad(), trace(model, ins + outs) as tr:
         model.hf(input_ids=ids.to(dev))
     flat = [tr[s][:, 1:].reshape(-1, model.d_model).float() for s in ins + outs]
+    if massive is not None:
+        keep = ~sink_tokens(flat[len(layers):], massive)
+        flat = [t[keep] for t in flat]
     return flat[: len(layers)], flat[len(layers):]
+
+
+def sink_tokens(outs: Sequence[Tensor], factor: float) -> Tensor:
+    """Tokens whose MLP output norm, at any layer, exceeds ``factor`` x that layer's median: the massive
+    activations of attention-sink tokens. On SmolLM2-135M the first tokens of a document in mid-window write MLP
+    outputs of norm ~12,000 at layers 11 and 28 (median ~30 and ~180): two tokens of a batch then hold 97 % of
+    layer 11's variance. Like position 0 they are left out of training and of the held-out FVU (the card records
+    how many); in a graph their MLP outputs are error nodes like every other."""
+    out = torch.zeros(outs[0].shape[0], dtype=torch.bool)
+    for y in outs:
+        n = y.norm(dim=-1)
+        out |= n.cpu() > factor * n.median().cpu()
+    return out
 
 
 def _windows(model: Model, cfg: TranscoderTrainConfig) -> Iterator[list[int]]:
@@ -252,7 +271,7 @@ def _init_set(model: Model, cfg: TranscoderTrainConfig, layers: list[int], batch
     n, sx, sy = 0, torch.zeros(L, d, dtype=torch.float64), torch.zeros(L, d, dtype=torch.float64)
     xx, xy = torch.zeros(L, d, d, dtype=torch.float64), torch.zeros(L, d, d, dtype=torch.float64)
     for ids in batches:
-        ins, outs = mlp_io(model, ids, layers)
+        ins, outs = mlp_io(model, ids, layers, massive=cfg.massive)
         for j in range(L):
             x, y = ins[j].double(), outs[j].double()
             sx[j] += x.sum(0)
@@ -320,7 +339,7 @@ def train_transcoders(model: Model, cfg: TranscoderTrainConfig, *, checkpoint=No
         if max_steps is not None and step - first >= max_steps:
             break
         ids = next(batches)
-        ins, outs = mlp_io(model, ids, layers)
+        ins, outs = mlp_io(model, ids, layers, massive=cfg.massive)
         scale = min(1.0, (step + 1) / (cfg.warmup_steps + 1))
         if step >= decay_start and cfg.steps > decay_start:
             scale *= 1 - 0.9 * (step - decay_start) / (cfg.steps - decay_start)
@@ -360,13 +379,15 @@ def _ce(model: Model, ids: Tensor) -> Tensor:
 
 @torch.no_grad()
 def evaluate_transcoders(model: Model, tcs: TranscoderSet, ids: Tensor, *, ce_windows: int | None = 16,
-                         batch_windows: int = 8, progress: bool = True) -> pd.DataFrame:
+                         batch_windows: int = 8, massive: float | None = 30.0, progress: bool = True) -> pd.DataFrame:
     """Quality of every layer's transcoder on the windows ``ids`` (held-out text), one row per layer plus a row
     ``layer = "all"``: FVU of the MLP output (position 0 left out), L0, the fraction of latents that never fired
     (``dead_fraction``), and on the first ``ce_windows`` windows the next-token cross-entropy with that layer's
     MLP replaced by its transcoder (``ce_replaced``; ``all``: every layer at once), with it zero-ablated
     (``ce_ablated``), clean (``ce_clean``), and the share of the ablation's loss the transcoder recovers
-    (``ce_recovered`` = (ablated - replaced) / (ablated - clean)), with a bootstrap 95 % CI over windows."""
+    (``ce_recovered`` = (ablated - replaced) / (ablated - clean)), with a bootstrap 95 % CI over windows.
+    ``massive``: sink tokens (:func:`sink_tokens`) are left out of FVU and keep their MLP output when replaced or
+    ablated (``n_sink``: how many were left out); None: every token after position 0 counts."""
     tcs.check_fits(model)
     layers = tcs.layers
     sse = torch.zeros(len(layers), dtype=torch.float64)
@@ -374,9 +395,13 @@ def evaluate_transcoders(model: Model, tcs: TranscoderSet, ids: Tensor, *, ce_wi
     s2 = torch.zeros(len(layers), dtype=torch.float64)
     l0 = torch.zeros(len(layers), dtype=torch.float64)
     fired = torch.zeros(len(layers), tcs.d_transcoder, dtype=torch.bool)
-    n = 0
+    n, n_all = 0, 0
     for s in tqdm(range(0, len(ids), batch_windows), desc="held-out FVU", disable=not progress):
         ins, outs = mlp_io(model, ids[s: s + batch_windows], layers)
+        n_all += ins[0].shape[0]
+        if massive is not None:
+            keep = ~sink_tokens(outs, massive)
+            ins, outs = [t[keep] for t in ins], [t[keep] for t in outs]
         for j, layer in enumerate(layers):
             tc = tcs[layer]
             acts = tc.encode(ins[j])
@@ -389,9 +414,10 @@ def evaluate_transcoders(model: Model, tcs: TranscoderSet, ids: Tensor, *, ce_wi
         n += ins[0].shape[0]
     total_var = s2 - s1.pow(2).sum(-1) / n
     rows = [{"layer": str(layer), "fvu": float(sse[j] / total_var[j]), "l0": float(l0[j] / n),
-             "dead_fraction": float(1 - fired[j].float().mean()), "n_tokens": n} for j, layer in enumerate(layers)]
+             "dead_fraction": float(1 - fired[j].float().mean()), "n_tokens": n, "n_sink": n_all - n}
+            for j, layer in enumerate(layers)]
     rows.append({"layer": "all", "fvu": float(sse.sum() / total_var.sum()), "l0": float(l0.sum() / n / len(layers)),
-                 "dead_fraction": float(1 - fired.float().mean()), "n_tokens": n})
+                 "dead_fraction": float(1 - fired.float().mean()), "n_tokens": n, "n_sink": n_all - n})
     frame = pd.DataFrame(rows)
     if ce_windows:
         ce_ids = ids[:ce_windows]
@@ -399,9 +425,9 @@ def evaluate_transcoders(model: Model, tcs: TranscoderSet, ids: Tensor, *, ce_wi
         ce = {}
         for what in tqdm([[i] for i in layers] + [layers], desc="CE recovered", disable=not progress):
             key = str(what[0]) if len(what) == 1 else "all"
-            with replaced_mlps(model, tcs, what):
+            with replaced_mlps(model, tcs, what, massive=massive):
                 rep = _ce(model, ce_ids)
-            with replaced_mlps(model, None, what):
+            with replaced_mlps(model, None, what, massive=massive):
                 abl = _ce(model, ce_ids)
             ce[key] = (rep, abl)
         frame = frame.merge(pd.DataFrame([_ce_row(key, clean, rep, abl) for key, (rep, abl) in ce.items()]),
@@ -434,7 +460,8 @@ def build_transcoders(model: Model, cfg: TranscoderTrainConfig, folder, *, recip
     check_transcoder_destination(folder, overwrite)
     run = train_transcoders(model, cfg, checkpoint=checkpoint, progress=progress)
     t0 = time.perf_counter()
-    quality = evaluate_transcoders(model, run.transcoders, heldout_windows(model, cfg), progress=progress)
+    quality = evaluate_transcoders(model, run.transcoders, heldout_windows(model, cfg), massive=cfg.massive,
+                                   progress=progress)
     card = {"model": {"name": model.name, "weights_sha256": model.weights_hash, "family": model.arch.family},
             "recipe": recipe_name, "train_config": asdict(cfg), "corpus": cfg.corpus,
             "train_tokens": cfg.steps * cfg.tokens_per_step, "train_seconds": run.seconds,

@@ -285,22 +285,27 @@ class ReplacedMLP(nn.Module):
     zero, the ablation baseline). Earlier positions keep the MLP's own output: position 0, the BOS attention sink,
     is never trained on."""
 
-    def __init__(self, mlp: nn.Module, tc: Transcoder | None, first_position: int = 1):
+    def __init__(self, mlp: nn.Module, tc: Transcoder | None, first_position: int = 1, massive: float | None = None):
         super().__init__()
-        self.mlp, self.tc, self.first_position = mlp, tc, first_position
+        self.mlp, self.tc, self.first_position, self.massive = mlp, tc, first_position, massive
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.mlp(x, *args, **kwargs)
         tail = x[:, self.first_position:]
         rec = self.tc(tail).to(out.dtype) if self.tc is not None else torch.zeros_like(out[:, self.first_position:])
+        if self.massive is not None:  # sink tokens keep the MLP's own output (they are left out of training)
+            norm = out[:, self.first_position:].float().norm(dim=-1)
+            sink = norm > self.massive * norm.median()
+            rec = torch.where(sink[..., None], out[:, self.first_position:], rec)
         return torch.cat([out[:, : self.first_position], rec], dim=1)
 
 
 @contextlib.contextmanager
 def replaced_mlps(model, tcs: TranscoderSet | None, layers: Sequence[int] | None = None, *,
-                  first_position: int = 1) -> Iterator[None]:
+                  first_position: int = 1, massive: float | None = None) -> Iterator[None]:
     """While the block runs, the MLPs of ``layers`` (default: every layer of the set) output their transcoders'
-    reconstructions from ``first_position`` on (``tcs=None``: zero); restored in ``finally``."""
+    reconstructions from ``first_position`` on (``tcs=None``: zero); ``massive``: tokens whose MLP output norm
+    exceeds ``massive`` x the median keep it (sink tokens, left out of training). Restored in ``finally``."""
     if tcs is None and layers is None:
         raise TranscoderError("replaced_mlps(model, None) zero-ablates MLPs and needs their layers")
     layers = tcs.layers if layers is None else list(layers)
@@ -308,7 +313,7 @@ def replaced_mlps(model, tcs: TranscoderSet | None, layers: Sequence[int] | None
     if missing:
         raise TranscoderError(f"no transcoder for layers {missing}; the set has {tcs.layers}")
     swaps = {model.arch.mlp_path(i): ReplacedMLP(model.module(model.arch.mlp_path(i)),
-                                                  tcs[i] if tcs is not None else None, first_position)
+                                                  tcs[i] if tcs is not None else None, first_position, massive)
              for i in layers}
     with swap_modules(model, swaps):
         yield

@@ -6,7 +6,8 @@
     save_graphs_result(result, cfg.output_dir)   # tables, graph JSON (circuit-tracer layout), feature cards
 
 Graphs: ``n_ioi`` IOI prompts (target: logit(IO) - logit(S) at the last position), and one counting prompt
-(``counting_task``, count ``count``) twice: towards its salient logits, and towards a count direction at layer
+(``counting_task``, count ``count``) twice: towards the correct answer's logit (demeaned, as circuit-tracer's
+logit targets), and towards a count direction at layer
 ``count_layer``'s residual output, last position (a ridge probe of the count fitted here on ``n_probe_prompts``
 prompts of the same task; its held-out R² is reported with it): the target circuit-tracer cannot take.
 Every graph is validated (:mod:`workbench.methods.circuits.validate`): exactness, ablations of its top-N
@@ -21,7 +22,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
@@ -29,7 +29,7 @@ import torch
 from workbench.core.models import Model, load_model
 from workbench.data.corpus import DEFAULT_CORPUS, token_windows
 from workbench.data.ioi import make_ioi_pairs
-from workbench.data.tasks import TASKS, make_task
+from workbench.data.tasks import TASKS, answered_task
 from workbench.io.figures import write_result_tables
 from workbench.io.paths import resolve_output_path
 from workbench.methods.activations import last_token
@@ -40,6 +40,7 @@ from workbench.methods.circuits.attribution import (
     attribute,
     direction_target,
     logit_diff_target,
+    logit_targets,
     prune_graph,
 )
 from workbench.methods.circuits.graph_io import feature_cards, graph_json, write_feature_cards, write_graph_files
@@ -49,8 +50,8 @@ from workbench.methods.circuits.validate import ValidationResult, graph_vs_patch
 from workbench.methods.patching import activation_patching, check_pairs
 from workbench.methods.probes.linear import RidgeProbe
 from workbench.plotting.circuits import graph_figure
-from workbench.plotting.theme import apply_theme
-from workbench.studies.notebook import NotebookConfig, Phases, choice, each_in, positive_int
+from workbench.studies.attribution_graphs.plots import ablation_figure, patching_figure
+from workbench.studies.notebook import NotebookConfig, Phases, choice, each_in, int_range, positive_int
 
 SHIPPED = "saes/{model}/transcoders/topk-4x-k32"
 
@@ -66,7 +67,7 @@ class GraphsConfig(NotebookConfig):
     transcoders: str = "shipped"  # "shipped" (saes/<model>/transcoders/topk-4x-k32), "train" (smoke recipe), a folder
     n_ioi: int = positive_int(4, minimum=2)
     counting_task: str = choice("character", TASKS)
-    count: int = positive_int(5)
+    count: int = int_range(5, 1, 9)
     count_layer: int | None = None  # None: two thirds of the way up
     n_probe_prompts: int = positive_int(300, minimum=20)
     max_feature_nodes: int = positive_int(2048)
@@ -90,7 +91,7 @@ class GraphsConfig(NotebookConfig):
 @dataclass
 class GraphRun:
     slug: str
-    kind: str  # "ioi", "count-logits", "count-direction"
+    kind: str  # "ioi", "count-answer", "count-direction"
     graph: AttributionGraph
     pruned: PrunedGraph
     validation: ValidationResult
@@ -133,33 +134,11 @@ class GraphsResult:
         figs = {f"graph_{r.slug}": graph_figure(r.json, title=f"{r.slug}: {r.graph.targets[0].name}")
                 for r in self.runs}
         figs["ablation_vs_prediction"] = ablation_figure(self.ablations())
-        figs["graph_vs_patching"] = patching_figure(self.patching, self.patching_stats)
+        figs["graph_vs_patching_scatter"] = patching_figure(self.patching, self.patching_stats)
         return figs
 
-
-def ablation_figure(frame: pd.DataFrame) -> go.Figure:
-    fig = go.Figure()
-    for g, sub in frame.groupby("graph", sort=False):
-        fig.add_trace(go.Scatter(x=sub["predicted"], y=sub["measured"], mode="markers", name=str(g),
-                                 text=[f"L{a}/F{b}@{c}" for a, b, c in zip(sub["layer"], sub["feature"], sub["pos"])]))
-    lim = float(np.nanmax(np.abs(frame[["predicted", "measured"]].to_numpy()))) if len(frame) else 1.0
-    fig.add_trace(go.Scatter(x=[-lim, lim], y=[-lim, lim], mode="lines", name="measured = predicted",
-                             line={"dash": "dot", "color": "#888"}))
-    fig.update_layout(title="feature ablations in the real model: measured change of the target vs the graph's "
-                            "prediction", xaxis_title="predicted (graph total effect)",
-                      yaxis_title="measured (real model)")
-    return apply_theme(fig)
-
-
-def patching_figure(merged: pd.DataFrame, stats: dict) -> go.Figure:
-    fig = go.Figure(go.Scatter(x=merged["score"].abs(), y=merged["graph_effect"].abs(), mode="markers",
-                               text=[f"pair {p} L{l}@{q}" for p, l, q in
-                                     zip(merged["pair"], merged["layer"], merged["position"])]))
-    fig.update_layout(title=f"MLP output per (layer, position): |exact patching| vs |graph effect| "
-                            f"(Spearman {stats.get('spearman_abs', float('nan')):.2f}, n {stats.get('n', 0)})",
-                      xaxis_title="|exact patching score| (logit difference)",
-                      yaxis_title="|graph total effect| (logit difference)")
-    return apply_theme(fig)
+    def save(self, out_dir: str | Path, model=None) -> dict[str, Path]:
+        return save_graphs_result(self, out_dir)
 
 
 def _transcoders(cfg: GraphsConfig, model: Model) -> TranscoderSet:
@@ -176,7 +155,7 @@ def _transcoders(cfg: GraphsConfig, model: Model) -> TranscoderSet:
 
 
 def _count_probe(cfg: GraphsConfig, model: Model, layer: int) -> tuple[torch.Tensor, dict]:
-    task = make_task(cfg.counting_task, cfg.n_probe_prompts, seed=cfg.seed + 1)
+    task, _ = answered_task(model, cfg.counting_task, cfg.n_probe_prompts, seed=cfg.seed + 1)
     X = last_token(model, task.prompts, layers=[layer + 1])[layer + 1]
     y = torch.tensor(task.counts, dtype=torch.float32)
     n_train = int(0.75 * len(y))
@@ -218,9 +197,13 @@ def run_graphs_study(cfg: GraphsConfig, *, model: Model | None = None) -> Graphs
     with phases("counting_graphs"):
         layer = cfg.count_layer if cfg.count_layer is not None else (2 * model.n_layers) // 3
         direction, probe = _count_probe(cfg, model, layer)
-        task = make_task(cfg.counting_task, 1, seed=cfg.seed, counts=[cfg.count])
+        task, digit_ids = answered_task(model, cfg.counting_task, 1, seed=cfg.seed, counts=[cfg.count])
         ids = model.tokenizer(task.prompts[0], return_tensors="pt")["input_ids"][0]
-        runs.append(_run_one(model, tcs, cfg, "count-logits", "count-logits", ids, None))
+        answer = [digit_ids[cfg.count - 1]]  # the answer set-up of the counting study: the next token is the digit
+        with torch.no_grad():
+            logits = model.hf(input_ids=ids[None].to(model.device)).logits[0].float().cpu()
+        runs.append(_run_one(model, tcs, cfg, "count-answer", "count-answer", ids,
+                             logit_targets(model, logits, tokens=answer)))
         runs.append(_run_one(model, tcs, cfg, "count-direction", "count-direction", ids,
                              [direction_target(model, layer, direction, name=f"count probe @ L{layer}")]))
     with phases("feature_cards"):
