@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from workbench.core.models import Model
 from workbench.core.trace import trace
-from workbench.io.atomic import atomic_write_json
+from workbench.io.atomic import atomic_write_json, atomic_write_text
 from workbench.methods.circuits.attribution import AttributionGraph, PrunedGraph, prune_graph
 from workbench.methods.circuits.transcoder import TranscoderSet
 
@@ -171,7 +171,7 @@ def write_graph_files(graph: AttributionGraph, folder: str | os.PathLike, slug: 
     data = graph_json(graph, slug, **kwargs)
     check_graph_json(data)
     path = folder / f"{slug}.json"
-    atomic_write_json(path, data)
+    atomic_write_text(path, json.dumps(data, separators=(",", ":")))  # compact: a graph has 30k-150k links
     index_path = folder / METADATA_FILE
     index = json.loads(index_path.read_text()) if index_path.is_file() else {"graphs": []}
     index["graphs"] = [g for g in index.get("graphs", []) if g.get("slug") != slug] + [data["metadata"]]
@@ -268,5 +268,5 @@ def write_feature_cards(cards: Mapping[int, dict], folder: str | os.PathLike) ->
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for index, card in cards.items():
-        atomic_write_json(folder / f"{int(index)}.json", card)
+        atomic_write_text(folder / f"{int(index)}.json", json.dumps(card, separators=(",", ":")))
     return folder
