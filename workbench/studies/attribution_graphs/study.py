@@ -131,8 +131,10 @@ class GraphsResult:
                 "transcoder_quality": self.transcoder_quality}
 
     def figures(self) -> dict[str, go.Figure]:
-        figs = {f"graph_{r.slug}": graph_figure(r.json, title=f"{r.slug}: {r.graph.targets[0].name}")
-                for r in self.runs}
+        # one graph per kind (the first IOI prompt, the count direction): every graph is in graphs/<slug>.json
+        shown = {r.kind: r for r in reversed(self.runs)}
+        figs = {f"graph_{r.slug}": graph_figure(r.json, title=f"{r.slug}: {r.graph.targets[0].name}", max_links=150)
+                for kind, r in shown.items() if kind in ("ioi", "count-direction")}
         figs["ablation_vs_prediction"] = ablation_figure(self.ablations())
         figs["graph_vs_patching_scatter"] = patching_figure(self.patching, self.patching_stats)
         return figs
