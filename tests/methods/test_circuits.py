@@ -41,9 +41,7 @@ from workbench.methods.circuits.train import (
     train_transcoders,
 )
 from workbench.methods.circuits.transcoder import (
-    Transcoder,
     TranscoderError,
-    TranscoderSet,
     load_transcoders,
     replaced_mlps,
     save_transcoders,

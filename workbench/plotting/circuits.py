@@ -10,17 +10,15 @@ COLORS = {"cross layer transcoder": "#4c72b0", "mlp reconstruction error": "#999
           "logit": "#dd8452"}
 
 
-def _row(node: dict, n_layers: int) -> float:
-    layer = node["layer"]
-    return -1.0 if layer == "E" else float(layer)
+def _row(node: dict) -> float:
+    return -1.0 if node["layer"] == "E" else float(node["layer"])
 
 
 def node_positions(data: dict) -> dict[str, tuple[float, float]]:
     """x = position (nodes sharing a cell spread across it), y = layer (tokens -1, targets n_layers + 1)."""
     cells: dict[tuple, list[str]] = {}
-    n_layers = max([int(n["layer"]) for n in data["nodes"] if n["layer"] != "E"] + [0])
     for n in data["nodes"]:
-        cells.setdefault((n["ctx_idx"], _row(n, n_layers)), []).append(n["node_id"])
+        cells.setdefault((n["ctx_idx"], _row(n)), []).append(n["node_id"])
     out = {}
     for (ctx, row), ids in cells.items():
         for k, node_id in enumerate(ids):
